@@ -36,7 +36,7 @@ def save_speculator(model: MLPSpeculator, path: str | Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {PREFIX + name: p.detach().contiguous() for name, p in model.named_parameters()}
     config = model.config.to_dict()
-    config["torch_dtype"] = str(model.proj[0].weight.dtype).removeprefix("torch.")
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     # Weights first, then config: a kill in between leaves a config that the new weights'
     # shape check can still catch, never a config that describes weights not yet written.
     _atomic_write(path / WEIGHTS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt"}))

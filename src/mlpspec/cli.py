@@ -12,10 +12,30 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.1f}M"
 
 
-def cmd_info(args) -> None:
-    from .base import check_pair, describe_base, load_base, speculator_config_for
+def _speculator_for(model, name_or_path: str | None):
+    """The named speculator, else the shipped default, else (saying so) a freshly
+    initialised one, so the pipeline can be seen working before any training."""
+    import torch
+
+    from .base import check_pair, speculator_config_for
     from .checkpoint import load_speculator
     from .model import MLPSpeculator
+
+    if name_or_path is not None:
+        speculator, origin = load_speculator(name_or_path, dtype=model.dtype), name_or_path
+    else:
+        try:
+            speculator, origin = load_speculator(dtype=model.dtype), "shipped default"
+        except MLPSpecError as e:
+            torch.manual_seed(0)
+            speculator = MLPSpeculator(speculator_config_for(model)).to(model.dtype).eval()
+            origin = f"freshly initialised, untrained: it will rarely guess right ({e})"
+    check_pair(model, speculator)
+    return speculator, origin
+
+
+def cmd_info(args) -> None:
+    from .base import describe_base, load_base
 
     model, _ = load_base(args.base, dtype=args.dtype)
     base = describe_base(model)
@@ -24,17 +44,7 @@ def cmd_info(args) -> None:
         f"  {base['class']}: hidden size {base['hidden_size']}, {base['layers']} layers, "
         f"vocab {base['vocab_size']}, {_millions(base['parameters'])} parameters, {base['dtype']}"
     )
-    if args.speculator is None:
-        try:
-            speculator = load_speculator(dtype=model.dtype)
-            origin = "shipped default"
-        except MLPSpecError as e:
-            speculator = MLPSpeculator(speculator_config_for(model)).to(model.dtype)
-            origin = f"freshly initialised, untrained ({e})"
-    else:
-        speculator = load_speculator(args.speculator, dtype=model.dtype)
-        origin = args.speculator
-    check_pair(model, speculator)
+    speculator, origin = _speculator_for(model, args.speculator)
     cfg = speculator.config
     print(f"speculator: {origin}")
     print(
@@ -48,6 +58,45 @@ def cmd_info(args) -> None:
     )
 
 
+def cmd_generate(args) -> None:
+    import torch
+    from transformers import TextStreamer
+
+    from .base import load_base
+    from .decode import speculative_generate
+    from .text import decode_new_tokens, encode_prompts, read_prompt_file
+
+    if bool(args.prompt) == bool(args.batch_file):
+        raise MLPSpecError("give prompts as arguments or with --batch-file, not both or neither")
+    prompts = list(args.prompt) if args.prompt else read_prompt_file(args.batch_file)
+    model, tokenizer = load_base(args.base, dtype=args.dtype)
+    speculator = None
+    if not args.no_speculate:
+        speculator, origin = _speculator_for(model, args.speculator)
+        print(f"[speculator: {origin}]", file=sys.stderr)
+    input_ids, attention_mask = encode_prompts(tokenizer, prompts, chat=args.chat)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if len(prompts) == 1 else None
+    out = speculative_generate(
+        model,
+        speculator,
+        input_ids,
+        attention_mask,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=torch.Generator().manual_seed(args.seed),
+        streamer=streamer,
+    )
+    if streamer is None:
+        texts = decode_new_tokens(tokenizer, out.sequences, input_ids.size(1), out.stats.emitted)
+        for i, text in enumerate(texts):
+            print(f"--- {i + 1}\n{text}")
+    if args.stats:
+        mode = "plain decoding" if speculator is None else "speculative"
+        print(f"[{mode}, {args.dtype}] {out.stats.summary()}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlpspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--speculator", help="speculator folder or hub id (default: the shipped one)")
     info.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="generate text, speculatively (losslessly)")
+    gen.add_argument("prompt", nargs="*", help="prompt text (several make a batch)")
+    gen.add_argument("--batch-file", help='JSONL, one {"prompt": ...} or {"messages": [...]} per line')
+    gen.add_argument("--base", help="HF model id or folder (default: embedded SmolLM2-135M-Instruct)")
+    gen.add_argument("--speculator", help="speculator folder or hub id (default: the shipped one)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    gen.add_argument("--no-speculate", action="store_true", help="plain decoding through the same loop")
+    gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    gen.add_argument("--stats", action="store_true", help="print tokens/step, tokens/s, per-head acceptance")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

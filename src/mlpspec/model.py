@@ -188,6 +188,10 @@ class MLPSpeculator(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj[0].weight.dtype
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts tied tensors once
 
@@ -274,9 +278,8 @@ class MLPSpeculator(nn.Module):
             raise MLPSpecError(
                 f"state must have shape [b, n, {self.config.emb_dim}] (emb_dim), got {list(state.shape)}"
             )
-        expected = self.proj[0].weight.dtype
-        if state.dtype != expected:
-            raise MLPSpecError(f"state dtype {state.dtype} does not match the speculator's {expected}")
+        if state.dtype != self.dtype:
+            raise MLPSpecError(f"state dtype {state.dtype} does not match the speculator's {self.dtype}")
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the released format: config.json + model.safetensors."""

@@ -1,0 +1,73 @@
+"""A preallocated KV cache for tree verification, built on transformers' public Cache API.
+
+HF's DynamicCache concatenates on every update, copying the whole context each step. This
+cache allocates [b, heads, capacity, head_dim] once per layer, writes the new tree's keys
+after the committed slots, and afterwards keeps only the accepted path by copying those
+few slots into place: the work per step grows with the tokens touched, not the context.
+
+All rows share one slot counter, `length`; with ragged acceptance some rows leave holes,
+which the decoder's own `valid` mask hides from attention and `compact` squeezes out when
+the cache runs out of room.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class SlotLayer(CacheLayerMixin):
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, heads, _, k_dim = key_states.shape
+        self.keys = key_states.new_zeros(b, heads, self.capacity, k_dim)
+        self.values = value_states.new_zeros(b, heads, self.capacity, value_states.size(-1))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.size(-2)
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} slots needed, {self.capacity} allocated")
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def keep(self, start: int, slots: torch.Tensor) -> None:
+        """Move slots [b, n] (absolute indices) to start..start+n, per row; drop the rest."""
+        b, n = slots.shape
+        for cache in (self.keys, self.values):
+            index = slots.view(b, 1, n, 1).expand(b, cache.size(1), n, cache.size(-1))
+            cache[:, :, start : start + n] = cache.gather(2, index)
+        self.length = start + n
+
+
+class TreeCache(Cache):
+    def __init__(self, num_layers: int, capacity: int):
+        super().__init__(layers=[SlotLayer(capacity) for _ in range(num_layers)])
+        self.capacity = capacity
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def keep(self, start: int, slots: torch.Tensor) -> None:
+        """Keep, per row, the cache slots `slots` [b, n] at start..start+n; the cache then
+        ends there. Used to commit the accepted path and to squeeze out holes."""
+        for layer in self.layers:
+            layer.keep(start, slots)

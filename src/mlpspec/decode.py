@@ -1,0 +1,396 @@
+"""Lossless speculative decoding with an MLP speculator.
+
+Each step is five small functions over one `DecodeState`:
+
+    propose   the speculator grows its candidate tree from the pending token
+    build     the candidates merge into a trie (tree.py)
+    verify    the base model scores every node in one forward pass
+    accept    walk the trie with the base model's own choices
+    commit    keep the accepted path in the KV cache, emit its tokens plus one bonus token
+
+Plain decoding runs through the same loop with a tree that is only the root, which makes
+it the honest in-process baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+
+from .base import check_pair, run_base
+from .cache import TreeCache
+from .errors import MLPSpecError
+from .model import MLPSpeculator, check_tree_shape
+from .tree import (
+    Tree,
+    build_tree,
+    prefill_attention_mask,
+    prompt_positions,
+    root_only,
+    tree_attention_mask,
+    walk,
+)
+
+
+@dataclass
+class DecodeStats:
+    """What a generate call did. A step is one base forward pass (the prefill included),
+    so plain decoding makes exactly one token per step per row."""
+
+    n_predict: int
+    steps: int = 0
+    row_steps: int = 0  # steps summed over rows, counting a row only while it was active
+    accepted: list[torch.Tensor] = field(default_factory=list)  # per speculative step: b, -1 where idle
+    emitted: torch.Tensor | None = None  # b   tokens emitted per row
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return float(self.emitted.sum()) / max(self.row_steps, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return float(self.emitted.sum()) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def accepted_lengths(self) -> list[int]:
+        """Accepted candidate tokens of every active row in every speculative step."""
+        return [int(n) for step in self.accepted for n in step if n >= 0]
+
+    def summary(self) -> str:
+        line = (
+            f"{int(self.emitted.sum())} tokens in {self.seconds:.2f} s: {self.tokens_per_second:.1f} tokens/s, "
+            f"{self.tokens_per_step:.2f} tokens/step over {self.steps} steps"
+        )
+        if self.n_predict:
+            heads = " ".join(f"{a:.2f}" for a in self.per_head_acceptance)
+            line += f"; per-head acceptance {heads}"
+        return line
+
+    @property
+    def per_head_acceptance(self) -> list[float]:
+        """For head j, the share of row-steps that accepted at least j + 1 candidate tokens."""
+        lengths = torch.tensor(self.accepted_lengths, dtype=torch.long)
+        if lengths.numel() == 0:
+            return [0.0] * self.n_predict
+        return [float((lengths > j).float().mean()) for j in range(self.n_predict)]
+
+
+@dataclass
+class DecodeState:
+    """Everything that changes while decoding. The cache holds every committed token but
+    the pending one, which the next verification pass feeds first (as the tree's root)."""
+
+    cache: TreeCache
+    valid: torch.Tensor  # b S    cache slots that hold committed tokens
+    position: torch.Tensor  # b   position id of the pending token
+    pending: torch.Tensor  # b    last emitted token, not yet in the cache
+    hidden: torch.Tensor  # b d   base state that produced `pending`
+    tokens: torch.Tensor  # b T   emitted tokens (padded)
+    n_emitted: torch.Tensor  # b
+    finished: torch.Tensor  # b   bool
+    stats: DecodeStats
+
+
+class GenerateOutput(NamedTuple):
+    sequences: torch.Tensor  # b P+T   the prompt, then the new tokens, padded after EOS
+    stats: DecodeStats
+
+
+def target_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """The base model's sampling distribution p_target [.., V], warped as transformers'
+    generate warps it: temperature, then top-k (ties at the k-th value kept), then top-p
+    (the smallest set whose mass exceeds top_p, at least one token)."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        ascending, order = logits.sort(dim=-1)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return logits.softmax(dim=-1)
+
+
+def make_chooser(
+    temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How the base model picks its next token from logits [b, V]: argmax at temperature
+    0, else one draw from p_target."""
+    if temperature == 0:
+        return lambda logits: logits.argmax(dim=-1)
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        p_target = target_probs(logits, temperature, top_k, top_p)  # b V
+        return torch.multinomial(p_target, 1, generator=generator).squeeze(-1)
+
+    return sample
+
+
+def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predict) -> DecodeState:
+    """Run the prompt, pick the first new token, and set up the state."""
+    b, P = input_ids.shape
+    cache = TreeCache(model.config.get_text_config().num_hidden_layers, capacity)
+    out = run_base(
+        model,
+        input_ids,
+        attention_mask=prefill_attention_mask(prompt_valid, model.dtype),
+        position_ids=prompt_positions(prompt_valid),
+        cache=cache,
+    )
+    valid = torch.zeros(b, capacity, dtype=torch.bool, device=input_ids.device)
+    valid[:, :P] = prompt_valid
+    first = choose(out.logits[:, -1])  # b   left padding puts every row's last token here
+    return DecodeState(
+        cache=cache,
+        valid=valid,
+        position=prompt_valid.sum(dim=1),
+        pending=first,
+        hidden=out.hidden[:, -1],
+        tokens=torch.zeros(b, max_emit, dtype=input_ids.dtype, device=input_ids.device),
+        n_emitted=torch.zeros(b, dtype=torch.long, device=input_ids.device),
+        finished=torch.zeros(b, dtype=torch.bool, device=input_ids.device),
+        stats=DecodeStats(n_predict=n_predict, steps=1, row_steps=b),
+    )
+
+
+def propose(state: DecodeState, speculator: MLPSpeculator | None, depth: int, top_k, n_candidates) -> Tree:
+    """The speculator's candidates from the pending token, merged into a tree."""
+    if speculator is None or depth == 0:
+        return root_only(state.pending)
+    candidates, _ = speculator.propose(
+        state.hidden.unsqueeze(1).to(speculator.dtype), state.pending.unsqueeze(1), top_k, n_candidates
+    )  # b k h
+    return build_tree(state.pending, candidates[:, :, :depth])
+
+
+def verify(model, state: DecodeState, tree: Tree):
+    """Score every tree node in one forward pass after the committed context."""
+    if state.cache.length + tree.size > state.cache.capacity:
+        compact(state)
+    L = state.cache.length
+    mask = tree_attention_mask(tree, state.valid[:, :L], model.dtype)  # b 1 q L+q
+    return run_base(
+        model,
+        tree.tokens,
+        attention_mask=mask,
+        position_ids=state.position.unsqueeze(1) + tree.depth,
+        cache=state.cache,
+    )
+
+
+def compact(state: DecodeState) -> None:
+    """Squeeze out the holes that ragged acceptance left, keeping each row's order."""
+    L = state.cache.length
+    valid = state.valid[:, :L]
+    count = valid.sum(dim=1)  # b
+    keep = int(count.max())
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :keep]  # b keep
+    state.cache.keep(0, order)
+    state.valid.zero_()
+    state.valid[:, :keep] = torch.arange(keep, device=valid.device) < count.unsqueeze(1)
+
+
+def commit(state: DecodeState, tree: Tree, hidden, path, n_accepted, bonus, eos: torch.Tensor, max_new: int) -> torch.Tensor:
+    """Keep the accepted path in the cache and emit its tokens plus the bonus token.
+
+    path [b, A+1] are node ids (root first) of the tree just verified, n_accepted [b] the
+    accepted candidate tokens, bonus [b] the base model's next token. Returns the tokens
+    emitted this step, [b, A+1], with -1 past each row's count."""
+    b, width = path.shape
+    rows = torch.arange(b, device=path.device)
+    L = state.cache.length - tree.size  # the tree sat at L..L+q
+    state.cache.keep(L, L + path)
+    kept = torch.arange(width, device=path.device) < (n_accepted + 1).unsqueeze(1)  # b A+1
+    # A finished row still rides along in the batch, but commits nothing: its context stops
+    # growing, which bounds what compaction must find room for.
+    state.valid[:, L : L + width] = kept & ~state.finished.unsqueeze(1)
+    state.valid[:, L + width :] = False
+
+    # The pending token (the root) was emitted when it was picked; now come the accepted
+    # candidates, then the bonus token, which becomes the new pending token.
+    new = torch.cat([tree.tokens.gather(1, path[:, 1:]), bonus.unsqueeze(1)], dim=1)  # b A+1
+    new.scatter_(1, n_accepted.unsqueeze(1), bonus.unsqueeze(1))  # bonus right after each row's accepted
+    new = _emit(state, new, n_accepted + 1, eos, max_new)
+    state.position += n_accepted + 1
+    state.pending = bonus
+    state.hidden = hidden[rows, path[rows, n_accepted]]  # b d   the state that produced bonus
+    return new
+
+
+def _emit(state: DecodeState, new: torch.Tensor, count: torch.Tensor, eos: torch.Tensor, max_new: int) -> torch.Tensor:
+    """Append up to `count` [b] of `new` [b, w] to each unfinished row, stopping after an
+    EOS token or at max_new tokens. Returns `new` with -1 where nothing was emitted."""
+    steps = torch.arange(new.size(1), device=new.device)
+    count = torch.minimum(count, max_new - state.n_emitted)
+    is_eos = torch.isin(new, eos) & (steps < count.unsqueeze(1))  # b w
+    hit_eos = is_eos.any(dim=1) & ~state.finished
+    count = torch.where(hit_eos, is_eos.long().argmax(dim=1) + 1, count)  # up to and with the EOS
+    count = torch.where(state.finished, 0, count)
+    emit = steps < count.unsqueeze(1)  # b w
+    # the token buffer has room for max_new + h + 1 tokens, so these slots never overflow
+    slots = state.n_emitted.unsqueeze(1) + steps  # b w
+    state.tokens.scatter_(1, slots, torch.where(emit, new, state.tokens.gather(1, slots)))
+    state.n_emitted += count
+    state.finished |= hit_eos | (state.n_emitted >= max_new)
+    return torch.where(emit, new, -1)
+
+
+@torch.no_grad()
+def speculative_generate(
+    model,
+    speculator: MLPSpeculator | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+    top_k_tokens_per_head: list[int] | None = None,
+    n_candidates: int | None = None,
+    streamer=None,
+) -> GenerateOutput:
+    """Generate with the base model, faster, with exactly its output distribution.
+
+    input_ids [b, P] (left-padded when rows differ in length, with attention_mask [b, P]).
+    With speculator=None this is plain decoding through the same loop.
+
+    Greedy (temperature 0): the output is token for token the base model's greedy output.
+
+    Sampling (temperature > 0, optional top_k / top_p as in transformers): SpecInfer's
+    naive stochastic verification (Miao et al. 2023, "SpecInfer", arXiv 2305.09781, sec. 4):
+    at each accepted node draw x ~ p_target, the base model's warped distribution there;
+    if a child carries x, accept it and continue from it, else emit x as the bonus token.
+    Every emitted token is thus a draw from p_target given exactly the tokens before it,
+    so the output distribution is the base model's own. Our drafts are the speculator's
+    deterministic top-k tree, not samples from p_draft, so rejection sampling against
+    p_draft (SpecTr, recursive rejection) would not be lossless here; and no lossless
+    rule can accept a fixed child c with probability above p_target(c), which this one
+    attains: for deterministic drafts it accepts the most.
+
+    Returns GenerateOutput(sequences [b, P + T], stats), T the longest row's new tokens;
+    rows that stopped at EOS earlier are padded with the pad token, as in transformers.
+    """
+    prompt_valid = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
+    _check_sampling(temperature, top_k, top_p)
+    eos = _eos_tokens(model, eos_token_id, input_ids.device)
+    b, P = input_ids.shape
+    if streamer is not None and b != 1:
+        raise MLPSpecError("streaming works for a single prompt only")
+    h = 0
+    if speculator is not None:
+        check_pair(model, speculator)
+        cfg = speculator.config
+        top_k_tokens_per_head = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
+        n_candidates = cfg.n_candidates if n_candidates is None else n_candidates
+        check_tree_shape(top_k_tokens_per_head, n_candidates, cfg.n_predict, cfg.vocab_size)
+        h = cfg.n_predict
+
+    start = time.perf_counter()
+    if max_new_tokens == 0:
+        return GenerateOutput(input_ids.clone(), DecodeStats(n_predict=h, steps=0, emitted=torch.zeros(b, dtype=torch.long)))
+    if streamer is not None:
+        streamer.put(input_ids[0].cpu())
+    choose = make_chooser(temperature, top_k, top_p, generator)
+    max_tree = 1 + (n_candidates or 0) * h
+    state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + max_tree, choose, max_new_tokens + h + 1, h)
+    first = _emit(state, state.pending.unsqueeze(1), torch.ones_like(state.n_emitted), eos, max_new_tokens)
+    _stream(streamer, first)
+    while not bool(state.finished.all()):
+        remaining = int((max_new_tokens - state.n_emitted)[~state.finished].max())
+        tree = propose(state, speculator, min(h, remaining - 1), top_k_tokens_per_head, n_candidates)
+        out = verify(model, state, tree)
+        path, n_accepted, bonus = walk(tree, out.logits, choose)
+        active = ~state.finished
+        emitted = commit(state, tree, out.hidden, path, n_accepted, bonus, eos, max_new_tokens)
+        state.stats.steps += 1
+        state.stats.row_steps += int(active.sum())
+        if speculator is not None:
+            state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
+        _stream(streamer, emitted)
+    if streamer is not None:
+        streamer.end()
+
+    stats = state.stats
+    stats.emitted = state.n_emitted.cpu()
+    stats.seconds = time.perf_counter() - start
+    return GenerateOutput(_sequences(model, input_ids, state, eos), stats)
+
+
+def _stream(streamer, emitted: torch.Tensor) -> None:
+    if streamer is not None:
+        new = emitted[0][emitted[0] >= 0]
+        if new.numel():
+            streamer.put(new.cpu())
+
+
+def _sequences(model, input_ids, state: DecodeState, eos: torch.Tensor) -> torch.Tensor:
+    T = int(state.n_emitted.max())
+    pad = model.generation_config.pad_token_id
+    pad = int(eos[0]) if pad is None and eos.numel() else (pad or 0)
+    new = state.tokens[:, :T].clone()
+    new[torch.arange(T, device=new.device) >= state.n_emitted.unsqueeze(1)] = pad
+    return torch.cat([input_ids, new], dim=1)
+
+
+def _eos_tokens(model, eos_token_id, device) -> torch.Tensor:
+    if eos_token_id is None:
+        eos_token_id = model.generation_config.eos_token_id
+    if eos_token_id is None:
+        eos_token_id = []
+    if isinstance(eos_token_id, int):
+        eos_token_id = [eos_token_id]
+    return torch.tensor(list(eos_token_id), dtype=torch.long, device=device)
+
+
+def _check_prompt(model, input_ids, attention_mask, max_new_tokens) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise MLPSpecError("input_ids must be an int64 tensor of shape [batch, prompt length]")
+    if input_ids.size(1) == 0:
+        raise MLPSpecError("the prompt is empty: give at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise MLPSpecError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if attention_mask is None:
+        valid = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        if attention_mask.shape != input_ids.shape:
+            raise MLPSpecError(
+                f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}"
+            )
+        valid = attention_mask.bool()
+    lengths = valid.sum(dim=1)
+    if bool((lengths == 0).any()):
+        raise MLPSpecError(f"the prompt in row {int((lengths == 0).long().argmax())} is empty")
+    if bool((valid[:, 1:] < valid[:, :-1]).any()):
+        raise MLPSpecError("prompts of different lengths must be left-padded (padding first)")
+    if int(input_ids[valid].max()) >= model.get_output_embeddings().weight.size(0) or int(input_ids[valid].min()) < 0:
+        raise MLPSpecError("input_ids hold a token id outside the model's vocabulary")
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = int(lengths.max())
+    if context is not None and longest > context:
+        raise MLPSpecError(f"the prompt has {longest} tokens, more than the model's context of {context}")
+    if context is not None and longest + max_new_tokens > context:
+        raise MLPSpecError(
+            f"prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's context of {context}"
+        )
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    if window is not None and longest + max_new_tokens > window:
+        raise MLPSpecError("sliding-window attention is not supported beyond the window")
+    return valid
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if not isinstance(temperature, (int, float)) or temperature < 0 or math.isnan(temperature):
+        raise MLPSpecError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise MLPSpecError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise MLPSpecError(f"top_p must be in (0, 1], got {top_p!r}")

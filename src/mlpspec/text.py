@@ -1,0 +1,88 @@
+"""From prompts as people write them to token batches and back: JSONL prompt files,
+chat templates, left padding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import MLPSpecError
+
+Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    """One JSON object per line: {"prompt": "..."} or {"messages": [...]}. Blank lines are
+    skipped; anything else is an error naming its line."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MLPSpecError(f"{path}: cannot read prompt file ({e.__class__.__name__}: {e})") from None
+    prompts: list[Prompt] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MLPSpecError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        prompts.append(_prompt_from_row(row, f"{path}:{number}"))
+    if not prompts:
+        raise MLPSpecError(f"{path}: no prompts in this file")
+    return prompts
+
+
+def _prompt_from_row(row, where: str) -> Prompt:
+    if not isinstance(row, dict) or len({"prompt", "messages"} & set(row)) != 1:
+        raise MLPSpecError(f'{where}: expected an object with "prompt" or "messages"')
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str) or not row["prompt"]:
+            raise MLPSpecError(f'{where}: "prompt" must be a non-empty string')
+        return row["prompt"]
+    messages = row["messages"]
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in messages)
+    ):
+        raise MLPSpecError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+    return messages
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [b, P] and attention mask [b, P], left-padded. With `chat`, plain prompts
+    become one user message and every prompt goes through the tokenizer's chat template
+    with the generation prompt appended; message prompts always do."""
+    rows = []
+    for prompt in prompts:
+        if chat or not isinstance(prompt, str):
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise MLPSpecError("this tokenizer has no chat template; drop --chat and use plain prompts")
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            ids = tokenizer(prompt).input_ids
+        if not ids:
+            raise MLPSpecError(f"prompt {len(rows) + 1} is empty after tokenization")
+        rows.append(ids)
+    P = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), P), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, P - len(ids):] = torch.tensor(ids)
+        attention_mask[i, P - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+def decode_new_tokens(tokenizer, sequences: torch.Tensor, prompt_length: int, n_emitted: torch.Tensor) -> list[str]:
+    """The text of each row's new tokens (padding after EOS dropped, special tokens too)."""
+    return [
+        tokenizer.decode(row[prompt_length: prompt_length + int(n)], skip_special_tokens=True)
+        for row, n in zip(sequences.tolist(), n_emitted)
+    ]

@@ -1,0 +1,149 @@
+"""The candidate tree: every piece of index arithmetic that speculative decoding needs.
+
+The speculator proposes k candidate continuations of depth D for each row. Many share
+prefixes, so they are merged into a trie whose root is the pending token (sampled by the
+base model, not yet run through it). The base model then scores every distinct node once,
+in one forward pass, where each node attends to the committed context, its ancestors and
+itself. Walking the trie with the base model's own choices gives the accepted path.
+
+Example (one row, root r, candidates [[a b c], [a b d], [a e f]]):
+
+    node   0  1  2  3  4  5  6          r
+    token  r  a  b  c  d  e  f          └ a
+    parent -  0  1  2  2  1  5            ├ b ┬ c
+    depth  0  1  2  3  3  2  3            │   └ d
+                                          └ e ─ f
+Shapes: b batch, k candidates, D depth, q tree nodes (root included), S cache slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAD_NODE_TOKEN = 0  # token fed for padding nodes; they attend only to themselves
+
+
+@dataclass
+class Tree:
+    tokens: torch.Tensor  # b q    node tokens; node 0 is the root
+    parent: torch.Tensor  # b q    parent node, -1 for the root and for padding
+    depth: torch.Tensor  # b q     0 for the root, j + 1 for a candidate's j-th token
+    ancestors: torch.Tensor  # b q q  bool: node u sees node v (v is u itself or above it)
+    node_of: torch.Tensor  # b k D  which node holds candidate k's j-th token
+
+    @property
+    def size(self) -> int:
+        return self.tokens.size(1)
+
+
+def build_tree(root: torch.Tensor, candidates: torch.Tensor) -> Tree:
+    """Merge candidates [b, k, D] under roots [b] into a trie, numbering new nodes in
+    candidate-major order (candidate 0's tokens first), so a parent precedes its children.
+    Rows with fewer distinct nodes are padded to the batch's largest tree."""
+    b, k, D = candidates.shape
+    device = candidates.device
+    # same_prefix[b, i, i2, j]: candidates i and i2 agree on tokens 0..j
+    same = candidates.unsqueeze(2) == candidates.unsqueeze(1)  # b k k D
+    same_prefix = same.long().cumprod(dim=-1).bool()  # b k k D
+    first = same_prefix.long().argmax(dim=2)  # b k D   lowest candidate sharing the prefix
+    is_new = first == torch.arange(k, device=device).view(1, k, 1)  # b k D
+    new_id = is_new.flatten(1).long().cumsum(dim=1).view(b, k, D)  # b k D   1-based node ids
+    node_of = new_id.gather(1, first)  # b k D   a duplicate takes its first occurrence's id
+    n_nodes = 1 + is_new.flatten(1).sum(dim=1)  # b
+    q = int(n_nodes.max())
+
+    tokens = torch.full((b, q), PAD_NODE_TOKEN, dtype=candidates.dtype, device=device)
+    tokens[:, 0] = root
+    tokens.scatter_(1, node_of.flatten(1), candidates.flatten(1))
+    parent = torch.full((b, q), -1, dtype=torch.long, device=device)
+    parent_of = torch.cat([torch.zeros_like(node_of[..., :1]), node_of[..., :-1]], dim=-1)  # b k D
+    parent.scatter_(1, node_of.flatten(1), parent_of.flatten(1))
+    depth = torch.zeros((b, q), dtype=torch.long, device=device)
+    levels = torch.arange(1, D + 1, device=device).expand(b, k, D)
+    depth.scatter_(1, node_of.flatten(1), levels.flatten(1))
+
+    # Ancestor closure: after D rounds of "what my parent sees, plus me" every node sees
+    # its whole path. Root and padding nodes point at themselves for this.
+    eye = torch.eye(q, dtype=torch.bool, device=device).expand(b, q, q)
+    self_parent = torch.where(parent >= 0, parent, torch.arange(q, device=device))  # b q
+    ancestors = eye.clone()
+    for _ in range(D):
+        ancestors = eye | ancestors.gather(1, self_parent.unsqueeze(-1).expand(b, q, q))
+    return Tree(tokens, parent, depth, ancestors, node_of)
+
+
+def root_only(root: torch.Tensor) -> Tree:
+    """The tree of plain decoding: the pending token alone."""
+    b = root.size(0)
+    device = root.device
+    return Tree(
+        tokens=root.view(b, 1),
+        parent=torch.full((b, 1), -1, dtype=torch.long, device=device),
+        depth=torch.zeros((b, 1), dtype=torch.long, device=device),
+        ancestors=torch.ones((b, 1, 1), dtype=torch.bool, device=device),
+        node_of=torch.zeros((b, 0, 0), dtype=torch.long, device=device),
+    )
+
+
+def tree_attention_mask(tree: Tree, context_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 4D additive mask for scoring the tree after a committed context.
+
+    context_valid [b, L] marks the cache slots that hold committed tokens (holes left by
+    ragged acceptance and prompt padding are False). Returns [b, 1, q, L + q]: 0 where a
+    node may attend, the dtype's minimum where not."""
+    b, q = tree.tokens.shape
+    allowed = torch.cat([context_valid.unsqueeze(1).expand(b, q, -1), tree.ancestors], dim=-1)  # b q L+q
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)  # b 1 q L+q
+
+
+def prefill_attention_mask(prompt_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 4D additive mask of a left-padded prompt [b, P]: causal over real tokens; a
+    padding position sees only itself, so its row is never empty."""
+    b, P = prompt_valid.shape
+    causal = torch.ones(P, P, dtype=torch.bool, device=prompt_valid.device).tril()
+    allowed = causal & prompt_valid.unsqueeze(1)  # b P P
+    allowed |= torch.eye(P, dtype=torch.bool, device=prompt_valid.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)  # b 1 P P
+
+
+def prompt_positions(prompt_valid: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded prompt: 0 at the first real token (pads get 0)."""
+    return (prompt_valid.long().cumsum(dim=1) - 1).clamp(min=0)  # b P
+
+
+def walk(tree: Tree, logits: torch.Tensor, choose) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Follow the base model's own choices down the tree.
+
+    logits [b, q, V] are the base model's outputs at every node. From the root, `choose`
+    picks the base model's next token from the logits of the current node (argmax for
+    greedy, a draw from the target distribution for sampling). If a child of the current
+    node carries that token, move there and repeat; otherwise that token is the bonus and
+    the walk ends. Returns (path [b, A + 1] node ids, root first, where A is the longest
+    acceptance in the batch and shorter paths repeat their last node; n_accepted [b]
+    candidate tokens accepted; bonus [b] the next token).
+    """
+    b, q = tree.tokens.shape
+    rows = torch.arange(b, device=logits.device)
+    current = torch.zeros(b, dtype=torch.long, device=logits.device)
+    done = torch.zeros(b, dtype=torch.bool, device=logits.device)
+    n_accepted = torch.zeros(b, dtype=torch.long, device=logits.device)
+    bonus = torch.zeros(b, dtype=tree.tokens.dtype, device=logits.device)
+    path = [current]
+    for _ in range(int(tree.depth.max()) + 1):
+        token = choose(logits[rows, current])  # b
+        is_child = (tree.parent == current.unsqueeze(1)) & (tree.tokens == token.unsqueeze(1))  # b q
+        found = is_child.any(dim=1) & ~done
+        bonus = torch.where(~done & ~found, token, bonus)
+        done |= ~found
+        current = torch.where(found, is_child.long().argmax(dim=1), current)
+        n_accepted += found.long()
+        path.append(current)
+        if bool(done.all()):
+            break
+    return torch.stack(path, dim=1)[:, : int(n_accepted.max()) + 1], n_accepted, bonus

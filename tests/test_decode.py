@@ -1,0 +1,290 @@
+import math
+
+import pytest
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+import mlpspec.decode as decode
+from conftest import TINY_VOCAB, tiny_gpt2, tiny_llama
+from mlpspec import MLPSpecError, MLPSpeculator, run_base, speculator_config_for
+from mlpspec.decode import speculative_generate, target_probs
+
+
+def random_speculator(model, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw = {"n_predict": 3, "inner_dim": 16, **kw}
+    return MLPSpeculator(speculator_config_for(model, **kw)).eval()
+
+
+class OracleSpeculator(torch.nn.Module):
+    """Proposes the base model's true greedy continuation as its first candidate (for the
+    rows in `right`), and random ones otherwise. It finds where decoding stands by
+    matching the given hidden state against the reference run's hidden states."""
+
+    def __init__(self, model, sequences, prompt_valid, n_predict=3, right=None, seed=0):
+        super().__init__()
+        self.config = speculator_config_for(model, n_predict=n_predict)
+        self.dtype = torch.float32
+        valid = torch.cat([prompt_valid, torch.ones_like(sequences[:, prompt_valid.size(1):], dtype=torch.bool)], 1)
+        self.hidden = run_base(
+            model, sequences, attention_mask=valid.long(),
+            position_ids=(valid.long().cumsum(1) - 1).clamp(min=0),
+        ).hidden  # b T d
+        self.sequences = sequences
+        self.right = torch.ones(len(sequences), dtype=torch.bool) if right is None else right
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def propose(self, state, last_token, top_k, n_candidates):
+        b, h = state.size(0), self.config.n_predict
+        candidates = torch.randint(3, TINY_VOCAB, (b, n_candidates, h), generator=self.generator)
+        for r in range(b):
+            if self.right[r]:
+                p = int((self.hidden[r] - state[r, 0]).norm(dim=-1).argmin())  # state that made last_token
+                truth = self.sequences[r, p + 2 : p + 2 + h]
+                candidates[r, 0, : len(truth)] = truth
+        return candidates, torch.zeros(b, n_candidates)
+
+
+def hf_greedy(model, ids, mask, max_new, eos):
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+        eos_token_id=eos, pad_token_id=0,
+    )
+
+
+def left_padded(lengths, seed=0):
+    torch.manual_seed(seed)
+    P = max(lengths)
+    ids = torch.zeros(len(lengths), P, dtype=torch.long)
+    mask = torch.zeros(len(lengths), P, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        ids[r, P - n :] = torch.randint(3, TINY_VOCAB, (n,))
+        mask[r, P - n :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("max_new", [1, 2, 4, 5, 23])
+def test_greedy_equals_transformers_batch_1(build, seed, max_new):
+    model = build(seed=seed)
+    ids, mask = left_padded([3 + 5 * seed], seed)
+    expected = hf_greedy(model, ids, mask, max_new, eos=None)
+    for speculator in (None, random_speculator(model, seed)):
+        out = speculative_generate(model, speculator, ids, mask, max_new_tokens=max_new, eos_token_id=[])
+        assert out.sequences.tolist() == expected.tolist()
+        assert int(out.stats.emitted.sum()) == max_new
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_equals_transformers_batch_4_mixed_lengths(build, seed):
+    model = build(seed=seed)
+    ids, mask = left_padded([2, 9, 5, 13], seed)
+    expected = hf_greedy(model, ids, mask, 30, eos=None)
+    for top_k, n in [([4, 3, 2], 5), ([2, 2, 2], 8), ([1, 1, 1], 1)]:
+        speculator = random_speculator(model, seed, top_k_tokens_per_head=top_k, n_candidates=n)
+        out = speculative_generate(model, speculator, ids, mask, max_new_tokens=30, eos_token_id=[])
+        assert out.sequences.tolist() == expected.tolist()
+
+
+def test_max_new_tokens_zero_returns_the_prompt():
+    model = tiny_llama()
+    ids, mask = left_padded([4, 6])
+    out = speculative_generate(model, random_speculator(model), ids, mask, max_new_tokens=0)
+    assert torch.equal(out.sequences, ids) and out.stats.steps == 0
+
+
+@pytest.mark.parametrize("n_predict", [1, 3, 5])
+def test_oracle_reaches_n_predict_plus_one_tokens_per_step(n_predict):
+    model = tiny_llama(seed=1)
+    ids, mask = left_padded([5, 11, 8], seed=1)
+    max_new = 1 + 6 * (n_predict + 1)  # the prefill's token, then six full steps
+    expected = hf_greedy(model, ids, mask, max_new, eos=None)
+    oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=n_predict)
+    out = speculative_generate(model, oracle, ids, mask, max_new_tokens=max_new, eos_token_id=[])
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.stats.steps == 7
+    assert out.stats.accepted_lengths == [n_predict] * 18  # every row accepts every head, every step
+    assert out.stats.per_head_acceptance == [1.0] * n_predict
+    # each speculative step emits n_predict + 1 tokens per row (the prefill step emits 1)
+    assert out.stats.tokens_per_step == pytest.approx(max_new / 7)
+
+
+def test_ragged_acceptance_with_eos_mid_step_and_compaction(monkeypatch):
+    model = tiny_llama(seed=2)
+    ids, mask = left_padded([3, 10, 6, 7], seed=2)
+    free_run = hf_greedy(model, ids, mask, 40, eos=None)
+    new = free_run[:, ids.size(1):].tolist()
+    # an EOS that stops row 1 mid-stream and no other row: a token new to row 1 at some
+    # point after its 4th token, and absent from the other rows' continuations
+    eos = next(t for i, t in enumerate(new[1]) if i >= 4 and t not in new[1][:i]
+               and all(t not in row for r, row in enumerate(new) if r != 1))
+    expected = hf_greedy(model, ids, mask, 40, eos=eos)
+    assert expected.shape[1] == ids.size(1) + 40 and eos in expected[1, ids.size(1):-1]
+    # row 0 and 2 get the right continuation, rows 1 and 3 random guesses: ragged acceptance
+    oracle = OracleSpeculator(model, free_run, mask.bool(), right=torch.tensor([True, False, True, False]))
+    compactions = []
+    original = decode.compact
+    monkeypatch.setattr(decode, "compact", lambda state: (compactions.append(state.cache.length), original(state)))
+    out = speculative_generate(model, oracle, ids, mask, max_new_tokens=40, eos_token_id=eos)
+    assert out.sequences.tolist() == expected.tolist()
+    lengths = torch.tensor(out.stats.accepted_lengths)
+    assert lengths.max() == 3 and lengths.min() == 0
+    assert compactions, "ragged acceptance should have filled the cache with holes"
+
+
+def test_eos_inside_an_accepted_run_stops_there():
+    model = tiny_llama(seed=3)
+    ids, mask = left_padded([6], seed=3)
+    free_run = hf_greedy(model, ids, mask, 20, eos=None)
+    new = free_run[0, ids.size(1):].tolist()
+    eos = next(t for i, t in enumerate(new) if i >= 2 and t not in new[:i])  # first seen mid-stream
+    expected = hf_greedy(model, ids, mask, 20, eos=eos)
+    oracle = OracleSpeculator(model, free_run, mask.bool())
+    out = speculative_generate(model, oracle, ids, mask, max_new_tokens=20, eos_token_id=eos)
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.sequences[0, -1] == eos
+
+
+def test_streamer_sees_every_new_token_once():
+    model = tiny_llama()
+    ids, _ = left_padded([5])
+
+    class Recorder:
+        def __init__(self):
+            self.chunks = []
+            self.ended = False
+
+        def put(self, value):
+            self.chunks.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    streamer = Recorder()
+    out = speculative_generate(model, random_speculator(model), ids, max_new_tokens=12, eos_token_id=[],
+                               streamer=streamer)
+    assert streamer.chunks[0] == ids[0].tolist() and streamer.ended
+    assert sum(streamer.chunks[1:], []) == out.sequences[0, 5:].tolist()
+
+
+def test_target_probs_match_transformers_warpers():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    for temperature, top_k, top_p in [(0.7, None, None), (1.0, 5, None), (1.3, None, 0.8), (0.9, 10, 0.6)]:
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p:
+            warpers.append(TopPLogitsWarper(top_p))
+        expected = warpers(None, logits.clone()).softmax(-1)
+        torch.testing.assert_close(target_probs(logits, temperature, top_k, top_p), expected)
+
+
+def exact_distribution(model, prompt, n_tokens, temperature, top_k, top_p):
+    """P(first n_tokens sampled tokens = seq) for every seq, by enumeration."""
+    V = model.config.vocab_size
+    probs = {(): 1.0}
+    for _ in range(n_tokens):
+        prefixes = list(probs)
+        batch = torch.tensor([prompt + list(p) for p in prefixes])
+        with torch.no_grad():
+            p_target = target_probs(model(batch).logits[:, -1], temperature, top_k, top_p)
+        probs = {p + (t,): probs[p] * float(p_target[i, t]) for i, p in enumerate(prefixes) for t in range(V)}
+    return probs
+
+
+def chi_square_threshold(df, z=3.719):  # z: upper 1e-4 normal quantile; Wilson-Hilferty
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi_square(counts, exact, n):
+    """Pearson's statistic over cells with expected count >= 5, the rest pooled."""
+    stat, pooled_obs, pooled_exp, df = 0.0, 0, 0.0, -1
+    for seq, p in exact.items():
+        expected = p * n
+        if expected >= 5:
+            stat += (counts.get(seq, 0) - expected) ** 2 / expected
+            df += 1
+        else:
+            pooled_obs += counts.get(seq, 0)
+            pooled_exp += expected
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        df += 1
+    return stat, df
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.8, 4, 0.9)])
+def test_sampling_matches_the_target_distribution(temperature, top_k, top_p):
+    model = tiny_llama(seed=4, vocab=6)
+    with torch.no_grad():  # a freshly initialised model is near uniform; make it opinionated
+        model.lm_head.weight.mul_(40)
+    speculator = random_speculator(model, seed=4, top_k_tokens_per_head=[3, 2, 2], n_candidates=5)
+    prompt = [3, 1, 4, 1]
+    exact = exact_distribution(model, prompt, 3, temperature, top_k, top_p)
+    generator = torch.Generator().manual_seed(1234)
+    counts, n, accepted = {}, 0, []
+    for _ in range(8):
+        ids = torch.tensor([prompt] * 2500)
+        out = speculative_generate(model, speculator, ids, max_new_tokens=3, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, eos_token_id=[], generator=generator)
+        for row in out.sequences[:, 4:].tolist():
+            counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+        n += len(ids)
+        accepted += out.stats.accepted_lengths
+    assert sum(a > 0 for a in accepted) > 0.1 * len(accepted)  # the tree path really was exercised
+    stat, df = chi_square(counts, exact, n)
+    assert stat < chi_square_threshold(df), (stat, df)
+    # the same test rejects a slightly wrong distribution (temperature off by 10%, a total
+    # variation distance of about 0.04-0.05 here): it has the power to catch a real bias
+    wrong = exact_distribution(model, prompt, 3, temperature * 1.1, top_k, top_p)
+    stat, df = chi_square(counts, wrong, n)
+    assert stat > chi_square_threshold(df), (stat, df)
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    model = tiny_llama()
+    ids, _ = left_padded([5])
+    spec = random_speculator(model)
+    runs = [
+        speculative_generate(model, spec, ids, max_new_tokens=15, temperature=1.0, eos_token_id=[],
+                             generator=torch.Generator().manual_seed(7)).sequences
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "the prompt is empty"),
+        (dict(attention_mask=torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])), "row 1 is empty"),
+        (dict(attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])), "left-padded"),
+        (dict(input_ids=torch.ones(2, 300, dtype=torch.long), attention_mask=None), "more than the model's context of 256"),
+        (dict(max_new_tokens=300), r"plus max_new_tokens \(300\) exceeds the model's context of 256"),
+        (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+        (dict(input_ids=torch.full((2, 5), 99)), "outside the model's vocabulary"),
+        (dict(temperature=-0.5), "temperature must be >= 0"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=0), "top_k must be an integer >= 1"),
+        (dict(top_k_tokens_per_head=[2, 2]), "has 2 entries but the speculator has 3 heads"),
+        (dict(n_candidates=50), r"n_candidates must be an integer in 1..24"),
+        (dict(streamer=object()), "single prompt"),
+    ],
+)
+def test_bad_inputs(kwargs, message):
+    model = tiny_llama()
+    args = dict(input_ids=torch.randint(3, 60, (2, 5)), attention_mask=torch.ones(2, 5, dtype=torch.long),
+                max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(MLPSpecError, match=message):
+        speculative_generate(model, random_speculator(model), **args)
+
+
+def test_mismatched_speculator_is_refused():
+    model = tiny_llama()
+    other = random_speculator(tiny_llama(hidden=48))
+    with pytest.raises(MLPSpecError, match="emb_dim 48 does not match"):
+        speculative_generate(model, other, torch.tensor([[5, 6]]), max_new_tokens=3)

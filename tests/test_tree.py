@@ -1,0 +1,125 @@
+"""Hand-computed checks of the tree's index arithmetic (the example in tree.py)."""
+
+import torch
+
+from mlpspec.tree import (
+    build_tree,
+    prefill_attention_mask,
+    prompt_positions,
+    root_only,
+    tree_attention_mask,
+    walk,
+)
+
+R, A, B, C, D, E, F = 10, 11, 12, 13, 14, 15, 16
+MIN = torch.finfo(torch.float32).min
+
+
+def example():
+    # candidates [[a b c], [a b d], [a e f]] under root r, as in the module docstring
+    return build_tree(torch.tensor([R]), torch.tensor([[[A, B, C], [A, B, D], [A, E, F]]]))
+
+
+def test_trie_nodes_parents_depths():
+    tree = example()
+    assert tree.tokens.tolist() == [[R, A, B, C, D, E, F]]
+    assert tree.parent.tolist() == [[-1, 0, 1, 2, 2, 1, 5]]
+    assert tree.depth.tolist() == [[0, 1, 2, 3, 3, 2, 3]]
+    assert tree.node_of.tolist() == [[[1, 2, 3], [1, 2, 4], [1, 5, 6]]]
+
+
+def test_ancestor_mask():
+    seen = example().ancestors[0].int().tolist()
+    assert seen == [
+        [1, 0, 0, 0, 0, 0, 0],  # r
+        [1, 1, 0, 0, 0, 0, 0],  # a
+        [1, 1, 1, 0, 0, 0, 0],  # b
+        [1, 1, 1, 1, 0, 0, 0],  # c
+        [1, 1, 1, 0, 1, 0, 0],  # d
+        [1, 1, 0, 0, 0, 1, 0],  # e
+        [1, 1, 0, 0, 0, 1, 1],  # f
+    ]
+
+
+def test_batch_rows_pad_to_the_largest_tree():
+    # row 1: all three candidates identical -> r + 2 nodes, padded to row 0's 7
+    candidates = torch.tensor([[[A, B, C], [A, B, D], [A, E, F]], [[A, B, C]] * 3])
+    tree = build_tree(torch.tensor([R, R]), candidates)
+    assert tree.tokens[1].tolist() == [R, A, B, C, 0, 0, 0]
+    assert tree.parent[1].tolist() == [-1, 0, 1, 2, -1, -1, -1]
+    assert tree.depth[1].tolist() == [0, 1, 2, 3, 0, 0, 0]
+    # padding nodes see only themselves
+    assert tree.ancestors[1, 5].int().tolist() == [0, 0, 0, 0, 0, 1, 0]
+
+
+def test_candidates_diverging_at_the_first_token():
+    tree = build_tree(torch.tensor([R]), torch.tensor([[[A, B], [C, B], [A, D]]]))
+    assert tree.tokens.tolist() == [[R, A, B, C, B, D]]
+    assert tree.parent.tolist() == [[-1, 0, 1, 0, 3, 1]]
+
+
+def test_tree_mask_after_context_with_a_hole():
+    tree = build_tree(torch.tensor([R]), torch.tensor([[[A, B], [C, D]]]))  # r, a, b, c, d
+    context_valid = torch.tensor([[True, False, True]])  # slot 1 is a hole
+    mask = tree_attention_mask(tree, context_valid, torch.float32)
+    assert mask.shape == (1, 1, 5, 3 + 5)
+    allowed = (mask[0, 0] == 0).int().tolist()
+    assert allowed == [
+        # ctx     r  a  b  c  d
+        [1, 0, 1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 1, 1, 0, 0, 0],
+        [1, 0, 1, 1, 1, 1, 0, 0],
+        [1, 0, 1, 1, 0, 0, 1, 0],
+        [1, 0, 1, 1, 0, 0, 1, 1],
+    ]
+    assert mask[0, 0, 0, 1] == MIN
+
+
+def test_prefill_mask_and_positions_of_a_left_padded_prompt():
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    assert prompt_positions(valid).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    allowed = (prefill_attention_mask(valid, torch.float32)[:, 0] == 0).int()
+    assert allowed[0].tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert allowed[1].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+def one_hot_logits(tree, choices, V=20):
+    """Logits under which the base model picks choices[node] after each node."""
+    logits = torch.zeros(1, tree.size, V)
+    for node, token in enumerate(choices):
+        logits[0, node, token] = 1.0
+    return logits
+
+
+def argmax(logits):
+    return logits.argmax(-1)
+
+
+def test_walk_accepts_the_longest_matching_path():
+    tree = example()  # r a b c d e f
+    # after r the model says a, after a it says e, after e it says f, after f it says 3
+    path, n, bonus = walk(tree, one_hot_logits(tree, [A, E, 0, 0, 0, F, 3]), argmax)
+    assert path.tolist() == [[0, 1, 5, 6]] and n.tolist() == [3] and bonus.tolist() == [3]
+    # after r the model says b: nothing matches, b is the bonus
+    path, n, bonus = walk(tree, one_hot_logits(tree, [B, 0, 0, 0, 0, 0, 0]), argmax)
+    assert path.tolist() == [[0]] and n.tolist() == [0] and bonus.tolist() == [B]
+    # a, then b, then 7 (neither c nor d)
+    path, n, bonus = walk(tree, one_hot_logits(tree, [A, B, 7, 0, 0, 0, 0]), argmax)
+    assert path.tolist() == [[0, 1, 2]] and n.tolist() == [2] and bonus.tolist() == [7]
+
+
+def test_walk_ragged_batch_pads_paths_with_their_last_node():
+    candidates = torch.tensor([[[A, B]], [[A, B]]])
+    tree = build_tree(torch.tensor([R, R]), candidates)  # r a b in both rows
+    logits = torch.zeros(2, 3, 20)
+    logits[0, 0, A], logits[0, 1, B], logits[0, 2, 5] = 1, 1, 1  # row 0 accepts a, b
+    logits[1, 0, A], logits[1, 1, 9] = 1, 1  # row 1 accepts a only
+    path, n, bonus = walk(tree, logits, argmax)
+    assert path.tolist() == [[0, 1, 2], [0, 1, 1]]
+    assert n.tolist() == [2, 1] and bonus.tolist() == [5, 9]
+
+
+def test_root_only_tree():
+    tree = root_only(torch.tensor([4, 5]))
+    path, n, bonus = walk(tree, one_hot_logits(tree, [7]).expand(2, 1, 20), argmax)
+    assert path.tolist() == [[0], [0]] and n.tolist() == [0, 0] and bonus.tolist() == [7, 7]
