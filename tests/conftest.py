@@ -6,6 +6,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from mlpspec import run_base, speculator_config_for
+
 TINY_VOCAB = 64
 
 
@@ -41,6 +43,35 @@ def tiny_tokenizer(vocab: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+class OracleSpeculator(torch.nn.Module):
+    """Proposes the base model's true greedy continuation as its first candidate (for the
+    rows in `right`), and random ones otherwise. It finds where decoding stands by
+    matching the given hidden state against the reference run's hidden states."""
+
+    def __init__(self, model, sequences, prompt_valid, n_predict=3, right=None, seed=0):
+        super().__init__()
+        self.config = speculator_config_for(model, n_predict=n_predict)
+        self.dtype = model.dtype
+        valid = torch.cat([prompt_valid, torch.ones_like(sequences[:, prompt_valid.size(1):], dtype=torch.bool)], 1)
+        self.hidden = run_base(
+            model, sequences, attention_mask=valid.long(),
+            position_ids=(valid.long().cumsum(1) - 1).clamp(min=0),
+        ).hidden  # b T d
+        self.sequences = sequences
+        self.right = torch.ones(len(sequences), dtype=torch.bool) if right is None else right
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def propose(self, state, last_token, top_k, n_candidates):
+        b, h = state.size(0), self.config.n_predict
+        candidates = torch.randint(3, self.config.vocab_size, (b, n_candidates, h), generator=self.generator)
+        for r in range(b):
+            if self.right[r]:
+                p = int((self.hidden[r] - state[r, 0]).norm(dim=-1).argmin())  # state that made last_token
+                truth = self.sequences[r, p + 2 : p + 2 + h]
+                candidates[r, 0, : len(truth)] = truth
+        return candidates, torch.zeros(b, n_candidates)
 
 
 @pytest.fixture

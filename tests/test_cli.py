@@ -38,3 +38,50 @@ def test_info_without_a_shipped_speculator_says_so(tiny_llama_folder, capsys, mo
     monkeypatch.setattr(checkpoint, "DEFAULT_SPECULATOR", "no_such_folder")
     assert main(["info", "--base", str(tiny_llama_folder)]) == 0
     assert "freshly initialised, untrained" in capsys.readouterr().out
+
+
+def test_generate_streams_one_prompt_and_prints_stats(tiny_llama_folder, capsys):
+    args = ["generate", "w1 w2 w3", "--base", str(tiny_llama_folder), "--max-new-tokens", "9", "--stats"]
+    assert main(args) == 0
+    speculative = capsys.readouterr()
+    assert "freshly initialised, untrained" in speculative.err
+    assert "9 tokens in" in speculative.err and "tokens/step" in speculative.err
+    assert "per-head acceptance" in speculative.err
+    assert main(args + ["--no-speculate"]) == 0
+    plain = capsys.readouterr()
+    assert plain.out == speculative.out and plain.out.strip()  # lossless: the same text
+    assert "[plain decoding, float32]" in plain.err and "1.00 tokens/step" in plain.err
+
+
+def test_generate_batch_file(tiny_llama_folder, tmp_path, capsys):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "w1 w2"}\n{"prompt": "w3 w4 w5 w6"}\n')
+    assert main(["generate", "--batch-file", str(path), "--base", str(tiny_llama_folder),
+                 "--max-new-tokens", "5", "--temperature", "0.8", "--top-p", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("--- 1\n") and "\n--- 2\n" in out
+
+
+def test_generate_bad_batch_file_names_the_line(tiny_llama_folder, tmp_path, capsys):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "w1"}\n{"prompt": "w2"}\n{"promt": "w3"}\n')
+    assert main(["generate", "--batch-file", str(path), "--base", str(tiny_llama_folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith('prompts.jsonl:3: expected an object with "prompt" or "messages"')
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "give prompts as arguments or with --batch-file"),
+        (["w1", "--chat"], "no chat template"),
+        (["w1", "--max-new-tokens", "500"], "exceeds the model's context of 256"),
+        (["w1", "--top-p", "0"], r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_generate_bad_input_is_one_line(tiny_llama_folder, capsys, extra, message):
+    import re
+
+    assert main(["generate", "--base", str(tiny_llama_folder), *extra]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err.strip().splitlines()[-1])

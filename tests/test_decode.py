@@ -5,7 +5,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import mlpspec.decode as decode
-from conftest import TINY_VOCAB, tiny_gpt2, tiny_llama
+from conftest import TINY_VOCAB, OracleSpeculator, tiny_gpt2, tiny_llama
 from mlpspec import MLPSpecError, MLPSpeculator, run_base, speculator_config_for
 from mlpspec.decode import speculative_generate, target_probs
 
@@ -14,35 +14,6 @@ def random_speculator(model, seed=0, **kw):
     torch.manual_seed(seed)
     kw = {"n_predict": 3, "inner_dim": 16, **kw}
     return MLPSpeculator(speculator_config_for(model, **kw)).eval()
-
-
-class OracleSpeculator(torch.nn.Module):
-    """Proposes the base model's true greedy continuation as its first candidate (for the
-    rows in `right`), and random ones otherwise. It finds where decoding stands by
-    matching the given hidden state against the reference run's hidden states."""
-
-    def __init__(self, model, sequences, prompt_valid, n_predict=3, right=None, seed=0):
-        super().__init__()
-        self.config = speculator_config_for(model, n_predict=n_predict)
-        self.dtype = torch.float32
-        valid = torch.cat([prompt_valid, torch.ones_like(sequences[:, prompt_valid.size(1):], dtype=torch.bool)], 1)
-        self.hidden = run_base(
-            model, sequences, attention_mask=valid.long(),
-            position_ids=(valid.long().cumsum(1) - 1).clamp(min=0),
-        ).hidden  # b T d
-        self.sequences = sequences
-        self.right = torch.ones(len(sequences), dtype=torch.bool) if right is None else right
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def propose(self, state, last_token, top_k, n_candidates):
-        b, h = state.size(0), self.config.n_predict
-        candidates = torch.randint(3, TINY_VOCAB, (b, n_candidates, h), generator=self.generator)
-        for r in range(b):
-            if self.right[r]:
-                p = int((self.hidden[r] - state[r, 0]).norm(dim=-1).argmin())  # state that made last_token
-                truth = self.sequences[r, p + 2 : p + 2 + h]
-                candidates[r, 0, : len(truth)] = truth
-        return candidates, torch.zeros(b, n_candidates)
 
 
 def hf_greedy(model, ids, mask, max_new, eos):
@@ -288,3 +259,68 @@ def test_mismatched_speculator_is_refused():
     other = random_speculator(tiny_llama(hidden=48))
     with pytest.raises(MLPSpecError, match="emb_dim 48 does not match"):
         speculative_generate(model, other, torch.tensor([[5, 6]]), max_new_tokens=3)
+
+
+DEFAULT_PROMPTS = [
+    "def quicksort(items):\n    ",
+    "The three laws of thermodynamics are",
+    "import json\n\nwith open('config.json') as f:\n",
+    "Q: What is the capital of France?\nA:",
+]
+
+
+@pytest.fixture(scope="module")
+def default_base():
+    from mlpspec import load_base
+
+    return load_base()
+
+
+@pytest.mark.slow
+def test_greedy_equals_transformers_on_the_default_float32(default_base):
+    """SmolLM2-135M-Instruct in float32, batch 1 and 4, with an untrained speculator and
+    with an oracle that makes every step accept a long path."""
+    from mlpspec.text import encode_prompts
+
+    model, tokenizer = default_base
+    ids, mask = encode_prompts(tokenizer, DEFAULT_PROMPTS, chat=False)
+    eos = tokenizer.eos_token_id
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                              eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    untrained = random_speculator(model, n_predict=3, inner_dim=64)
+    oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=4)
+    for speculator in (untrained, oracle):
+        out = speculative_generate(model, speculator, ids, mask, max_new_tokens=40, eos_token_id=eos)
+        assert out.sequences.tolist() == expected.tolist()
+    assert max(out.stats.accepted_lengths) == 4
+    for r in range(len(DEFAULT_PROMPTS)):  # batch 1, each prompt alone
+        row_ids = ids[r : r + 1, mask[r].bool()]
+        alone = model.generate(input_ids=row_ids, max_new_tokens=40, do_sample=False, eos_token_id=eos,
+                               pad_token_id=tokenizer.pad_token_id)
+        oracle = OracleSpeculator(model, alone, torch.ones_like(row_ids, dtype=torch.bool), n_predict=4)
+        out = speculative_generate(model, oracle, row_ids, max_new_tokens=40, eos_token_id=eos)
+        assert out.sequences.tolist() == alone.tolist()
+        assert out.stats.tokens_per_step > 3
+
+
+@pytest.mark.slow
+def test_bfloat16_divergences_on_the_default_are_near_ties():
+    """In bfloat16 a tree pass may round differently from a one-token step; every
+    divergence from transformers' greedy output must be a near tie (see equality.py)."""
+    from mlpspec import load_base
+    from mlpspec.equality import find_divergences
+    from mlpspec.text import encode_prompts
+
+    model, tokenizer = load_base(dtype="bfloat16")
+    eos = tokenizer.eos_token_id
+    runs, divergences = 0, []
+    for prompt in DEFAULT_PROMPTS:
+        ids, mask = encode_prompts(tokenizer, [prompt], chat=False)
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=48, do_sample=False,
+                                  eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        for speculator in (None, OracleSpeculator(model, expected, mask.bool(), n_predict=4)):
+            out = speculative_generate(model, speculator, ids, mask, max_new_tokens=48, eos_token_id=eos)
+            divergences += find_divergences(model, ids, mask, out.sequences, expected, eos)
+            runs += 1
+    print(f"bf16: {len(divergences)} of {runs} runs diverged; gaps in ulps: {[round(d.ulps, 1) for d in divergences]}")
+    assert all(d.near_tie for d in divergences), divergences

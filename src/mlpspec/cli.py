@@ -12,9 +12,10 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.1f}M"
 
 
-def _speculator_for(model, name_or_path: str | None):
-    """The named speculator, else the shipped default, else (saying so) a freshly
-    initialised one, so the pipeline can be seen working before any training."""
+def _speculator_for(model, name_or_path: str | None, default_base: bool):
+    """The named speculator; else, for the embedded default base model, the shipped
+    default; else (saying so) a freshly initialised one, so the pipeline can be seen
+    working before any training."""
     import torch
 
     from .base import check_pair, speculator_config_for
@@ -25,6 +26,8 @@ def _speculator_for(model, name_or_path: str | None):
         speculator, origin = load_speculator(name_or_path, dtype=model.dtype), name_or_path
     else:
         try:
+            if not default_base:
+                raise MLPSpecError("the shipped speculator is for the embedded default base model")
             speculator, origin = load_speculator(dtype=model.dtype), "shipped default"
         except MLPSpecError as e:
             torch.manual_seed(0)
@@ -44,7 +47,7 @@ def cmd_info(args) -> None:
         f"  {base['class']}: hidden size {base['hidden_size']}, {base['layers']} layers, "
         f"vocab {base['vocab_size']}, {_millions(base['parameters'])} parameters, {base['dtype']}"
     )
-    speculator, origin = _speculator_for(model, args.speculator)
+    speculator, origin = _speculator_for(model, args.speculator, args.base is None)
     cfg = speculator.config
     print(f"speculator: {origin}")
     print(
@@ -72,7 +75,7 @@ def cmd_generate(args) -> None:
     model, tokenizer = load_base(args.base, dtype=args.dtype)
     speculator = None
     if not args.no_speculate:
-        speculator, origin = _speculator_for(model, args.speculator)
+        speculator, origin = _speculator_for(model, args.speculator, args.base is None)
         print(f"[speculator: {origin}]", file=sys.stderr)
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, chat=args.chat)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if len(prompts) == 1 else None
