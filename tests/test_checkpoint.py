@@ -283,3 +283,32 @@ def test_hub_id_from_local_cache(monkeypatch, tmp_path):
     assert_same_model(model, load_speculator("ibm-fms/tiny-accelerator"))
     with pytest.raises(MLPSpecError, match="ibm-fms/absent: could not fetch"):
         load_speculator("ibm-fms/absent")
+
+
+def test_tie_base_embeddings_share_the_base_and_are_not_stored(tmp_path):
+    from conftest import tiny_llama
+    from mlpspec import speculator_config_for
+
+    base = tiny_llama()
+    model = MLPSpeculator(speculator_config_for(base, n_predict=3, tie_base_embeddings=True))
+    assert model.emb[0].weight.is_meta  # nothing allocated until the base is attached
+    model.attach_base(base)
+    assert model.emb[2].weight.data_ptr() == base.get_input_embeddings().weight.data_ptr()
+    assert model.head[1].weight.data_ptr() == base.get_output_embeddings().weight.data_ptr()
+    assert not model.emb[0].weight.requires_grad and model.proj[0].weight.requires_grad
+    model.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert sorted(stored) == sorted(f"speculator.{k}" for k in
+                                    ["proj.0.weight", "proj.1.weight", "proj.2.weight"]
+                                    + [f"ln.{i}.{p}" for i in range(3) for p in ("weight", "bias")])
+    with pytest.raises(MLPSpecError, match="shares the base model's embeddings; pass the base model"):
+        load_speculator(tmp_path)
+    loaded = load_speculator(tmp_path, base=base)
+    state, ids = torch.randn(2, 4, 32), torch.randint(0, 64, (2, 7))
+    assert torch.equal(loaded(state, ids), model(state, ids))
+    with pytest.raises(MLPSpecError, match="attach_base is for speculators made with tie_base_embeddings"):
+        make().attach_base(base)
+    with pytest.raises(MLPSpecError, match="do not fit"):
+        MLPSpeculator(speculator_config_for(tiny_llama(vocab=80), tie_base_embeddings=True)).attach_base(base)
+    with pytest.raises(MLPSpecError, match="needs inner_dim == emb_dim"):
+        MLPSpeculatorConfig(vocab_size=64, emb_dim=32, inner_dim=16, tie_base_embeddings=True)

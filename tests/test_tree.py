@@ -123,3 +123,16 @@ def test_root_only_tree():
     tree = root_only(torch.tensor([4, 5]))
     path, n, bonus = walk(tree, one_hot_logits(tree, [7]).expand(2, 1, 20), argmax)
     assert path.tolist() == [[0], [0]] and n.tolist() == [0, 0] and bonus.tolist() == [7, 7]
+
+
+def test_teacher_forcing_offsets_by_hand():
+    from mlpspec.tree import teacher_forcing
+
+    window = torch.arange(9).view(1, 9)  # n = 5, h = 3: 5 + 3 + 1 tokens
+    base_ids, ids, targets = teacher_forcing(window, 5, 3)
+    assert base_ids.tolist() == [[0, 1, 2, 3, 4]]
+    assert ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    # head i at position p predicts window[p + i + 2]
+    assert targets[:, 0].tolist() == [[2, 3, 4, 5, 6], [3, 4, 5, 6, 7], [4, 5, 6, 7, 8]]
+    # stage i reads ids[p + i] = window[p + i + 1]: what head i - 1 was asked to predict
+    assert ids[0, 1 : 1 + 5].tolist() == targets[0, 0].tolist()

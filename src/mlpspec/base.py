@@ -157,6 +157,19 @@ def run_base(
     return BaseOutput(out.logits, out.hidden_states[-1], getattr(out, keyword))
 
 
+@functools.cache
+def _keeps_logits(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def base_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Final post-norm states [b, n, d] for training, skipping the LM head over every
+    position where the model allows it (that head is a fifth of a small model's cost)."""
+    extra = {"logits_to_keep": 1} if _keeps_logits(type(model)) else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, **extra)
+    return out.hidden_states[-1]
+
+
 def base_dims(model: PreTrainedModel) -> tuple[int, int]:
     """(hidden size d, vocabulary size V) as the LM head sees them."""
     head = model.get_output_embeddings()

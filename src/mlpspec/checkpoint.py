@@ -34,7 +34,10 @@ def save_speculator(model: MLPSpeculator, path: str | Path) -> None:
     lowest index (emb.0, head.0, ln.0, proj.1), as Hugging Face's own writer does."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {PREFIX + name: p.detach().contiguous() for name, p in model.named_parameters()}
+    base_tied = model.base_tied_names()
+    tensors = {
+        PREFIX + name: p.detach().contiguous() for name, p in model.named_parameters() if name not in base_tied
+    }
     config = model.config.to_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     # Weights first, then config: a kill in between leaves a config that the new weights'
@@ -114,7 +117,9 @@ def _load_sharded(index_file: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_speculator_folder(path: str | Path, dtype: torch.dtype | None = None) -> MLPSpeculator:
+def load_speculator_folder(path: str | Path, dtype: torch.dtype | None = None, base=None) -> MLPSpeculator:
+    """Read a speculator folder. A speculator made with tie_base_embeddings also needs
+    `base`, the model whose embedding and LM head it shares."""
     path = Path(path)
     if not path.is_dir():
         raise MLPSpecError(f"{path}: no such speculator folder")
@@ -128,8 +133,13 @@ def load_speculator_folder(path: str | Path, dtype: torch.dtype | None = None) -
     if dtype is None:
         dtype = state["proj.0.weight"].dtype
     state = {name: t.to(dtype) for name, t in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    missing, _ = model.load_state_dict(state, strict=False, assign=True)
+    assert set(missing) == model.base_tied_names(), missing  # _match_tensors checked the rest
     model.share_tied_parameters()  # assign gave each tied name its own Parameter
+    if model.config.tie_base_embeddings:
+        if base is None:
+            raise MLPSpecError(f"{path}: this speculator shares the base model's embeddings; pass the base model")
+        model.attach_base(base)
     return model.eval()
 
 
@@ -145,7 +155,8 @@ def _match_tensors(model: MLPSpeculator, tensors: dict, path: Path) -> dict[str,
         if key in named:
             raise MLPSpecError(f"{path}: tensor {key} appears both with and without the {PREFIX!r} prefix")
         named[key] = t
-    expected = dict(model.named_parameters(remove_duplicate=False))
+    base_tied = model.base_tied_names()
+    expected = {n: p for n, p in model.named_parameters(remove_duplicate=False) if n not in base_tied}
     groups: dict[int, list[str]] = {}  # one group of names per distinct parameter
     for name, p in expected.items():
         groups.setdefault(id(p), []).append(name)
@@ -174,11 +185,14 @@ def _match_tensors(model: MLPSpeculator, tensors: dict, path: Path) -> dict[str,
     return state
 
 
-def load_speculator(name_or_path: str | Path | None = None, dtype: torch.dtype | None = None) -> MLPSpeculator:
+def load_speculator(
+    name_or_path: str | Path | None = None, dtype: torch.dtype | None = None, base=None
+) -> MLPSpeculator:
     """Load a speculator from a local folder or a Hugging Face hub id.
 
     With no argument, load the default speculator shipped for the embedded default base
-    model (SmolLM2-135M-Instruct).
+    model (SmolLM2-135M-Instruct). `base` is needed for speculators that share the base
+    model's embeddings (tie_base_embeddings).
     """
     if name_or_path is None:
         folder = Path(str(resources.files("mlpspec") / DEFAULT_SPECULATOR))
@@ -187,10 +201,10 @@ def load_speculator(name_or_path: str | Path | None = None, dtype: torch.dtype |
                 "no trained default speculator ships with this version of mlpspec yet; "
                 "pass the folder of a speculator to load"
             )
-        return load_speculator_folder(folder, dtype=dtype)
+        return load_speculator_folder(folder, dtype=dtype, base=base)
     if Path(name_or_path).is_dir():
-        return load_speculator_folder(name_or_path, dtype=dtype)
-    return load_speculator_folder(_download(str(name_or_path)), dtype=dtype)
+        return load_speculator_folder(name_or_path, dtype=dtype, base=base)
+    return load_speculator_folder(_download(str(name_or_path)), dtype=dtype, base=base)
 
 
 def _download(repo_id: str) -> Path:

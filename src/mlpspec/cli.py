@@ -23,12 +23,12 @@ def _speculator_for(model, name_or_path: str | None, default_base: bool):
     from .model import MLPSpeculator
 
     if name_or_path is not None:
-        speculator, origin = load_speculator(name_or_path, dtype=model.dtype), name_or_path
+        speculator, origin = load_speculator(name_or_path, dtype=model.dtype, base=model), name_or_path
     else:
         try:
             if not default_base:
                 raise MLPSpecError("the shipped speculator is for the embedded default base model")
-            speculator, origin = load_speculator(dtype=model.dtype), "shipped default"
+            speculator, origin = load_speculator(dtype=model.dtype, base=model), "shipped default"
         except MLPSpecError as e:
             torch.manual_seed(0)
             speculator = MLPSpeculator(speculator_config_for(model)).to(model.dtype).eval()
@@ -100,6 +100,48 @@ def cmd_generate(args) -> None:
         print(f"[{mode}, {args.dtype}] {out.stats.summary()}", file=sys.stderr)
 
 
+def cmd_train(args) -> None:
+    from dataclasses import fields
+
+    from .train import TrainConfig, train
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["data"] = values["data"] or ["default"]
+    values["progress"] = not args.no_progress
+    out = train(TrainConfig(**values))
+    print(f"speculator written to {out} (train_log.jsonl beside it)")
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, spelled with dashes, typed by its default."""
+    from dataclasses import MISSING, fields
+
+    from .train import TrainConfig
+
+    helps = {
+        "out": "output folder: the speculator, checkpoints, stage-2 data, train_log.jsonl",
+        "base": "HF model id or folder (default: embedded SmolLM2-135M-Instruct)",
+        "data": "text data: a file, a folder, a hub dataset name, or 'default' (repeatable)",
+        "tie_base_embeddings": "share the base model's embedding and LM head (frozen, not stored)",
+        "dtype": "base model dtype; bfloat16 also runs the speculator under autocast",
+        "resume": "continue the run in --out from its latest checkpoint",
+    }
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is MISSING else f.default
+        if f.name == "progress":
+            parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+        elif f.name == "data":
+            parser.add_argument(flag, action="append", help=helps[f.name])
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help=helps.get(f.name))
+        elif f.name == "dtype":
+            parser.add_argument(flag, default=default, choices=["float32", "bfloat16"], help=helps[f.name])
+        else:
+            kind = type(default) if default is not None else str
+            parser.add_argument(flag, type=kind, default=default, required=f.name == "out", help=helps.get(f.name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlpspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print tokens/step, tokens/s, per-head acceptance")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.set_defaults(func=cmd_generate)
+
+    tr = sub.add_parser("train", help="train a speculator for a base model (stage 1 on text, stage 2 on its own output)")
+    _add_train_options(tr)
+    tr.set_defaults(func=cmd_train)
     return parser
 
 

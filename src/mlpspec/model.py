@@ -18,6 +18,7 @@ differ only by a constant factor inside an RMS norm, i.e. by where the 1e-6 epsi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -55,12 +56,15 @@ class MLPSpeculatorConfig:
     tie_weights: bool = False
     scale_input: bool = False
     base_model_name_or_path: str | None = None
+    # mlpspec's own extension, not in the released format: every emb and head IS the base
+    # model's input embedding and LM head, frozen and not stored (export materialises them).
+    tie_base_embeddings: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_dim", "n_predict"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("inner_dim", self.inner_dim, minimum=0)
-        for name in ("tie_weights", "scale_input"):
+        for name in ("tie_weights", "scale_input", "tie_base_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise MLPSpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.top_k_tokens_per_head is None:
@@ -71,6 +75,8 @@ class MLPSpeculatorConfig:
         check_tree_shape(self.top_k_tokens_per_head, self.n_candidates, self.n_predict, self.vocab_size)
         if self.tie_weights and self.n_predict < 2:
             raise MLPSpecError("tie_weights needs n_predict > 1: there is nothing to tie with one head")
+        if self.tie_base_embeddings and self.inner_dim not in (0, self.emb_dim):
+            raise MLPSpecError("tie_base_embeddings needs inner_dim == emb_dim: the base embedding has that width")
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise MLPSpecError("base_model_name_or_path must be a string")
 
@@ -82,8 +88,10 @@ class MLPSpeculatorConfig:
     def to_dict(self) -> dict:
         """The released config.json fields (torch_dtype is added by the writer)."""
         out = {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **asdict(self)}
-        if out["base_model_name_or_path"] is None:
-            del out["base_model_name_or_path"]
+        # optional keys are written only when set, so plain checkpoints are exactly the released format
+        for key in ("base_model_name_or_path", "tie_base_embeddings"):
+            if not out[key]:
+                del out[key]
         return out
 
     @classmethod
@@ -148,10 +156,14 @@ class MLPSpeculator(nn.Module):
         super().__init__()
         self.config = config
         h, d, m, V = config.n_predict, config.emb_dim, config.width, config.vocab_size
-        self.emb = nn.ModuleList([nn.Embedding(V, m) for _ in range(h)])
+        # Base-tied emb/head get their weights from attach_base(); until then they take no memory.
+        base_tied = torch.device("meta") if config.tie_base_embeddings else contextlib.nullcontext()
+        with base_tied:
+            self.emb = nn.ModuleList([nn.Embedding(V, m) for _ in range(h)])
         self.proj = nn.ModuleList([nn.Linear(d if i == 0 else m, m, bias=False) for i in range(h)])
         self.ln = nn.ModuleList([RMSNormShift(m) for _ in range(h)])
-        self.head = nn.ModuleList([nn.Linear(m, V, bias=False) for _ in range(h)])
+        with base_tied:
+            self.head = nn.ModuleList([nn.Linear(m, V, bias=False) for _ in range(h)])
         # state_weight**(2h) = 1/2: by the last head the base state still carries half the
         # state's expected magnitude. The embedding fills the rest; sqrt(m/2) undoes the
         # 1/sqrt(m) scale of the embedding init.
@@ -179,10 +191,33 @@ class MLPSpeculator(nn.Module):
         """REFERENCE's emb_weight, sqrt((1 - state_weight**2) * m / 2)."""
         return self.emb_scale
 
+    def attach_base(self, model) -> None:
+        """Point every emb and head at the base model's input embedding and LM head (frozen;
+        shared, not copied, when the dtypes agree). Needed once for tie_base_embeddings."""
+        if not self.config.tie_base_embeddings:
+            raise MLPSpecError("attach_base is for speculators made with tie_base_embeddings")
+        shape = (self.config.vocab_size, self.config.emb_dim)
+        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        if tuple(emb.shape) != shape or tuple(head.shape) != shape:
+            raise MLPSpecError(
+                f"base embedding {list(emb.shape)} / LM head {list(head.shape)} do not fit the speculator's {list(shape)}"
+            )
+        frozen_emb = nn.Parameter(emb.detach().to(self.dtype), requires_grad=False)
+        frozen_head = frozen_emb if head is emb else nn.Parameter(head.detach().to(self.dtype), requires_grad=False)
+        for i in range(self.config.n_predict):
+            self.emb[i].weight = frozen_emb
+            self.head[i].weight = frozen_head
+
+    def base_tied_names(self) -> set[str]:
+        """Parameter names that belong to the base model, not to the speculator's checkpoint."""
+        if not self.config.tie_base_embeddings:
+            return set()
+        return {f"{kind}.{i}.weight" for kind in ("emb", "head") for i in range(self.config.n_predict)}
+
     def reset_parameters(self) -> None:
         std = 1 / math.sqrt(self.config.width)
         for module in self.modules():
-            if isinstance(module, (nn.Embedding, nn.Linear)):
+            if isinstance(module, (nn.Embedding, nn.Linear)) and not module.weight.is_meta:
                 nn.init.trunc_normal_(module.weight, 0.0, std)
             elif isinstance(module, RMSNormShift):
                 nn.init.ones_(module.weight)
@@ -207,9 +242,16 @@ class MLPSpeculator(nn.Module):
         """Training view (teacher forcing).
 
         state: [b, n, d] base post-norm hidden states at positions 0..n-1.
-        ids:   [b, n + h] token ids; stage i reads ids[:, i : i + n] as its input tokens.
+        ids:   [b, n + h] token ids; stage i reads ids[:, i : i + n] as its input tokens
+               (so the last id is never read; the shape is the reference's).
         Returns logits [h, b, n, V].
         """
+        states = self.stage_states(state, ids)
+        return torch.stack([self.head[i](s) for i, s in enumerate(states)])  # h b n V
+
+    def stage_states(self, state: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
+        """The forward pass up to the heads: h states [b, n, m]. Training applies each
+        head with its loss, so the [h, b, n, V] logits never exist at once."""
         h = self.config.n_predict
         self._check_state(state, ndim=3)
         b, n, _ = state.shape
@@ -217,11 +259,11 @@ class MLPSpeculator(nn.Module):
         if ids.dim() != 2 or ids.shape != (b, n + h):
             raise MLPSpecError(f"ids must have shape [b, n + h] = [{b}, {n + h}], got {list(ids.shape)}")
         state = self._input_state(state)  # b n d
-        logits = []
+        states = []
         for i in range(h):
             state = self._stage(i, state, ids[:, i : i + n])  # b n m
-            logits.append(self.head[i](state))  # b n V
-        return torch.stack(logits)  # h b n V
+            states.append(state)
+        return states
 
     @torch.no_grad()
     def propose(
@@ -288,11 +330,12 @@ class MLPSpeculator(nn.Module):
         save_speculator(self, path)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> "MLPSpeculator":
-        """Read a released-format folder (single file or sharded index)."""
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, base=None) -> "MLPSpeculator":
+        """Read a released-format folder (single file or sharded index). `base` is the
+        base model, needed when the speculator shares its embeddings."""
         from .checkpoint import load_speculator_folder
 
-        return load_speculator_folder(path, dtype=dtype)
+        return load_speculator_folder(path, dtype=dtype, base=base)
 
 
 def _check_ids(ids, name: str) -> None:

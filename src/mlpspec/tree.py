@@ -1,4 +1,5 @@
-"""The candidate tree: every piece of index arithmetic that speculative decoding needs.
+"""The candidate tree, and every other piece of index arithmetic: where each head's
+input and target sit in a training window, and the masks and positions of decoding.
 
 The speculator proposes k candidate continuations of depth D for each row. Many share
 prefixes, so they are merged into a trie whose root is the pending token (sampled by the
@@ -147,3 +148,18 @@ def walk(tree: Tree, logits: torch.Tensor, choose) -> tuple[torch.Tensor, torch.
         if bool(done.all()):
             break
     return torch.stack(path, dim=1)[:, : int(n_accepted.max()) + 1], n_accepted, bonus
+
+
+def teacher_forcing(window: torch.Tensor, n: int, n_predict: int):
+    """Split training windows [b, n + h + 1] into the reference recipe's three views.
+
+    The base model reads window[:, :n]; its state at position p produced window[p + 1].
+    The speculator reads ids = window[:, 1 : n + h + 1], so its stage i at position p reads
+    window[p + i + 1] (the token stage i - 1 predicted) and head i's target is
+    window[p + i + 2]. Returns (base_ids [b, n], ids [b, n + h], targets [h, b, n]).
+    """
+    h = n_predict
+    if window.size(1) != n + h + 1:
+        raise ValueError(f"a window for n={n}, h={h} has {n + h + 1} tokens, got {window.size(1)}")
+    targets = torch.stack([window[:, i + 2 : i + 2 + n] for i in range(h)])  # h b n
+    return window[:, :n], window[:, 1:], targets

@@ -1,0 +1,274 @@
+"""Training data: text corpora in, token windows and the base model's own generations out.
+
+Stage 1 reads text (local .txt/.py/.md/.rst, .jsonl, .parquet, folders of them, a hub
+dataset name, or `default`: the Python standard library's source plus Debian's
+python3.11-doc sources when installed). It is tokenized once into a flat array of ids,
+documents separated by EOS, cached on disk. Stage 2 cuts prompts from that stream, lets
+the base model continue them, and writes the results to disk in shards, so generation
+resumes where it stopped and can be reused by later runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import MLPSpecError
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+PARQUET_SUFFIXES = {".parquet"}
+DEBIAN_PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+IGNORE_INDEX = -100  # target of positions that carry no loss (padding, prompts)
+
+
+def default_corpus_files() -> list[Path]:
+    """The offline corpus: the standard library's own source (third-party packages in
+    site-packages stay unseen, for evaluation), plus Debian's python3.11-doc sources."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and p.is_file())
+    if DEBIAN_PYTHON_DOCS.is_dir():
+        files += sorted(DEBIAN_PYTHON_DOCS.rglob("*.txt"))
+    return files
+
+
+def _files_under(folder: Path) -> list[Path]:
+    known = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in known)
+
+
+def resolve_data(specs: list[str]) -> tuple[list[Path], list[str]]:
+    """Split --data arguments into local files and hub dataset names."""
+    files, hub = [], []
+    for spec in specs:
+        path = Path(spec)
+        if spec == "default":
+            files += default_corpus_files()
+        elif path.is_dir():
+            found = _files_under(path)
+            if not found:
+                raise MLPSpecError(f"{spec}: no .txt/.py/.md/.rst/.jsonl/.json/.parquet files in this folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        elif path.suffix or spec.startswith((".", "/")) or spec.count("/") > 1:
+            raise MLPSpecError(f"{spec}: no such file or folder")
+        else:
+            hub.append(spec)  # e.g. "org/name": a hub dataset
+    return files, hub
+
+
+def _texts_from_table(table, where: str, text_field: str, tokenizer) -> list[str]:
+    if text_field in table.column_names:
+        return [t for t in table[text_field] if isinstance(t, str) and t]
+    if "messages" in table.column_names:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise MLPSpecError(f"{where}: chat 'messages' need a tokenizer with a chat template")
+        return [tokenizer.apply_chat_template(m, tokenize=False) for m in table["messages"]]
+    raise MLPSpecError(
+        f"{where}: no field {text_field!r} (nor 'messages'); columns are {', '.join(table.column_names)}"
+    )
+
+
+def load_texts(specs: list[str], tokenizer, text_field: str = "text") -> list[str]:
+    """Every document of the given data, as text."""
+    import datasets
+
+    files, hub = resolve_data(specs)
+    texts: list[str] = []
+    by_kind: dict[str, list[str]] = {}
+    for f in files:
+        kind = "json" if f.suffix in JSON_SUFFIXES else "parquet" if f.suffix in PARQUET_SUFFIXES else "text"
+        by_kind.setdefault(kind, []).append(str(f))
+    datasets.disable_progress_bars()
+    for kind, paths in by_kind.items():
+        if kind == "text":  # one document per file, read directly: faster than a dataset
+            texts += [t for t in (_read_text(Path(p)) for p in paths) if t]
+            continue
+        try:
+            table = datasets.load_dataset(kind, data_files=paths, split="train")
+        except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+            raise MLPSpecError(f"could not read {kind} data {paths[0]}...: {' '.join(str(e).split())[:300]}") from None
+        texts += _texts_from_table(table, paths[0] if len(paths) == 1 else f"{len(paths)} {kind} files", text_field, tokenizer)
+    for name in hub:
+        try:
+            table = datasets.load_dataset(name, split="train")
+        except Exception as e:  # the hub raises many types; all mean "cannot have it"
+            raise MLPSpecError(f"{name}: not a local file, and the hub dataset could not be loaded ({e.__class__.__name__})") from None
+        texts += _texts_from_table(table, name, text_field, tokenizer)
+    if not texts:
+        raise MLPSpecError(f"no text found in --data {' '.join(specs)}")
+    return texts
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _fingerprint(specs: list[str], tokenizer, text_field: str) -> str:
+    files, hub = resolve_data(specs)
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    h.update(("hub:" + ",".join(hub) + f"\nfield:{text_field}\n").encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else
+             json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def tokenized_corpus(specs: list[str], tokenizer, cache: Path, text_field: str = "text") -> np.ndarray:
+    """The corpus as one int32 array of token ids, each document followed by EOS,
+    tokenized once and cached under `cache`."""
+    file = Path(cache) / f"tokens-{_fingerprint(specs, tokenizer, text_field)}.npy"
+    if file.is_file():
+        return np.load(file, mmap_mode="r")
+    texts = load_texts(specs, tokenizer, text_field)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pieces = []
+    for start in range(0, len(texts), 256):
+        for ids in tokenizer(texts[start : start + 256], add_special_tokens=False).input_ids:
+            pieces.append(np.asarray(ids + [eos], dtype=np.int32))
+    tokens = np.concatenate(pieces)
+    atomic_save(file, lambda f: np.save(f, tokens))
+    return tokens
+
+
+def atomic_save(file: Path, write) -> None:
+    """Call write(path) on a scratch file beside `file`, then rename it into place: a kill
+    at any moment leaves either the old file or the new one, never half of one."""
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=file.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass
+class Windows:
+    """Fixed-length windows over a token stream, visited in a seeded random order; window
+    g of the run is a pure function of g, so a resumed run reads the same data."""
+
+    tokens: np.ndarray
+    length: int
+    seed: int
+
+    def __post_init__(self):
+        self.count = len(self.tokens) // self.length
+        if self.count == 0:
+            raise MLPSpecError(
+                f"the data has {len(self.tokens)} tokens, fewer than one window of {self.length}"
+            )
+
+    def get(self, indices) -> torch.Tensor:
+        rows = []
+        for g in indices:
+            epoch, k = divmod(int(g), self.count)
+            start = int(self._order(epoch)[k]) * self.length
+            rows.append(torch.from_numpy(np.asarray(self.tokens[start : start + self.length], dtype=np.int64)))
+        return torch.stack(rows)  # b length
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return self._perm
+
+
+def split_heldout(tokens: np.ndarray, fraction: float = 0.01, minimum: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out): the held-out part is the stream's tail."""
+    n = min(max(int(len(tokens) * fraction), minimum), len(tokens) // 2)
+    return tokens[:-n], tokens[-n:]
+
+
+def generate_shards(
+    model,
+    tokenizer,
+    tokens: np.ndarray,
+    out: Path,
+    shards,
+    batch_size: int,
+    prompt_length: int = 64,
+    new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_k: int | None = 10,
+    chat: bool = False,
+    seed: int = 0,
+    progress=None,
+) -> list[Path]:
+    """Stage 2's data: the base model continues prompts cut from `tokens`.
+
+    Makes the shards numbered in `shards` (an iterable of ints) that are not on disk yet.
+    Shard i holds `batch_size` rows, each a prompt and the model's continuation. Its prompts
+    and sampling are seeded by (seed, i), and it is written atomically, so an interrupted
+    run resumes at the first missing shard and reproduces what the whole run would have
+    made. With `chat`, prompts are decoded and wrapped in the tokenizer's chat template,
+    so an instruct model is distilled on its own answers. temperature 0 is greedy.
+    """
+    from .decode import speculative_generate
+    from .text import encode_prompts
+
+    out = Path(out)
+    files = []
+    shards = list(shards)
+    for done, shard in enumerate(shards, start=1):
+        file = out / f"shard-{shard:05d}.pt"
+        files.append(file)
+        if file.is_file():
+            continue
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
+        starts = torch.randint(0, len(tokens) - prompt_length, (batch_size,), generator=generator)
+        pieces = [np.asarray(tokens[s : s + prompt_length], dtype=np.int64).tolist() for s in starts.tolist()]
+        if chat:
+            ids, mask = encode_prompts(tokenizer, [tokenizer.decode(p) for p in pieces], chat=True)
+        else:
+            ids, mask = torch.tensor(pieces), torch.ones(batch_size, prompt_length, dtype=torch.long)
+        result = speculative_generate(
+            model, None, ids, mask, max_new_tokens=new_tokens, temperature=temperature,
+            top_k=top_k if temperature > 0 else None, generator=generator,
+        )
+        P = ids.size(1)
+        rows = [
+            (ids[r, mask[r].bool()].clone(), result.sequences[r, P : P + int(result.stats.emitted[r])].clone())
+            for r in range(batch_size)
+        ]
+        atomic_save(file, lambda f: torch.save({"prompts": [p for p, _ in rows], "continuations": [c for _, c in rows]}, f))
+        if progress is not None:
+            progress(done, len(shards))
+    return files
+
+
+def load_generations(files: list[Path]) -> list[torch.Tensor]:
+    """Every generated row as one sequence, prompt then continuation."""
+    sequences = []
+    for file in files:
+        shard = torch.load(file, weights_only=True)
+        sequences += [torch.cat([p, c]) for p, c in zip(shard["prompts"], shard["continuations"])]
+    return sequences
+
+
+def pad_windows(sequences: list[torch.Tensor], length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (or cut) sequences to windows [b, length]; valid [b, length] marks real tokens."""
+    windows = torch.full((len(sequences), length), pad, dtype=torch.long)
+    valid = torch.zeros((len(sequences), length), dtype=torch.bool)
+    for r, seq in enumerate(sequences):
+        n = min(len(seq), length)
+        windows[r, :n] = seq[:n]
+        valid[r, :n] = True
+    return windows, valid

@@ -1,0 +1,365 @@
+"""The two-stage training recipe, top to bottom (after the authors' fms-fsdp recipe).
+
+Stage 1 aligns the speculator with the base model's input behaviour: windows of text, the
+base model's final states over them, the true next tokens as targets. Stage 2 aligns it
+with the base model's output behaviour: the base model's own continuations of prompts cut
+from the data. The loss is the sum over heads of each head's mean cross-entropy; the base
+model stays frozen. One process or many (`torchrun`, DDP over gloo or nccl); `fsdp_base`
+shards a base model too big for one device with PyTorch's own FSDP.
+
+Everything needed to resume sits in the output folder: the run's config, checkpoints
+written atomically (speculator + optimizer + step), the generated stage-2 shards, and
+train_log.jsonl. The data a step reads is a pure function of the step, so a resumed run
+ends with the same weights as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .base import atomic_folder, base_hidden, cache_dir, load_base, speculator_config_for
+from .data import IGNORE_INDEX, Windows, generate_shards, load_generations, pad_windows, split_heldout, tokenized_corpus
+from .errors import MLPSpecError
+from .model import MLPSpeculator
+from .tree import teacher_forcing
+
+RUN_CONFIG = "train_config.json"
+LOG_FILE = "train_log.jsonl"
+CHECKPOINTS = "checkpoints"
+# What may change between a run and its resumption without making it a different run.
+RESUMABLE_FIELDS = {"resume", "save_every", "log_every", "stage2_steps", "stage1_steps", "progress"}
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    base: str | None = None  # None: the embedded default, SmolLM2-135M-Instruct
+    data: list[str] = field(default_factory=lambda: ["default"])
+    text_field: str = "text"
+    # the speculator
+    n_predict: int = 3
+    inner_dim: int = 0
+    tie_weights: bool = False
+    scale_input: bool = False
+    tie_base_embeddings: bool = False
+    # optimisation
+    seq_len: int = 256
+    batch_size: int = 4  # per process
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    stage1_steps: int = 1000
+    stage2_steps: int = 0
+    dtype: str = "float32"  # base model dtype; bfloat16 also runs the speculator under autocast
+    seed: int = 0
+    # stage 2 data
+    stage2_rows: int = 256
+    stage2_prompt_length: int = 64
+    stage2_new_tokens: int = 128
+    stage2_greedy: bool = False
+    generate_batch_size: int = 16
+    # bookkeeping
+    save_every: int = 100
+    log_every: int = 10
+    eval_rows: int = 8
+    eval_new_tokens: int = 64
+    fsdp_base: bool = False
+    resume: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainConfig":
+        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+        if unknown:
+            raise MLPSpecError(f"unknown training config keys: {', '.join(unknown)}")
+        return cls(**raw)
+
+    def same_run(self, other: "TrainConfig") -> bool:
+        mine = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_FIELDS}
+        theirs = {k: v for k, v in asdict(other).items() if k not in RESUMABLE_FIELDS}
+        return mine == theirs
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Stage 1: linear warm-up, then cosine from lr to 0.1 lr. Stage 2: cosine 0.1 to 0.01 lr."""
+    s1 = cfg.stage1_steps
+    if step < s1:
+        warm = min(cfg.warmup_steps, s1)
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        progress = (step - warm) / max(1, s1 - warm)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    progress = (step - s1) / max(1, cfg.stage2_steps)
+    return cfg.lr * (0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class SpeculatorObjective(torch.nn.Module):
+    """The loss as a module, so DDP wraps one forward: the sum over heads of each head's
+    mean cross-entropy, plus each head's top-1 hits (for accuracy) on the same positions."""
+
+    def __init__(self, speculator: MLPSpeculator):
+        super().__init__()
+        self.speculator = speculator
+
+    def forward(self, hidden, ids, targets):  # b n d, b n+h, h b n
+        states = self.speculator.stage_states(hidden, ids)
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        hits = []
+        for i, state in enumerate(states):
+            logits = self.speculator.head[i](state).float()  # b n V
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), targets[i].flatten(), ignore_index=IGNORE_INDEX)
+            hits.append((logits.argmax(-1) == targets[i]).detach())  # b n
+        return loss, torch.stack(hits)  # h b n
+
+
+def _distributed() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _check_out(cfg: TrainConfig) -> int:
+    """Refuse to mix runs in one folder; return the step to resume from (0 for new)."""
+    out = Path(cfg.out)
+    saved = out / RUN_CONFIG
+    if not saved.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise MLPSpecError(f"{out}: this folder holds other files; give an empty or new --out")
+        return 0
+    previous = TrainConfig.from_dict(json.loads(saved.read_text()))
+    if not cfg.resume:
+        raise MLPSpecError(f"{out}: already holds a training run; pass --resume to continue it, or choose another --out")
+    if not cfg.same_run(previous):
+        changed = sorted(k for k, v in asdict(cfg).items() if k not in RESUMABLE_FIELDS and asdict(previous)[k] != v)
+        raise MLPSpecError(f"{out}: holds a different run (it differs in {', '.join(changed)}); choose another --out")
+    latest = latest_checkpoint(out)
+    return 0 if latest is None else int(latest.name.split("-")[1])
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    steps = sorted((out / CHECKPOINTS).glob("step-*")) if (out / CHECKPOINTS).is_dir() else []
+    return steps[-1] if steps else None
+
+
+def save_checkpoint(out: Path, step: int, speculator: MLPSpeculator, optimizer, keep: int = 2) -> None:
+    with atomic_folder(out / CHECKPOINTS / f"step-{step:07d}") as tmp:
+        speculator.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "state.pt")
+    for old in sorted((out / CHECKPOINTS).glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, chat: bool, rank: int, world: int) -> list[torch.Tensor]:
+    """Make (or find, when resuming) the base model's own continuations; each rank makes
+    its share of the shards, then everyone reads all of them."""
+    out = Path(cfg.out) / "stage2"
+    n_shards = math.ceil(cfg.stage2_rows / cfg.generate_batch_size)
+    bar = tqdm(total=n_shards, desc="stage 2 data", disable=not (rank == 0 and cfg.progress))
+    generate_shards(model, tokenizer, tokens, out, range(rank, n_shards, world), cfg.generate_batch_size,
+                    cfg.stage2_prompt_length, cfg.stage2_new_tokens, temperature=0.0 if cfg.stage2_greedy else 1.0,
+                    top_k=10, chat=chat, seed=cfg.seed, progress=lambda done, total: bar.update(world))
+    bar.close()
+    _barrier()
+    return load_generations([out / f"shard-{i:05d}.pt" for i in range(n_shards)])
+
+
+def _stage2_batch(sequences, order_seed, indices, length, pad) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = []
+    n = len(sequences)
+    for g in indices:
+        epoch, k = divmod(int(g), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(order_seed + epoch))
+        rows.append(sequences[int(perm[k])])
+    return pad_windows(rows, length, pad)
+
+
+def _masked_targets(targets: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
+    """Targets [h, b, n] with IGNORE_INDEX where the target token is padding."""
+    h = targets.size(0)
+    target_valid = torch.stack([valid[:, i + 2 : i + 2 + n] for i in range(h)])  # h b n
+    return targets.masked_fill(~target_valid, IGNORE_INDEX)
+
+
+@torch.no_grad()
+def evaluate(model, objective: SpeculatorObjective, windows: torch.Tensor, valid: torch.Tensor, n: int, h: int) -> dict:
+    """Per-head top-1 accuracy, and chain acceptance: the share of positions where heads
+    0..i are all right, so that a greedy top-1 chain would accept i + 1 tokens. On the base
+    model's own greedy text that is exactly speculative decoding's acceptance, and
+    1 + sum(chain) its expected tokens per step with one candidate."""
+    base_ids, ids, targets = teacher_forcing(windows, n, h)
+    targets = _masked_targets(targets, valid, n)
+    hidden = base_hidden(model, base_ids, valid[:, :n].long()).float()
+    loss, hits = objective(hidden, ids, targets)
+    counted = targets[0] != IGNORE_INDEX  # b n   positions where every head has a target
+    for i in range(1, h):
+        counted &= targets[i] != IGNORE_INDEX
+    hits = hits[:, counted]  # h positions
+    chain = hits.long().cumprod(dim=0).float().mean(dim=1)  # h
+    return {
+        "loss": float(loss),
+        "accuracy": [round(float(a), 4) for a in hits.float().mean(dim=1)],
+        "chain_acceptance": [round(float(c), 4) for c in chain],
+        "tokens_per_step": round(1 + float(chain.sum()), 4),
+    }
+
+
+def train(cfg: TrainConfig) -> Path:
+    rank, world = _distributed()
+    main = rank == 0
+    start_step = _check_out(cfg)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+
+    model, tokenizer = load_base(cfg.base, dtype=cfg.dtype)
+    model.requires_grad_(False)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and cfg.seq_len + cfg.n_predict + 1 > context:
+        raise MLPSpecError(f"--seq-len {cfg.seq_len} (+ n_predict + 1) exceeds the base model's context of {context}")
+    if cfg.stage2_steps and cfg.stage2_prompt_length + cfg.stage2_new_tokens + 64 > (context or 10**9):
+        raise MLPSpecError("stage-2 prompts plus --stage2-new-tokens exceed the base model's context")
+    # Rank 0 tokenizes (or finds the cache) first; the others then read its cache.
+    if main:
+        tokens = tokenized_corpus(cfg.data, tokenizer, cache_dir() / "tokens", cfg.text_field)
+    _barrier()
+    if not main:
+        tokens = tokenized_corpus(cfg.data, tokenizer, cache_dir() / "tokens", cfg.text_field)
+    train_tokens, heldout_tokens = split_heldout(tokens)
+    h, n = cfg.n_predict, cfg.seq_len
+    windows = Windows(train_tokens, n + h + 1, cfg.seed)
+
+    speculator = MLPSpeculator(speculator_config_for(
+        model, n_predict=h, inner_dim=cfg.inner_dim, tie_weights=cfg.tie_weights, scale_input=cfg.scale_input,
+        tie_base_embeddings=cfg.tie_base_embeddings, base_model_name_or_path=cfg.base,
+    ))
+    if cfg.tie_base_embeddings:
+        speculator.attach_base(model)
+    if cfg.fsdp_base and world > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    device = next(model.parameters()).device
+    speculator.to(device)
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_CONFIG).write_text(json.dumps(asdict(cfg) | {"resume": False}, indent=2) + "\n")
+    trainable = [p for p in speculator.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    if start_step:
+        latest = latest_checkpoint(out)
+        state = torch.load(latest / "state.pt", weights_only=False)
+        loaded = MLPSpeculator.from_pretrained(latest, dtype=torch.float32, base=model if cfg.tie_base_embeddings else None)
+        speculator.load_state_dict(loaded.state_dict(), strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+    objective = SpeculatorObjective(speculator)
+    if world > 1:
+        objective = torch.nn.parallel.DistributedDataParallel(objective)
+
+    # Stage-2 data, and held-out greedy text for evaluation: made once, kept in `out`.
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eval_files = generate_shards(
+        model, tokenizer, heldout_tokens, out / "eval", [0], cfg.eval_rows, cfg.stage2_prompt_length,
+        cfg.eval_new_tokens, temperature=0.0, chat=chat, seed=cfg.seed + 1,
+    ) if main else []
+    stage2 = None  # generated when stage 2 begins
+    eval_set = None
+    if main:
+        eval_rows = load_generations(eval_files)
+        eval_n = max(len(s) for s in eval_rows) - h - 1
+        eval_set = (*pad_windows(eval_rows, eval_n + h + 1, pad), eval_n)
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    log = out / LOG_FILE
+    if main and start_step and log.is_file():  # drop log lines past the checkpoint we resume from
+        lines = [ln for ln in log.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
+        log.write_text("".join(ln + "\n" for ln in lines))
+    total = cfg.stage1_steps + cfg.stage2_steps
+    bar = tqdm(total=total, initial=start_step, desc="training", disable=not (main and cfg.progress))
+    per_step = cfg.batch_size * world
+    tick, seen = time.perf_counter(), 0
+    for step in range(start_step, total):
+        stage = 1 if step < cfg.stage1_steps else 2
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        for micro in range(cfg.grad_accum):
+            first = (step * cfg.grad_accum + micro) * per_step + rank * cfg.batch_size
+            indices = range(first, first + cfg.batch_size)
+            if stage == 1:
+                window = windows.get(indices).to(device)
+                valid = torch.ones_like(window, dtype=torch.bool)
+                length = n
+            else:
+                if stage2 is None:
+                    stage2 = _stage2_data(cfg, model, tokenizer, train_tokens, chat, rank, world)
+                    stage2_n = min(n, max(len(s) for s in stage2) - h - 1)
+                length = stage2_n
+                window, valid = _stage2_batch(stage2, cfg.seed, indices, length + h + 1, pad)
+                window, valid = window.to(device), valid.to(device)
+            base_ids, ids, targets = teacher_forcing(window, length, h)
+            targets = _masked_targets(targets, valid, length)
+            with torch.no_grad():
+                hidden = base_hidden(model, base_ids, valid[:, :length].long()).float()
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            with autocast, (contextlib.nullcontext() if sync else objective.no_sync()):
+                loss, hits = objective(hidden, ids, targets)
+                (loss / cfg.grad_accum).backward()
+            seen += int((targets[0] != IGNORE_INDEX).sum())
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if main and (done % cfg.log_every == 0 or done == total):
+            elapsed = time.perf_counter() - tick
+            counted = targets != IGNORE_INDEX
+            accuracy = [round(float(hits[i][counted[i]].float().mean()), 4) for i in range(h)]
+            entry = {"step": done, "stage": stage, "loss": round(float(loss.detach()), 4), "accuracy": accuracy,
+                     "lr": lr_at(step, cfg), "tokens_per_s": round(seen * world / elapsed, 1)}
+            _append(log, entry)
+            bar.set_postfix(loss=entry["loss"], acc0=accuracy[0], tok_s=entry["tokens_per_s"])
+            tick, seen = time.perf_counter(), 0
+        bar.update(1)
+        if done % cfg.save_every == 0 or done == total:
+            if main:
+                result = evaluate(model, _unwrap(objective), eval_set[0].to(device), eval_set[1].to(device), eval_set[2], h)
+                _append(log, {"step": done, "stage": stage, "eval": result})
+                bar.write(f"step {done}: held-out greedy text: accuracy {result['accuracy']}, "
+                          f"chain acceptance {result['chain_acceptance']}, tokens/step {result['tokens_per_step']}")
+                save_checkpoint(out, done, speculator, optimizer)
+            _barrier()
+    bar.close()
+    if main:
+        speculator.save_pretrained(out)
+    _barrier()
+    return out
+
+
+def _unwrap(objective):
+    return objective.module if isinstance(objective, torch.nn.parallel.DistributedDataParallel) else objective
+
+
+def _append(log: Path, entry: dict) -> None:
+    with open(log, "a") as f:
+        f.write(json.dumps(entry) + "\n")

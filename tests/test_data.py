@@ -1,0 +1,116 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_llama, tiny_tokenizer
+from mlpspec import MLPSpecError
+from mlpspec.data import (
+    Windows,
+    default_corpus_files,
+    generate_shards,
+    load_generations,
+    load_texts,
+    pad_windows,
+    resolve_data,
+    split_heldout,
+    tokenized_corpus,
+)
+
+
+def test_default_corpus_is_the_stdlib_without_site_packages():
+    files = default_corpus_files()
+    assert any(f.name == "json" or f.parent.name == "json" for f in files)
+    assert not any("site-packages" in f.parts for f in files)
+    assert len(files) > 500
+
+
+def test_local_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("w1 w2")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "w3"}) + "\n" + json.dumps({"text": "w4 w5"}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["w6", "w7"]}), tmp_path / "c.parquet")
+    texts = load_texts([str(tmp_path)], tiny_tokenizer())
+    assert sorted(texts) == ["w1 w2", "w3", "w4 w5", "w6", "w7"]
+
+
+def test_chat_messages_go_through_the_template(tmp_path):
+    from test_text import CHAT_TEMPLATE
+
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "w1"}]}) + "\n")
+    assert load_texts([str(tmp_path / "chat.jsonl")], tok) == ["<s> user w1 </s> "]
+
+
+@pytest.mark.parametrize(
+    "setup, spec, message",
+    [
+        (lambda p: None, "missing.txt", "missing.txt: no such file or folder"),
+        (lambda p: (p / "empty").mkdir(), "empty", "no .txt/.py/.md/.rst/.jsonl/.json/.parquet files"),
+        (lambda p: (p / "e.txt").write_text(""), "e.txt", "no text found"),
+        (lambda p: (p / "x.jsonl").write_text('{"body": "w1"}\n'), "x.jsonl", "no field 'text' .*columns are body"),
+    ],
+)
+def test_bad_data(tmp_path, monkeypatch, setup, spec, message):
+    monkeypatch.chdir(tmp_path)
+    setup(tmp_path)
+    with pytest.raises(MLPSpecError, match=message):
+        load_texts([spec], tiny_tokenizer())
+
+
+def test_hub_names_are_told_apart_from_paths():
+    files, hub = resolve_data(["org/dataset"])
+    assert files == [] and hub == ["org/dataset"]
+
+
+def test_tokenized_corpus_is_cached(tmp_path):
+    (tmp_path / "a.txt").write_text("w1 w2 w3")
+    (tmp_path / "b.txt").write_text("w4")
+    tok = tiny_tokenizer()
+    tokens = tokenized_corpus([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tok, tmp_path / "cache")
+    assert list(tokens) == [5, 6, 7, 2, 8, 2]  # each document ends with EOS (2)
+    cached = list((tmp_path / "cache").glob("tokens-*.npy"))
+    assert len(cached) == 1
+    again = tokenized_corpus([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tok, tmp_path / "cache")
+    assert list(again) == list(tokens) and isinstance(again, np.memmap)
+
+
+def test_windows_are_a_pure_function_of_the_index():
+    tokens = np.arange(100, dtype=np.int32)
+    windows = Windows(tokens, 10, seed=3)
+    first = windows.get(range(0, 25))
+    assert first.shape == (25, 10)
+    assert torch.equal(Windows(tokens, 10, seed=3).get([7, 21]), first[[7, 21]])
+    starts = sorted(int(w[0]) for w in first[:10])
+    assert starts == list(range(0, 100, 10))  # one epoch visits every window once
+    assert not torch.equal(first[:10], first[10:20])  # the next epoch is reshuffled
+    with pytest.raises(MLPSpecError, match="fewer than one window"):
+        Windows(tokens[:5], 10, seed=0)
+
+
+def test_split_heldout_takes_the_tail():
+    train, held = split_heldout(np.arange(10_000), fraction=0.01, minimum=100)
+    assert len(held) == 100 and held[0] == 9900 and len(train) == 9900
+
+
+def test_generate_shards_resume_reproduces_the_run(tmp_path):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    tokens = np.random.default_rng(0).integers(3, 64, 500).astype(np.int32)
+    kwargs = dict(batch_size=3, prompt_length=5, new_tokens=6, temperature=1.0, top_k=10, seed=1)
+    files = generate_shards(model, tok, tokens, tmp_path / "a", range(3), **kwargs)
+    assert [f.name for f in files] == ["shard-00000.pt", "shard-00001.pt", "shard-00002.pt"]
+    rows = load_generations(files)
+    assert len(rows) == 9 and all(6 <= len(r) <= 11 for r in rows)  # prompt, then up to 6 (EOS may stop it)
+    files[1].unlink()  # as if killed before shard 1 was written
+    generate_shards(model, tok, tokens, tmp_path / "a", [1], **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(load_generations(files), rows))
+
+
+def test_pad_windows():
+    windows, valid = pad_windows([torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6, 7, 8])], 4, pad=0)
+    assert windows.tolist() == [[1, 2, 3, 0], [4, 5, 6, 7]]
+    assert valid.tolist() == [[True, True, True, False], [True] * 4]

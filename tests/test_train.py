@@ -1,0 +1,200 @@
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_llama, tiny_tokenizer
+from mlpspec import MLPSpecError
+from mlpspec.cli import main
+from mlpspec.train import TrainConfig, lr_at
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """A tiny Llama base and a text file with learnable structure (arithmetic runs)."""
+    monkeypatch.setenv("MLPSPEC_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    tiny_llama().save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    rng = random.Random(0)
+    lines = []
+    for _ in range(300):
+        start, stride = rng.randrange(4, 60), rng.choice([1, 3])
+        lines.append(" ".join(f"w{(start + stride * i) % 60}" for i in range(40)))
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(lines))
+    return tmp_path, base, data
+
+
+def train_args(base, data, out, **overrides):
+    options = {
+        "base": base, "data": data, "out": out, "seq-len": 24, "batch-size": 4, "n-predict": 3,
+        "inner-dim": 32, "stage1-steps": 12, "save-every": 4, "log-every": 2, "lr": 3e-3, "warmup-steps": 2,
+        "eval-rows": 4, "eval-new-tokens": 12, "stage2-prompt-length": 6,
+    }
+    options.update(overrides)
+    args = ["train", "--no-progress"]
+    for key, value in options.items():
+        if value is True:
+            args.append(f"--{key}")
+        elif value is not None:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def weights(folder):
+    return load_file(Path(folder) / "model.safetensors")
+
+
+def run_cli(args, env=None, **kwargs):
+    return subprocess.Popen([str(VENV_BIN / "mlpspec"), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_loss_falls_and_accuracy_rises(setup):
+    tmp, base, data = setup
+    assert main(train_args(base, data, tmp / "run", **{"stage1-steps": 60, "save-every": 60})) == 0
+    log = [json.loads(line) for line in (tmp / "run" / "train_log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "loss" in e and "eval" not in e]
+    first, last = steps[0], steps[-1]
+    assert last["loss"] < 0.8 * first["loss"]
+    assert min(last["accuracy"]) > max(first["accuracy"]) + 0.15
+    assert any("eval" in e for e in log)
+    assert (tmp / "run" / "config.json").is_file() and (tmp / "run" / "model.safetensors").is_file()
+
+
+def test_stage2_and_tied_base_embeddings(setup):
+    tmp, base, data = setup
+    args = train_args(base, data, tmp / "run", **{"stage1-steps": 6, "stage2-steps": 6, "stage2-rows": 8,
+                                                   "generate-batch-size": 4, "stage2-new-tokens": 10,
+                                                   "tie-base-embeddings": True, "inner-dim": 0})
+    assert main(args) == 0
+    log = [json.loads(line) for line in (tmp / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert {e["stage"] for e in log} == {1, 2}
+    assert sorted(p.name for p in (tmp / "run" / "stage2").iterdir()) == ["shard-00000.pt", "shard-00001.pt"]
+    stored = weights(tmp / "run")
+    assert not any(name.startswith(("speculator.emb.", "speculator.head.")) for name in stored)
+    config = json.loads((tmp / "run" / "config.json").read_text())
+    assert config["tie_base_embeddings"] is True
+
+
+def test_killed_run_resumes_to_the_same_weights(setup):
+    tmp, base, data = setup
+    common = {"stage1-steps": 24, "save-every": 3}
+    assert main(train_args(base, data, tmp / "straight", **common)) == 0
+
+    env = dict(os.environ)
+    proc = run_cli(train_args(base, data, tmp / "killed", **common), env=env)
+    checkpoints = tmp / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while not (checkpoints.is_dir() and any(p.name >= "step-0000009" for p in checkpoints.iterdir())):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint within 2 minutes"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp / "killed" / "model.safetensors").exists()  # it really died mid-run
+
+    with pytest.raises(MLPSpecError, match="already holds a training run; pass --resume"):
+        from mlpspec.train import train
+
+        train(TrainConfig(**_config(base, data, tmp / "killed", common)))
+    assert main(train_args(base, data, tmp / "killed", resume=True, **common)) == 0
+    a, b = weights(tmp / "straight"), weights(tmp / "killed")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def _config(base, data, out, overrides):
+    args = train_args(base, data, out, **overrides)
+    from mlpspec.cli import build_parser
+    from dataclasses import fields
+
+    parsed = build_parser().parse_args(args)
+    values = {f.name: getattr(parsed, f.name) for f in fields(TrainConfig) if hasattr(parsed, f.name)}
+    values["progress"] = False
+    return values
+
+
+def test_two_processes_match_one_with_the_same_global_batch(setup):
+    tmp, base, data = setup
+    assert main(train_args(base, data, tmp / "one", **{"batch-size": 4, "stage1-steps": 6})) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517", "-m", "mlpspec",
+         *train_args(base, data, tmp / "two", **{"batch-size": 2, "stage1-steps": 6})],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = weights(tmp / "one"), weights(tmp / "two")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(a["speculator.proj.0.weight"], weights(tmp / "one" / "checkpoints" / "step-0000004")["speculator.proj.0.weight"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"data": "nothing-here.txt"}, "nothing-here.txt: no such file or folder"),
+        ({"seq-len": 400}, "exceeds the base model's context of 256"),
+        ({"text-field": "body"}, "no field 'body'"),
+    ],
+)
+def test_bad_input_writes_nothing(setup, capsys, overrides, message):
+    tmp, base, data = setup
+    overrides = dict(overrides)
+    data = overrides.pop("data", data)
+    if overrides.get("text-field"):
+        data = tmp / "rows.jsonl"
+        data.write_text('{"text": "w1 w2"}\n')
+    assert main(train_args(base, data, tmp / "run", **overrides)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+    assert not (tmp / "run").exists()
+
+
+def test_empty_data_file(setup, capsys):
+    tmp, base, _ = setup
+    (tmp / "empty.txt").write_text("")
+    assert main(train_args(base, tmp / "empty.txt", tmp / "run")) == 2
+    assert "no text found" in capsys.readouterr().err
+    assert not (tmp / "run").exists()
+
+
+def test_out_folder_with_another_run(setup, capsys):
+    tmp, base, data = setup
+    assert main(train_args(base, data, tmp / "run", **{"stage1-steps": 2})) == 0
+    capsys.readouterr()
+    assert main(train_args(base, data, tmp / "run", **{"stage1-steps": 2, "n-predict": 2, "resume": True})) == 2
+    assert "holds a different run (it differs in n_predict)" in capsys.readouterr().err
+    assert main(train_args(base, data, tmp / "run", **{"stage1-steps": 2})) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    (tmp / "other").mkdir()
+    (tmp / "other" / "notes.txt").write_text("mine")
+    assert main(train_args(base, data, tmp / "other")) == 2
+    assert "holds other files" in capsys.readouterr().err
+
+
+def test_lr_schedule_by_hand():
+    cfg = TrainConfig(out="x", lr=1.0, warmup_steps=10, stage1_steps=110, stage2_steps=50)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway down the stage-1 cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)  # stage 2 starts at 0.1 lr
+    assert lr_at(135, cfg) == pytest.approx(0.01 + 0.09 * 0.5)
+
+
+def test_unknown_training_config_keys():
+    with pytest.raises(MLPSpecError, match="unknown training config keys: bogus"):
+        TrainConfig.from_dict({"out": "x", "bogus": 1})
