@@ -260,9 +260,10 @@ def test_load_speculator_folder(tmp_path):
 
 
 def test_default_speculator(monkeypatch, tmp_path):
-    default = checkpoint.resources.files("mlpspec") / checkpoint.DEFAULT_SPECULATOR
+    default = checkpoint.default_speculator_folder()
     if (default / "config.json").is_file():
-        assert load_speculator().config.vocab_size == 49152
+        speculator = load_speculator()  # loads the default base itself when the default shares its embeddings
+        assert speculator.config.vocab_size == 49152 and not speculator.emb[0].weight.is_meta
     else:
         with pytest.raises(MLPSpecError, match="no trained default speculator ships"):
             load_speculator()
@@ -312,3 +313,26 @@ def test_tie_base_embeddings_share_the_base_and_are_not_stored(tmp_path):
         MLPSpeculator(speculator_config_for(tiny_llama(vocab=80), tie_base_embeddings=True)).attach_base(base)
     with pytest.raises(MLPSpecError, match="needs inner_dim == emb_dim"):
         MLPSpeculatorConfig(vocab_size=64, emb_dim=32, inner_dim=16, tie_base_embeddings=True)
+
+
+def test_draft_vocabulary_round_trip(tmp_path):
+    from conftest import tiny_llama
+    from mlpspec import speculator_config_for
+
+    base = tiny_llama()
+    model = MLPSpeculator(speculator_config_for(base, n_predict=2, tie_base_embeddings=True, draft_vocab_size=8,
+                                                tie_weights=True, top_k_tokens_per_head=[3, 2]))
+    model.attach_base(base)
+    ids = torch.tensor([2, 3, 5, 8, 13, 21, 34, 55])
+    model.set_draft_vocab(ids, base=base)
+    assert torch.equal(model.head[0].weight, base.lm_head.weight[ids])  # starts from the base's rows
+    model.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(stored["speculator.draft_vocab"], ids)
+    assert "speculator.head.0.weight" in stored and "speculator.emb.0.weight" not in stored
+    assert json.loads((tmp_path / "config.json").read_text())["draft_vocab_size"] == 8
+    loaded = load_speculator(tmp_path, base=base)
+    assert torch.equal(loaded.draft_vocab, ids) and loaded.draft_vocab.dtype == torch.int64
+    state = torch.randn(2, 1, 32)
+    last = torch.tensor([[4], [9]])
+    assert torch.equal(loaded.propose(state, last)[0], model.propose(state, last)[0])

@@ -250,3 +250,31 @@ def test_propose_bad_shapes():
         model.propose(torch.randn(1, 2, 12), torch.tensor([[0]]))
     with pytest.raises(MLPSpecError, match=r"last_token \[b, 1\]"):
         model.propose(torch.randn(2, 1, 12), torch.tensor([[0]]))
+
+
+def test_draft_vocabulary_maps_head_indices_to_token_ids():
+    torch.manual_seed(0)
+    model = MLPSpeculator(MLPSpeculatorConfig(vocab_size=11, emb_dim=12, inner_dim=8, n_predict=2,
+                                              draft_vocab_size=4, top_k_tokens_per_head=[2, 2], n_candidates=3))
+    model.set_draft_vocab(torch.tensor([1, 4, 7, 9]))
+    assert model.head[0].weight.shape == (4, 8)  # a head scores K = 4 tokens, not V = 11
+    assert model.to_token_ids(torch.tensor([0, 3, 2])).tolist() == [1, 9, 7]
+    assert model.to_head_index(torch.tensor([9, 2, -100, 1])).tolist() == [3, -100, -100, 0]
+    candidates, _ = model.propose(torch.randn(3, 1, 12), torch.tensor([[0], [5], [10]]))
+    assert set(candidates.flatten().tolist()) <= {1, 4, 7, 9}
+    # the same tree as brute force over the draft tokens, in token ids
+    state, last = torch.randn(1, 1, 12), torch.tensor([[2]])
+    candidates, scores = model.propose(state, last, [4, 4], 16)
+    expected = []
+    s0 = model._stage(0, state, last)
+    p0 = torch.log_softmax(model.head[0](s0), -1)[0, 0]
+    for a in range(4):
+        s1 = model._stage(1, s0, torch.tensor([[model.to_token_ids(torch.tensor(a))]]))
+        p1 = torch.log_softmax(model.head[1](s1), -1)[0, 0]
+        expected += [((int(model.draft_vocab[a]), int(model.draft_vocab[b])), float(p0[a] + p1[b])) for b in range(4)]
+    expected.sort(key=lambda e: -e[1])
+    assert [tuple(c) for c in candidates[0].tolist()] == [e[0] for e in expected]
+    with pytest.raises(MLPSpecError, match="top_k_tokens_per_head\\[0\\] must be an integer in 1..4"):
+        model.propose(state, last, [5, 1], 1)
+    with pytest.raises(MLPSpecError, match="exceeds vocab_size"):
+        MLPSpeculatorConfig(vocab_size=11, emb_dim=12, draft_vocab_size=12)

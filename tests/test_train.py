@@ -198,3 +198,18 @@ def test_lr_schedule_by_hand():
 def test_unknown_training_config_keys():
     with pytest.raises(MLPSpecError, match="unknown training config keys: bogus"):
         TrainConfig.from_dict({"out": "x", "bogus": 1})
+
+
+def test_draft_vocabulary_training(setup):
+    tmp, base, data = setup
+    args = train_args(base, data, tmp / "run", **{"stage1-steps": 40, "save-every": 40, "draft-vocab-size": 24,
+                                                   "tie-base-embeddings": True, "tie-weights": True, "inner-dim": 0})
+    assert main(args) == 0
+    stored = weights(tmp / "run")
+    draft = stored["speculator.draft_vocab"]
+    assert draft.shape == (24,) and torch.equal(draft, draft.sort().values)
+    assert stored["speculator.head.0.weight"].shape == (24, 32)
+    log = [json.loads(line) for line in (tmp / "run" / "train_log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "eval" not in e]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
+    assert steps[-1]["accuracy"][0] > steps[0]["accuracy"][0] + 0.1

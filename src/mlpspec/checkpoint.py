@@ -38,6 +38,7 @@ def save_speculator(model: MLPSpeculator, path: str | Path) -> None:
     tensors = {
         PREFIX + name: p.detach().contiguous() for name, p in model.named_parameters() if name not in base_tied
     }
+    tensors.update({PREFIX + name: b.detach().contiguous() for name, b in model.named_buffers()})
     config = model.config.to_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     # Weights first, then config: a kill in between leaves a config that the new weights'
@@ -132,7 +133,8 @@ def load_speculator_folder(path: str | Path, dtype: torch.dtype | None = None, b
     state = _match_tensors(model, tensors, path)
     if dtype is None:
         dtype = state["proj.0.weight"].dtype
-    state = {name: t.to(dtype) for name, t in state.items()}
+    buffers = dict(model.named_buffers())  # token ids keep their integer type
+    state = {name: t if name in buffers else t.to(dtype) for name, t in state.items()}
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
     assert set(missing) == model.base_tied_names(), missing  # _match_tensors checked the rest
     model.share_tied_parameters()  # assign gave each tied name its own Parameter
@@ -157,6 +159,7 @@ def _match_tensors(model: MLPSpeculator, tensors: dict, path: Path) -> dict[str,
         named[key] = t
     base_tied = model.base_tied_names()
     expected = {n: p for n, p in model.named_parameters(remove_duplicate=False) if n not in base_tied}
+    expected.update(model.named_buffers())
     groups: dict[int, list[str]] = {}  # one group of names per distinct parameter
     for name, p in expected.items():
         groups.setdefault(id(p), []).append(name)
@@ -195,16 +198,25 @@ def load_speculator(
     model's embeddings (tie_base_embeddings).
     """
     if name_or_path is None:
-        folder = Path(str(resources.files("mlpspec") / DEFAULT_SPECULATOR))
+        folder = default_speculator_folder()
         if not (folder / CONFIG_FILE).is_file():
             raise MLPSpecError(
                 "no trained default speculator ships with this version of mlpspec yet; "
                 "pass the folder of a speculator to load"
             )
+        if base is None and read_config(folder).tie_base_embeddings:
+            from .base import load_base  # the default shares the default base's embeddings
+
+            base, _ = load_base(dtype=dtype or torch.float32)
         return load_speculator_folder(folder, dtype=dtype, base=base)
     if Path(name_or_path).is_dir():
         return load_speculator_folder(name_or_path, dtype=dtype, base=base)
     return load_speculator_folder(_download(str(name_or_path)), dtype=dtype, base=base)
+
+
+def default_speculator_folder() -> Path:
+    """Where the default speculator for the embedded default base model ships."""
+    return Path(str(resources.files("mlpspec") / DEFAULT_SPECULATOR))
 
 
 def _download(repo_id: str) -> Path:

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from .errors import MLPSpecError
+from .model import IGNORE_INDEX
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 PARQUET_SUFFIXES = {".parquet"}
 DEBIAN_PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
-IGNORE_INDEX = -100  # target of positions that carry no loss (padding, prompts)
 
 
 def default_corpus_files() -> list[Path]:

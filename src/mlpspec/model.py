@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .errors import MLPSpecError
 
 NORM_EPS = 1e-6
+IGNORE_INDEX = -100  # a target that carries no loss (torch's cross_entropy default)
 MODEL_TYPE = "mlp_speculator"
 ARCHITECTURE = "MLPSpeculatorPreTrainedModel"
 # Keys that released config.json files carry for Hugging Face's bookkeeping. They say
@@ -56,14 +57,21 @@ class MLPSpeculatorConfig:
     tie_weights: bool = False
     scale_input: bool = False
     base_model_name_or_path: str | None = None
-    # mlpspec's own extension, not in the released format: every emb and head IS the base
-    # model's input embedding and LM head, frozen and not stored (export materialises them).
+    # mlpspec's own extensions, not in the released format. tie_base_embeddings: every emb
+    # (and, with the full vocabulary, every head) IS the base model's input embedding (LM
+    # head), frozen and not stored; export materialises them. draft_vocab_size K > 0: the
+    # heads predict only K tokens (the training data's most frequent, stored as the
+    # `draft_vocab` buffer), which makes each head V/K times cheaper.
     tie_base_embeddings: bool = False
+    draft_vocab_size: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_dim", "n_predict"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("inner_dim", self.inner_dim, minimum=0)
+        _check_int("draft_vocab_size", self.draft_vocab_size, minimum=0)
+        if self.draft_vocab_size > self.vocab_size:
+            raise MLPSpecError(f"draft_vocab_size {self.draft_vocab_size} exceeds vocab_size {self.vocab_size}")
         for name in ("tie_weights", "scale_input", "tie_base_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise MLPSpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -72,13 +80,18 @@ class MLPSpeculatorConfig:
         self.top_k_tokens_per_head = list(self.top_k_tokens_per_head)
         if self.n_candidates is None:
             self.n_candidates = min(5, math.prod(self.top_k_tokens_per_head))
-        check_tree_shape(self.top_k_tokens_per_head, self.n_candidates, self.n_predict, self.vocab_size)
+        check_tree_shape(self.top_k_tokens_per_head, self.n_candidates, self.n_predict, self.head_size)
         if self.tie_weights and self.n_predict < 2:
             raise MLPSpecError("tie_weights needs n_predict > 1: there is nothing to tie with one head")
         if self.tie_base_embeddings and self.inner_dim not in (0, self.emb_dim):
             raise MLPSpecError("tie_base_embeddings needs inner_dim == emb_dim: the base embedding has that width")
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise MLPSpecError("base_model_name_or_path must be a string")
+
+    @property
+    def head_size(self) -> int:
+        """How many tokens each head scores: the draft vocabulary, else the whole vocabulary."""
+        return self.draft_vocab_size or self.vocab_size
 
     @property
     def width(self) -> int:
@@ -89,7 +102,7 @@ class MLPSpeculatorConfig:
         """The released config.json fields (torch_dtype is added by the writer)."""
         out = {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **asdict(self)}
         # optional keys are written only when set, so plain checkpoints are exactly the released format
-        for key in ("base_model_name_or_path", "tie_base_embeddings"):
+        for key in ("base_model_name_or_path", "tie_base_embeddings", "draft_vocab_size"):
             if not out[key]:
                 del out[key]
         return out
@@ -155,15 +168,17 @@ class MLPSpeculator(nn.Module):
     def __init__(self, config: MLPSpeculatorConfig):
         super().__init__()
         self.config = config
-        h, d, m, V = config.n_predict, config.emb_dim, config.width, config.vocab_size
+        h, d, m, V, K = config.n_predict, config.emb_dim, config.width, config.vocab_size, config.head_size
         # Base-tied emb/head get their weights from attach_base(); until then they take no memory.
         base_tied = torch.device("meta") if config.tie_base_embeddings else contextlib.nullcontext()
         with base_tied:
             self.emb = nn.ModuleList([nn.Embedding(V, m) for _ in range(h)])
         self.proj = nn.ModuleList([nn.Linear(d if i == 0 else m, m, bias=False) for i in range(h)])
         self.ln = nn.ModuleList([RMSNormShift(m) for _ in range(h)])
-        with base_tied:
-            self.head = nn.ModuleList([nn.Linear(m, V, bias=False) for _ in range(h)])
+        with base_tied if K == V else contextlib.nullcontext():  # a draft head is the speculator's own
+            self.head = nn.ModuleList([nn.Linear(m, K, bias=False) for _ in range(h)])
+        if K < V:
+            self.register_buffer("draft_vocab", torch.arange(K))  # K: head index -> token id
         # state_weight**(2h) = 1/2: by the last head the base state still carries half the
         # state's expected magnitude. The embedding fills the rest; sqrt(m/2) undoes the
         # 1/sqrt(m) scale of the embedding init.
@@ -206,13 +221,41 @@ class MLPSpeculator(nn.Module):
         frozen_head = frozen_emb if head is emb else nn.Parameter(head.detach().to(self.dtype), requires_grad=False)
         for i in range(self.config.n_predict):
             self.emb[i].weight = frozen_emb
-            self.head[i].weight = frozen_head
+            if not self.config.draft_vocab_size:
+                self.head[i].weight = frozen_head
 
     def base_tied_names(self) -> set[str]:
         """Parameter names that belong to the base model, not to the speculator's checkpoint."""
         if not self.config.tie_base_embeddings:
             return set()
-        return {f"{kind}.{i}.weight" for kind in ("emb", "head") for i in range(self.config.n_predict)}
+        kinds = ("emb",) if self.config.draft_vocab_size else ("emb", "head")
+        return {f"{kind}.{i}.weight" for kind in kinds for i in range(self.config.n_predict)}
+
+    def set_draft_vocab(self, token_ids: torch.Tensor, base=None) -> None:
+        """Fix which K tokens the heads score. With `base`, start each head from the base
+        model's LM head rows for those tokens: the base's own output geometry."""
+        K = self.config.draft_vocab_size
+        if not K or token_ids.shape != (K,):
+            raise MLPSpecError(f"set_draft_vocab needs {K or 'a draft vocabulary of'} token ids")
+        self.draft_vocab.copy_(token_ids)
+        if base is not None:
+            rows = base.get_output_embeddings().weight.detach()[token_ids.to(base.device)]
+            with torch.no_grad():
+                for head in self.head:
+                    head.weight.copy_(rows.to(head.weight))
+
+    def to_token_ids(self, head_index: torch.Tensor) -> torch.Tensor:
+        """Head output index -> token id (the identity without a draft vocabulary)."""
+        return self.draft_vocab[head_index] if self.config.draft_vocab_size else head_index
+
+    def to_head_index(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token id -> head output index; IGNORE_INDEX for tokens outside the draft
+        vocabulary (and for IGNORE_INDEX itself)."""
+        if not self.config.draft_vocab_size:
+            return token_ids
+        lookup = torch.full((self.config.vocab_size,), IGNORE_INDEX, dtype=torch.long, device=token_ids.device)
+        lookup[self.draft_vocab] = torch.arange(self.config.draft_vocab_size, device=token_ids.device)
+        return torch.where(token_ids >= 0, lookup[token_ids.clamp(min=0)], IGNORE_INDEX)
 
     def reset_parameters(self) -> None:
         std = 1 / math.sqrt(self.config.width)
@@ -244,7 +287,7 @@ class MLPSpeculator(nn.Module):
         state: [b, n, d] base post-norm hidden states at positions 0..n-1.
         ids:   [b, n + h] token ids; stage i reads ids[:, i : i + n] as its input tokens
                (so the last id is never read; the shape is the reference's).
-        Returns logits [h, b, n, V].
+        Returns logits [h, b, n, K], K the head size (V without a draft vocabulary).
         """
         states = self.stage_states(state, ids)
         return torch.stack([self.head[i](s) for i, s in enumerate(states)])  # h b n V
@@ -284,7 +327,7 @@ class MLPSpeculator(nn.Module):
         cfg = self.config
         top_k = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
         k = cfg.n_candidates if n_candidates is None else n_candidates
-        check_tree_shape(top_k, k, cfg.n_predict, cfg.vocab_size)
+        check_tree_shape(top_k, k, cfg.n_predict, cfg.head_size)
         self._check_state(state, ndim=3)
         b = state.size(0)
         _check_ids(last_token, "last_token")
@@ -300,8 +343,9 @@ class MLPSpeculator(nn.Module):
         scores = torch.zeros(b, 1, device=state.device)  # b 1
         for i, t in enumerate(top_k):
             state = self._stage(i, state, tokens)  # b k m
-            logprobs = F.log_softmax(self.head[i](state), dim=-1)  # b k V
-            top_logprobs, top_ids = logprobs.topk(t, dim=-1)  # b k t
+            logprobs = F.log_softmax(self.head[i](state), dim=-1)  # b k K
+            top_logprobs, top_index = logprobs.topk(t, dim=-1)  # b k t
+            top_ids = self.to_token_ids(top_index)  # b k t
             # every branch grows t children; flatten (branch, child) into the branch axis
             candidates = torch.cat(
                 [candidates.unsqueeze(2).expand(-1, -1, t, -1), top_ids.unsqueeze(-1)], dim=-1

@@ -24,15 +24,16 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from .base import atomic_folder, base_hidden, cache_dir, load_base, speculator_config_for
-from .data import IGNORE_INDEX, Windows, generate_shards, load_generations, pad_windows, split_heldout, tokenized_corpus
+from .data import Windows, generate_shards, load_generations, pad_windows, split_heldout, tokenized_corpus
 from .errors import MLPSpecError
-from .model import MLPSpeculator
+from .model import IGNORE_INDEX, MLPSpeculator
 from .tree import teacher_forcing
 
 RUN_CONFIG = "train_config.json"
@@ -54,6 +55,7 @@ class TrainConfig:
     tie_weights: bool = False
     scale_input: bool = False
     tie_base_embeddings: bool = False
+    draft_vocab_size: int = 0  # 0: the heads score the whole vocabulary
     # optimisation
     seq_len: int = 256
     batch_size: int = 4  # per process
@@ -116,13 +118,18 @@ class SpeculatorObjective(torch.nn.Module):
         self.speculator = speculator
 
     def forward(self, hidden, ids, targets):  # b n d, b n+h, h b n
-        states = self.speculator.stage_states(hidden, ids)
+        speculator = self.speculator
+        states = speculator.stage_states(hidden, ids)
         loss = hidden.new_zeros((), dtype=torch.float32)
         hits = []
         for i, state in enumerate(states):
-            logits = self.speculator.head[i](state).float()  # b n V
-            loss = loss + F.cross_entropy(logits.flatten(0, 1), targets[i].flatten(), ignore_index=IGNORE_INDEX)
-            hits.append((logits.argmax(-1) == targets[i]).detach())  # b n
+            logits = speculator.head[i](state).float()  # b n K
+            # a target outside the draft vocabulary carries no loss, and counts as a miss
+            head_targets = speculator.to_head_index(targets[i]).flatten()  # b*n
+            counted = (head_targets != IGNORE_INDEX).sum().clamp(min=1)
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), head_targets, ignore_index=IGNORE_INDEX,
+                                          reduction="sum") / counted
+            hits.append((speculator.to_token_ids(logits.argmax(-1)) == targets[i]).detach())  # b n
         return loss, torch.stack(hits)  # h b n
 
 
@@ -250,10 +257,15 @@ def train(cfg: TrainConfig) -> Path:
 
     speculator = MLPSpeculator(speculator_config_for(
         model, n_predict=h, inner_dim=cfg.inner_dim, tie_weights=cfg.tie_weights, scale_input=cfg.scale_input,
-        tie_base_embeddings=cfg.tie_base_embeddings, base_model_name_or_path=cfg.base,
+        tie_base_embeddings=cfg.tie_base_embeddings, draft_vocab_size=cfg.draft_vocab_size,
+        base_model_name_or_path=cfg.base,
     ))
     if cfg.tie_base_embeddings:
         speculator.attach_base(model)
+    if cfg.draft_vocab_size:  # the training data's most frequent tokens, in id order
+        counts = torch.from_numpy(np.bincount(train_tokens, minlength=speculator.config.vocab_size))
+        top = counts.topk(cfg.draft_vocab_size).indices.sort().values
+        speculator.set_draft_vocab(top, base=model if cfg.tie_base_embeddings else None)
     if cfg.fsdp_base and world > 1:
         from torch.distributed.fsdp import fully_shard
 
