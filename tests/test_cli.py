@@ -14,7 +14,7 @@ def test_info_prints_both_configs(tiny_llama_folder, tmp_path, capsys):
     assert "LlamaForCausalLM: hidden size 32, 2 layers, vocab 64" in out
     assert "emb_dim 32, inner_dim 16, n_predict 2, top_k_tokens_per_head [4, 3], n_candidates 5" in out
     n = spec.num_parameters()
-    assert f"{n / 1e6:.1f}M parameters" in out
+    assert f"{n / 1e6:.1f}M parameters of its own" in out
 
 
 def test_info_refuses_a_mismatched_pair_in_one_line(tiny_llama_folder, tmp_path, capsys):

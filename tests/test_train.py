@@ -47,7 +47,7 @@ def train_args(base, data, out, **overrides):
     for key, value in options.items():
         if value is True:
             args.append(f"--{key}")
-        elif value is not None:
+        elif value is not None and value is not False:
             args += [f"--{key}", str(value)]
     return args
 
@@ -127,13 +127,14 @@ def _config(base, data, out, overrides):
     return values
 
 
-def test_two_processes_match_one_with_the_same_global_batch(setup):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "ddp+fsdp-base"])
+def test_two_processes_match_one_with_the_same_global_batch(setup, fsdp):
     tmp, base, data = setup
     assert main(train_args(base, data, tmp / "one", **{"batch-size": 4, "stage1-steps": 6})) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517", "-m", "mlpspec",
-         *train_args(base, data, tmp / "two", **{"batch-size": 2, "stage1-steps": 6})],
+        [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(29517 + fsdp), "-m", "mlpspec",
+         *train_args(base, data, tmp / "two", **{"batch-size": 2, "stage1-steps": 6, "fsdp-base": fsdp})],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import MLPSpecError
@@ -55,9 +56,14 @@ def cmd_info(args) -> None:
         f"top_k_tokens_per_head {cfg.top_k_tokens_per_head}, n_candidates {cfg.n_candidates}, "
         f"tie_weights {cfg.tie_weights}, scale_input {cfg.scale_input}"
     )
+    if cfg.tie_base_embeddings or cfg.draft_vocab_size:
+        print(
+            f"  mlpspec extensions: tie_base_embeddings {cfg.tie_base_embeddings}, "
+            f"heads score {cfg.head_size} tokens (draft vocabulary {cfg.draft_vocab_size or 'off'})"
+        )
+    own = sum(p.numel() for p in speculator.parameters() if p.requires_grad)
     print(
-        f"  {_millions(speculator.num_parameters())} parameters "
-        f"({speculator.num_parameters() / base['parameters']:.2f}x the base model)"
+        f"  {_millions(own)} parameters of its own ({own / base['parameters']:.2f}x the base model)"
     )
 
 
@@ -109,7 +115,8 @@ def cmd_train(args) -> None:
     values["data"] = values["data"] or ["default"]
     values["progress"] = not args.no_progress
     out = train(TrainConfig(**values))
-    print(f"speculator written to {out} (train_log.jsonl beside it)")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"speculator written to {out} (train_log.jsonl beside it)")
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:

@@ -211,6 +211,7 @@ def generate_shards(
     chat: bool = False,
     seed: int = 0,
     progress=None,
+    write: bool = True,
 ) -> list[Path]:
     """Stage 2's data: the base model continues prompts cut from `tokens`.
 
@@ -219,7 +220,9 @@ def generate_shards(
     and sampling are seeded by (seed, i), and it is written atomically, so an interrupted
     run resumes at the first missing shard and reproduces what the whole run would have
     made. With `chat`, prompts are decoded and wrapped in the tokenizer's chat template,
-    so an instruct model is distilled on its own answers. temperature 0 is greedy.
+    so an instruct model is distilled on its own answers. temperature 0 is greedy. With
+    write=False the shards are computed but not saved (the other ranks of a collective
+    run, whose forward passes must match rank 0's).
     """
     from .decode import speculative_generate
     from .text import encode_prompts
@@ -248,7 +251,8 @@ def generate_shards(
             (ids[r, mask[r].bool()].clone(), result.sequences[r, P : P + int(result.stats.emitted[r])].clone())
             for r in range(batch_size)
         ]
-        atomic_save(file, lambda f: torch.save({"prompts": [p for p, _ in rows], "continuations": [c for _, c in rows]}, f))
+        if write:
+            atomic_save(file, lambda f: torch.save({"prompts": [p for p, _ in rows], "continuations": [c for _, c in rows]}, f))
         if progress is not None:
             progress(done, len(shards))
     return files

@@ -182,10 +182,13 @@ def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, chat: bool, rank: i
     its share of the shards, then everyone reads all of them."""
     out = Path(cfg.out) / "stage2"
     n_shards = math.ceil(cfg.stage2_rows / cfg.generate_batch_size)
+    collective = cfg.fsdp_base and world > 1  # see train(): all ranks make every shard together
+    mine = range(n_shards) if collective else range(rank, n_shards, world)
     bar = tqdm(total=n_shards, desc="stage 2 data", disable=not (rank == 0 and cfg.progress))
-    generate_shards(model, tokenizer, tokens, out, range(rank, n_shards, world), cfg.generate_batch_size,
+    generate_shards(model, tokenizer, tokens, out, mine, cfg.generate_batch_size,
                     cfg.stage2_prompt_length, cfg.stage2_new_tokens, temperature=0.0 if cfg.stage2_greedy else 1.0,
-                    top_k=10, chat=chat, seed=cfg.seed, progress=lambda done, total: bar.update(world))
+                    top_k=10, chat=chat, seed=cfg.seed, write=rank == 0 or not collective,
+                    progress=lambda done, total: bar.update(1 if collective else world))
     bar.close()
     _barrier()
     return load_generations([out / f"shard-{i:05d}.pt" for i in range(n_shards)])
@@ -292,22 +295,28 @@ def train(cfg: TrainConfig) -> Path:
     # Stage-2 data, and held-out greedy text for evaluation: made once, kept in `out`.
     chat = getattr(tokenizer, "chat_template", None) is not None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # A sharded base model's forward is a collective: with --fsdp-base every rank runs every
+    # generation and evaluation pass in lockstep, and rank 0 alone writes.
+    collective = cfg.fsdp_base and world > 1
     eval_files = generate_shards(
         model, tokenizer, heldout_tokens, out / "eval", [0], cfg.eval_rows, cfg.stage2_prompt_length,
-        cfg.eval_new_tokens, temperature=0.0, chat=chat, seed=cfg.seed + 1,
-    ) if main else []
+        cfg.eval_new_tokens, temperature=0.0, chat=chat, seed=cfg.seed + 1, write=main,
+    ) if main or collective else []
+    _barrier()
     stage2 = None  # generated when stage 2 begins
     eval_set = None
-    if main:
+    if main or collective:
         eval_rows = load_generations(eval_files)
         eval_n = max(len(s) for s in eval_rows) - h - 1
         eval_set = (*pad_windows(eval_rows, eval_n + h + 1, pad), eval_n)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     log = out / LOG_FILE
+    wall = 0.0  # training wall time, summed over the sessions of a resumed run
     if main and start_step and log.is_file():  # drop log lines past the checkpoint we resume from
         lines = [ln for ln in log.read_text().splitlines() if json.loads(ln).get("step", 0) <= start_step]
         log.write_text("".join(ln + "\n" for ln in lines))
+        wall = max((json.loads(ln).get("wall_s", 0.0) for ln in lines), default=0.0)
     total = cfg.stage1_steps + cfg.stage2_steps
     bar = tqdm(total=total, initial=start_step, desc="training", disable=not (main and cfg.progress))
     per_step = cfg.batch_size * world
@@ -345,17 +354,20 @@ def train(cfg: TrainConfig) -> Path:
         done = step + 1
         if main and (done % cfg.log_every == 0 or done == total):
             elapsed = time.perf_counter() - tick
+            wall += elapsed
             counted = targets != IGNORE_INDEX
             accuracy = [round(float(hits[i][counted[i]].float().mean()), 4) for i in range(h)]
             entry = {"step": done, "stage": stage, "loss": round(float(loss.detach()), 4), "accuracy": accuracy,
-                     "lr": lr_at(step, cfg), "tokens_per_s": round(seen * world / elapsed, 1)}
+                     "lr": lr_at(step, cfg), "tokens_per_s": round(seen * world / elapsed, 1),
+                     "wall_s": round(wall, 1)}
             _append(log, entry)
             bar.set_postfix(loss=entry["loss"], acc0=accuracy[0], tok_s=entry["tokens_per_s"])
             tick, seen = time.perf_counter(), 0
         bar.update(1)
         if done % cfg.save_every == 0 or done == total:
-            if main:
+            if main or collective:
                 result = evaluate(model, _unwrap(objective), eval_set[0].to(device), eval_set[1].to(device), eval_set[2], h)
+            if main:
                 _append(log, {"step": done, "stage": stage, "eval": result})
                 bar.write(f"step {done}: held-out greedy text: accuracy {result['accuracy']}, "
                           f"chain acceptance {result['chain_acceptance']}, tokens/step {result['tokens_per_step']}")
