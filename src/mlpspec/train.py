@@ -40,7 +40,7 @@ RUN_CONFIG = "train_config.json"
 LOG_FILE = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
 # What may change between a run and its resumption without making it a different run.
-RESUMABLE_FIELDS = {"resume", "save_every", "log_every", "stage2_steps", "stage1_steps", "progress"}
+RESUMABLE_FIELDS = {"resume", "save_every", "log_every", "stage2_steps", "stage1_steps", "progress", "stage2_dir"}
 
 
 @dataclass
@@ -73,6 +73,7 @@ class TrainConfig:
     stage2_prompt_length: int = 64
     stage2_new_tokens: int = 128
     stage2_greedy: bool = False
+    stage2_dir: str | None = None  # where the shards live (default OUT/stage2); share it between runs
     generate_batch_size: int = 16
     # bookkeeping
     save_every: int = 100
@@ -180,7 +181,7 @@ def save_checkpoint(out: Path, step: int, speculator: MLPSpeculator, optimizer, 
 def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, chat: bool, rank: int, world: int) -> list[torch.Tensor]:
     """Make (or find, when resuming) the base model's own continuations; each rank makes
     its share of the shards, then everyone reads all of them."""
-    out = Path(cfg.out) / "stage2"
+    out = Path(cfg.stage2_dir) if cfg.stage2_dir else Path(cfg.out) / "stage2"
     n_shards = math.ceil(cfg.stage2_rows / cfg.generate_batch_size)
     collective = cfg.fsdp_base and world > 1  # see train(): all ranks make every shard together
     mine = range(n_shards) if collective else range(rank, n_shards, world)
@@ -361,7 +362,7 @@ def train(cfg: TrainConfig) -> Path:
                      "lr": lr_at(step, cfg), "tokens_per_s": round(seen * world / elapsed, 1),
                      "wall_s": round(wall, 1)}
             _append(log, entry)
-            bar.set_postfix(loss=entry["loss"], acc0=accuracy[0], tok_s=entry["tokens_per_s"])
+            bar.set_postfix(loss=entry["loss"], acc="/".join(f"{a:.2f}" for a in accuracy), tok_s=entry["tokens_per_s"])
             tick, seen = time.perf_counter(), 0
         bar.update(1)
         if done % cfg.save_every == 0 or done == total:
