@@ -284,7 +284,7 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     if start_step:
         latest = latest_checkpoint(out)
-        state = torch.load(latest / "state.pt", weights_only=False)
+        state = torch.load(latest / "state.pt", weights_only=True)
         loaded = MLPSpeculator.from_pretrained(latest, dtype=torch.float32, base=model if cfg.tie_base_embeddings else None)
         speculator.load_state_dict(loaded.state_dict(), strict=False)
         optimizer.load_state_dict(state["optimizer"])
