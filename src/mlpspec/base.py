@@ -12,9 +12,6 @@ import functools
 import importlib.util
 import inspect
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .errors import MLPSpecError
+from .fileio import atomic_folder
 from .model import MLPSpeculator, MLPSpeculatorConfig
 
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
@@ -77,25 +75,6 @@ def convert_gguf(gguf_file: Path, out: Path) -> None:
     with atomic_folder(out) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-
-
-@contextmanager
-def atomic_folder(final: Path):
-    """Yield a scratch folder beside `final`; rename it into place only if the body
-    finishes. An exception (or a kill) never leaves a half-written `final`."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder should read like any other
-    try:
-        yield tmp
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.is_dir():  # anything but "another process finished first"
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

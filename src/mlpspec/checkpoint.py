@@ -9,8 +9,6 @@ tensor of the wrong shape) raises MLPSpecError with one line that names the culp
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import MLPSpecError
+from .fileio import atomic_write
 from .model import MLPSpeculator, MLPSpeculatorConfig
 
 CONFIG_FILE = "config.json"
@@ -43,21 +42,10 @@ def save_speculator(model: MLPSpeculator, path: str | Path) -> None:
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     # Weights first, then config: a kill in between leaves a config that the new weights'
     # shape check can still catch, never a config that describes weights not yet written.
-    _atomic_write(path / WEIGHTS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _atomic_write(path / CONFIG_FILE, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(path / WEIGHTS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    atomic_write(path / CONFIG_FILE, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
     # A stale sharded index beside the new single file would make the folder ambiguous.
     (path / INDEX_FILE).unlink(missing_ok=True)
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_config(path: str | Path) -> MLPSpeculatorConfig:

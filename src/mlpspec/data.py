@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import MLPSpecError
+from .fileio import atomic_write
 from .model import IGNORE_INDEX
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
@@ -141,23 +140,8 @@ def tokenized_corpus(specs: list[str], tokenizer, cache: Path, text_field: str =
         for ids in tokenizer(texts[start : start + 256], add_special_tokens=False).input_ids:
             pieces.append(np.asarray(ids + [eos], dtype=np.int32))
     tokens = np.concatenate(pieces)
-    atomic_save(file, lambda f: np.save(f, tokens))
+    atomic_write(file, lambda f: np.save(f, tokens))
     return tokens
-
-
-def atomic_save(file: Path, write) -> None:
-    """Call write(path) on a scratch file beside `file`, then rename it into place: a kill
-    at any moment leaves either the old file or the new one, never half of one."""
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=file.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass
@@ -252,7 +236,7 @@ def generate_shards(
             for r in range(batch_size)
         ]
         if write:
-            atomic_save(file, lambda f: torch.save({"prompts": [p for p, _ in rows], "continuations": [c for _, c in rows]}, f))
+            atomic_write(file, lambda f: torch.save({"prompts": [p for p, _ in rows], "continuations": [c for _, c in rows]}, f))
         if progress is not None:
             progress(done, len(shards))
     return files

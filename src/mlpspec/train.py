@@ -30,9 +30,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .base import atomic_folder, base_hidden, cache_dir, load_base, speculator_config_for
+from .base import base_hidden, cache_dir, load_base, speculator_config_for
 from .data import Windows, generate_shards, load_generations, pad_windows, split_heldout, tokenized_corpus
 from .errors import MLPSpecError
+from .fileio import atomic_folder
 from .model import IGNORE_INDEX, MLPSpeculator
 from .tree import teacher_forcing
 
