@@ -40,8 +40,9 @@ from .tree import teacher_forcing
 RUN_CONFIG = "train_config.json"
 LOG_FILE = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
-# What may change between a run and its resumption without making it a different run.
-RESUMABLE_FIELDS = {"resume", "save_every", "log_every", "stage2_steps", "stage1_steps", "progress", "stage2_dir"}
+# What may change between a run and its resumption without making it a different run
+# (a run folder may be moved or copied, so `out` is one of them).
+RESUMABLE_FIELDS = {"out", "resume", "save_every", "log_every", "stage2_steps", "stage1_steps", "progress", "stage2_dir"}
 
 
 @dataclass
