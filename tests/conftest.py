@@ -64,7 +64,7 @@ class OracleSpeculator(torch.nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
 
     def propose(self, state, last_token, top_k, n_candidates):
-        b, h = state.size(0), self.config.n_predict
+        b, h = state.size(0), len(top_k)  # as many stages as asked for
         candidates = torch.randint(3, self.config.vocab_size, (b, n_candidates, h), generator=self.generator)
         for r in range(b):
             if self.right[r]:

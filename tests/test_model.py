@@ -232,7 +232,8 @@ def test_forward_bad_inputs(state, ids, message):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (dict(top_k_tokens_per_head=[2, 2]), "has 2 entries but the speculator has 3 heads"),
+        (dict(top_k_tokens_per_head=[2, 2, 1, 1]), "has 4 entries but the speculator has 3 heads"),
+        (dict(top_k_tokens_per_head=[]), "has 0 entries"),
         (dict(n_candidates=100), r"n_candidates must be an integer in 1..4"),
         (dict(n_candidates=0), "n_candidates"),
         (dict(top_k_tokens_per_head=[20, 1, 1]), r"1..11"),
@@ -278,3 +279,16 @@ def test_draft_vocabulary_maps_head_indices_to_token_ids():
         model.propose(state, last, [5, 1], 1)
     with pytest.raises(MLPSpecError, match="exceeds vocab_size"):
         MLPSpeculatorConfig(vocab_size=11, emb_dim=12, draft_vocab_size=12)
+
+
+def test_a_shorter_top_k_runs_fewer_stages():
+    model = make(vocab_size=7, n_predict=3, seed=2)
+    state, last = torch.randn(2, 1, 12), torch.tensor([[1], [3]])
+    short, short_scores = model.propose(state, last, [3, 2], 4)
+    assert short.shape == (2, 4, 2)
+    full, _ = model.propose(state, last, [3, 2, 1], 6)  # every 2-token prefix, extended by its top-1
+    assert {tuple(c) for c in short[0].tolist()} <= {tuple(c[:2]) for c in full[0].tolist()}
+    expected = as_reference(model)
+    expected.h = 2  # the reference enumerates two stages only
+    rows = expected.propose(state, last, [3, 2], 4)
+    assert short.tolist() == [[p for p, _ in row] for row in rows]

@@ -96,14 +96,18 @@ def cmd_generate(args) -> None:
         top_p=args.top_p,
         generator=torch.Generator().manual_seed(args.seed),
         streamer=streamer,
+        adaptive=args.adaptive,
     )
     if streamer is None:
         texts = decode_new_tokens(tokenizer, out.sequences, input_ids.size(1), out.stats.emitted)
         for i, text in enumerate(texts):
             print(f"--- {i + 1}\n{text}")
     if args.stats:
-        mode = "plain decoding" if speculator is None else "speculative"
+        mode = "plain decoding" if speculator is None else "adaptive speculative" if args.adaptive else "speculative"
         print(f"[{mode}, {args.dtype}] {out.stats.summary()}", file=sys.stderr)
+        if speculator is not None and args.adaptive:
+            shapes = ", ".join(f"{shape} {n}" for shape, n in sorted(out.stats.shapes.items(), key=lambda kv: -kv[1]))
+            print(f"[tree shapes chosen, steps each: {shapes}]", file=sys.stderr)
 
 
 def cmd_train(args) -> None:
@@ -169,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     gen.add_argument("--no-speculate", action="store_true", help="plain decoding through the same loop")
+    gen.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                     help="pick each step's tree shape, or none, for the most tokens/s (default on)")
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     gen.add_argument("--stats", action="store_true", help="print tokens/step, tokens/s, per-head acceptance")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

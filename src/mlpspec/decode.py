@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
 from .base import check_pair, run_base
 from .cache import TreeCache
 from .errors import MLPSpecError
@@ -45,6 +46,7 @@ class DecodeStats:
     steps: int = 0
     row_steps: int = 0  # steps summed over rows, counting a row only while it was active
     accepted: list[torch.Tensor] = field(default_factory=list)  # per speculative step: b, -1 where idle
+    shapes: dict[str, int] = field(default_factory=dict)  # steps per tree shape ("plain" for none)
     emitted: torch.Tensor | None = None  # b   tokens emitted per row
     seconds: float = 0.0
 
@@ -159,14 +161,18 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
     )
 
 
-def propose(state: DecodeState, speculator: MLPSpeculator | None, depth: int, top_k, n_candidates) -> Tree:
-    """The speculator's candidates from the pending token, merged into a tree."""
+def propose(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int) -> Tree:
+    """The speculator's candidates from the pending token, merged into a tree; the tree is
+    cut to `depth` stages when fewer tokens remain to be generated."""
+    depth = min(depth, shape.depth)
     if speculator is None or depth == 0:
         return root_only(state.pending)
+    top_k = list(shape.top_k[:depth])
     candidates, _ = speculator.propose(
-        state.hidden.unsqueeze(1).to(speculator.dtype), state.pending.unsqueeze(1), top_k, n_candidates
-    )  # b k h
-    return build_tree(state.pending, candidates[:, :, :depth])
+        state.hidden.unsqueeze(1).to(speculator.dtype), state.pending.unsqueeze(1), top_k,
+        min(shape.n_candidates, math.prod(top_k)),
+    )  # b k depth
+    return build_tree(state.pending, candidates)
 
 
 def verify(model, state: DecodeState, tree: Tree):
@@ -257,6 +263,7 @@ def speculative_generate(
     top_k_tokens_per_head: list[int] | None = None,
     n_candidates: int | None = None,
     streamer=None,
+    adaptive: AdaptivePolicy | bool = False,
 ) -> GenerateOutput:
     """Generate with the base model, faster, with exactly its output distribution.
 
@@ -276,6 +283,10 @@ def speculative_generate(
     rule can accept a fixed child c with probability above p_target(c), which this one
     attains: for deterministic drafts it accepts the most.
 
+    adaptive=True picks each step's tree shape (or none) for the most tokens per second,
+    from what it measures while decoding (adaptive.py); pass an AdaptivePolicy to keep
+    what it learned across calls. Any shape is lossless.
+
     Returns GenerateOutput(sequences [b, P + T], stats), T the longest row's new tokens;
     rows that stopped at EOS earlier are padded with the pad token, as in transformers.
     """
@@ -285,14 +296,19 @@ def speculative_generate(
     b, P = input_ids.shape
     if streamer is not None and b != 1:
         raise MLPSpecError("streaming works for a single prompt only")
-    h = 0
+    h, shape, policy = 0, PLAIN, None
     if speculator is not None:
         check_pair(model, speculator)
         cfg = speculator.config
         top_k_tokens_per_head = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
         n_candidates = cfg.n_candidates if n_candidates is None else n_candidates
-        check_tree_shape(top_k_tokens_per_head, n_candidates, cfg.n_predict, cfg.vocab_size)
+        check_tree_shape(top_k_tokens_per_head, n_candidates, cfg.n_predict, cfg.head_size)
         h = cfg.n_predict
+        shape = TreeShape(tuple(top_k_tokens_per_head), n_candidates)
+        if adaptive is True:
+            policy = AdaptivePolicy(shape_menu(cfg, top_k_tokens_per_head, n_candidates))
+        elif adaptive:
+            policy = adaptive
 
     start = time.perf_counter()
     if max_new_tokens == 0:
@@ -306,15 +322,20 @@ def speculative_generate(
     _stream(streamer, first)
     while not bool(state.finished.all()):
         remaining = int((max_new_tokens - state.n_emitted)[~state.finished].max())
-        tree = propose(state, speculator, min(h, remaining - 1), top_k_tokens_per_head, n_candidates)
+        if policy is not None:
+            shape, tick = policy.choose(max_depth=remaining - 1), policy.clock()
+        tree = propose(state, speculator, shape, remaining - 1)
         out = verify(model, state, tree)
         path, n_accepted, bonus = walk(tree, out.logits, choose)
         active = ~state.finished
         emitted = commit(state, tree, out.hidden, path, n_accepted, bonus, eos, max_new_tokens)
         state.stats.steps += 1
         state.stats.row_steps += int(active.sum())
-        if speculator is not None:
+        if shape != PLAIN:
             state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
+        state.stats.shapes[str(shape)] = state.stats.shapes.get(str(shape), 0) + 1
+        if policy is not None:
+            policy.update(shape, float((n_accepted + 1)[active].float().mean()), policy.clock() - tick)
         _stream(streamer, emitted)
     if streamer is not None:
         streamer.end()

@@ -321,13 +321,18 @@ class MLPSpeculator(nn.Module):
         state:      [b, 1, d] the base state that produced last_token.
         last_token: [b, 1] the token just sampled.
         Stage i expands every branch by its top_k[i] tokens; a leaf's score is the sum of its
-        per-stage log-probs. Returns (candidates [b, k, h] int64, scores [b, k] float32),
-        best first, with k = n_candidates.
+        per-stage log-probs. A top_k list shorter than n_predict runs only that many stages.
+        Returns (candidates [b, k, D] int64, scores [b, k] float32), best first, with
+        k = n_candidates and D = len(top_k).
         """
         cfg = self.config
         top_k = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
         k = cfg.n_candidates if n_candidates is None else n_candidates
-        check_tree_shape(top_k, k, cfg.n_predict, cfg.head_size)
+        if not 1 <= len(top_k) <= cfg.n_predict:
+            raise MLPSpecError(
+                f"top_k_tokens_per_head has {len(top_k)} entries but the speculator has {cfg.n_predict} heads"
+            )
+        check_tree_shape(top_k, k, len(top_k), cfg.head_size)  # fewer entries run fewer stages
         self._check_state(state, ndim=3)
         b = state.size(0)
         _check_ids(last_token, "last_token")
@@ -354,7 +359,7 @@ class MLPSpeculator(nn.Module):
             state = state.unsqueeze(2).expand(-1, -1, t, -1).flatten(1, 2)  # b k*t m
             tokens = top_ids.flatten(1)  # b k*t
         best_scores, best = scores.topk(k, dim=1)  # b k
-        best_candidates = candidates.gather(1, best.unsqueeze(-1).expand(-1, -1, cfg.n_predict))  # b k h
+        best_candidates = candidates.gather(1, best.unsqueeze(-1).expand(-1, -1, len(top_k)))  # b k D
         return best_candidates, best_scores
 
     def _check_state(self, state: torch.Tensor, ndim: int) -> None:

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+import mlpspec.decode as decode
+from conftest import OracleSpeculator, tiny_llama
+from mlpspec import MLPSpeculatorConfig
+from mlpspec.adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
+from mlpspec.decode import speculative_generate
+from test_decode import hf_greedy, left_padded, random_speculator
+
+
+def test_shape_menu():
+    cfg = MLPSpeculatorConfig(vocab_size=64, emb_dim=32, n_predict=3, top_k_tokens_per_head=[4, 3, 2], n_candidates=5)
+    menu = shape_menu(cfg)
+    assert menu == [
+        PLAIN,
+        TreeShape((1,), 1), TreeShape((1, 1), 1), TreeShape((1, 1, 1), 1),
+        TreeShape((4,), 4), TreeShape((4, 3), 5), TreeShape((4, 3, 2), 5),
+    ]
+    assert [s.max_nodes for s in menu] == [1, 2, 3, 4, 5, 11, 16]
+
+
+def test_policy_tries_everything_then_takes_the_best_per_second():
+    menu = [PLAIN, TreeShape((1,), 1), TreeShape((1, 1), 1)]
+    policy = AdaptivePolicy(menu)
+    seen = []
+    for _ in range(3):
+        shape = policy.choose(max_depth=2)
+        seen.append(shape)
+        # plain: 1 token in 1 s; depth 1: 1.8 tokens in 1.2 s; depth 2: 2.2 tokens in 1.6 s
+        tokens, seconds = {0: (1, 1.0), 1: (1.8, 1.2), 2: (2.2, 1.6)}[shape.depth]
+        policy.update(shape, tokens, seconds)
+    assert seen == menu  # the calibration: each shape once
+    assert policy.choose(max_depth=2) == TreeShape((1,), 1)  # 1.5 tokens/s beats 1.375 and 1.0
+    assert policy.choose(max_depth=0) == PLAIN  # nothing deeper fits the remaining budget
+
+
+@pytest.fixture
+def fake_costs(monkeypatch):
+    """A deterministic machine: a verify pass costs 1 + 0.05 per tree node, a proposal 0.3."""
+    clock = {"now": 0.0}
+    verify, propose = decode.verify, decode.propose
+
+    def timed_verify(model, state, tree):
+        clock["now"] += 1.0 + 0.05 * tree.size
+        return verify(model, state, tree)
+
+    def timed_propose(state, speculator, shape, depth):
+        tree = propose(state, speculator, shape, depth)
+        clock["now"] += 0.3 if tree.size > 1 else 0.0
+        return tree
+
+    monkeypatch.setattr(decode, "verify", timed_verify)
+    monkeypatch.setattr(decode, "propose", timed_propose)
+    return lambda: clock["now"]
+
+
+def test_adaptive_goes_deep_with_a_good_speculator_and_stays_lossless(fake_costs):
+    model = tiny_llama(seed=1)
+    ids, mask = left_padded([5, 9], seed=1)
+    expected = hf_greedy(model, ids, mask, 60, eos=None)
+    oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=3)
+    policy = AdaptivePolicy(shape_menu(oracle.config), clock=fake_costs)
+    out = speculative_generate(model, oracle, ids, mask, max_new_tokens=60, eos_token_id=[], adaptive=policy)
+    assert out.sequences.tolist() == expected.tolist()
+    deepest = sum(n for s, n in out.stats.shapes.items() if s.count(",") == 2)  # three-stage shapes
+    assert deepest >= 0.6 * out.stats.steps
+    assert out.stats.tokens_per_step > 2.5
+
+
+def test_adaptive_falls_back_to_plain_with_a_useless_speculator(fake_costs):
+    model = tiny_llama(seed=2)
+    ids, mask = left_padded([5, 9], seed=2)
+    expected = hf_greedy(model, ids, mask, 60, eos=None)
+    useless = OracleSpeculator(model, expected, mask.bool(), n_predict=3, right=torch.tensor([False, False]))
+    policy = AdaptivePolicy(shape_menu(useless.config), clock=fake_costs)
+    out = speculative_generate(model, useless, ids, mask, max_new_tokens=60, eos_token_id=[], adaptive=policy)
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.stats.shapes["plain"] >= 0.7 * out.stats.steps
+
+
+def test_adaptive_with_real_timing_is_lossless_in_a_batch():
+    model = tiny_llama(seed=3)
+    ids, mask = left_padded([2, 9, 5, 13], seed=3)
+    expected = hf_greedy(model, ids, mask, 30, eos=None)
+    out = speculative_generate(model, random_speculator(model, 3), ids, mask, max_new_tokens=30,
+                               eos_token_id=[], adaptive=True)
+    assert out.sequences.tolist() == expected.tolist()
+    assert sum(out.stats.shapes.values()) == out.stats.steps - 1  # every step but the prefill has a shape
