@@ -267,12 +267,13 @@ def test_draft_vocabulary_maps_head_indices_to_token_ids():
     state, last = torch.randn(1, 1, 12), torch.tensor([[2]])
     candidates, scores = model.propose(state, last, [4, 4], 16)
     expected = []
-    s0 = model._stage(0, state, last)
-    p0 = torch.log_softmax(model.head[0](s0), -1)[0, 0]
-    for a in range(4):
-        s1 = model._stage(1, s0, torch.tensor([[model.to_token_ids(torch.tensor(a))]]))
-        p1 = torch.log_softmax(model.head[1](s1), -1)[0, 0]
-        expected += [((int(model.draft_vocab[a]), int(model.draft_vocab[b])), float(p0[a] + p1[b])) for b in range(4)]
+    with torch.no_grad():
+        s0 = model._stage(0, state, last)
+        p0 = torch.log_softmax(model.head[0](s0), -1)[0, 0]
+        for a in range(4):
+            s1 = model._stage(1, s0, torch.tensor([[model.to_token_ids(torch.tensor(a))]]))
+            p1 = torch.log_softmax(model.head[1](s1), -1)[0, 0]
+            expected += [((int(model.draft_vocab[a]), int(model.draft_vocab[b])), float(p0[a] + p1[b])) for b in range(4)]
     expected.sort(key=lambda e: -e[1])
     assert [tuple(c) for c in candidates[0].tolist()] == [e[0] for e in expected]
     with pytest.raises(MLPSpecError, match="top_k_tokens_per_head\\[0\\] must be an integer in 1..4"):
