@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .adaptive import AdaptivePolicy, shape_menu
 from .decode import speculative_generate
 from .text import encode_prompts, read_prompt_file
 
@@ -62,14 +63,17 @@ class Comparison:
         return self.plain_seconds / self.speculative_seconds
 
 
-def compare(model, tokenizer, speculator, prompts: list, chat: bool, max_new_tokens: int = 64) -> Comparison:
+def compare(model, tokenizer, speculator, prompts: list, chat: bool, max_new_tokens: int = 64,
+            adaptive: bool = False) -> Comparison:
     """Batch-1 greedy decoding of every prompt, speculative then plain, interleaved so
-    that both see the same machine state; returns the totals."""
+    that both see the same machine state; returns the totals. With `adaptive`, one policy
+    learns across all the prompts, as it would in a serving process."""
     total = Comparison(0, 0, 0.0, 0.0, [])
+    policy = AdaptivePolicy(shape_menu(speculator.config)) if adaptive else False
     for prompt in prompts:
         ids, mask = encode_prompts(tokenizer, [prompt], chat=chat)
         start = time.perf_counter()
-        out = speculative_generate(model, speculator, ids, mask, max_new_tokens=max_new_tokens)
+        out = speculative_generate(model, speculator, ids, mask, max_new_tokens=max_new_tokens, adaptive=policy)
         total.speculative_seconds += time.perf_counter() - start
         start = time.perf_counter()
         plain = speculative_generate(model, None, ids, mask, max_new_tokens=max_new_tokens)

@@ -1,0 +1,89 @@
+"""Ship a trained checkpoint as the default speculator for the embedded default base model:
+copy its weights (in bfloat16, to stay small) and config into src/mlpspec/default_speculator/,
+measure it, and write its model card from the run's own records.
+
+    .venv/bin/python scripts/package_default.py runs/default [--checkpoint runs/default/checkpoints/step-N]
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from mlpspec import load_base, load_speculator
+from mlpspec.bench import chat_prompts, code_prompts, compare
+from mlpspec.checkpoint import default_speculator_folder
+
+parser = argparse.ArgumentParser()
+parser.add_argument("run", type=Path, help="the training run's output folder")
+parser.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: the run's final speculator)")
+parser.add_argument("--prompts", type=int, default=12)
+parser.add_argument("--max-new-tokens", type=int, default=64)
+args = parser.parse_args()
+
+source = args.checkpoint or args.run
+config = json.loads((args.run / "train_config.json").read_text())
+log = [json.loads(line) for line in (args.run / "train_log.jsonl").read_text().splitlines()]
+step = int(source.name.split("-")[1]) if source.name.startswith("step-") else max(e["step"] for e in log)
+upto = [e for e in log if e["step"] <= step]
+wall = max((e.get("wall_s", 0.0) for e in upto), default=0.0)
+evals = [e["eval"] for e in upto if "eval" in e]
+tokens_seen = step * config["batch_size"] * config["grad_accum"] * config["seq_len"]
+
+model, tokenizer = load_base(dtype="bfloat16")
+speculator = load_speculator(source, dtype=torch.bfloat16, base=model)
+target = default_speculator_folder()
+shutil.rmtree(target, ignore_errors=True)
+speculator.save_pretrained(target)
+
+rows = []
+for name, prompts, chat in (("code (third-party packages, unseen)", code_prompts(args.prompts), False),
+                            ("chat (written for mlpspec)", chat_prompts()[: args.prompts], True)):
+    fixed = compare(model, tokenizer, speculator, prompts, chat=chat, max_new_tokens=args.max_new_tokens)
+    adaptive = compare(model, tokenizer, speculator, prompts, chat=chat, max_new_tokens=args.max_new_tokens, adaptive=True)
+    rows.append((name, len(prompts), fixed, adaptive))
+
+flags = " ".join(
+    f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}"
+    for k, v in config.items()
+    if k not in ("out", "data", "resume", "progress", "base") and v not in (False, None) and v != 0
+)
+size_mb = (target / "model.safetensors").stat().st_size / 1e6
+table = "\n".join(
+    f"| {name} | {n} | {f.tokens_per_step:.2f} | {f.speedup:.2f}x | {a.tokens_per_step:.2f} | {a.speedup:.2f}x |"
+    for name, n, f, a in rows
+)
+card = f"""# Default speculator for SmolLM2-135M-Instruct
+
+Trained by mlpspec's own pipeline on this project's 2-core CPU; `mlpspec.load_speculator()`
+returns it (loading the default base model too, since it shares that model's embedding).
+
+| | |
+|---|---|
+| base model | SmolLM2-135M-Instruct (hidden size 576, vocabulary 49152) |
+| heads | {speculator.config.n_predict}, tree {speculator.config.top_k_tokens_per_head} x {speculator.config.n_candidates} candidates |
+| extensions (not in the released format) | embedding tied to the base model's (frozen, not stored); heads score a draft vocabulary of the {speculator.config.draft_vocab_size} most frequent training tokens (stored as `draft_vocab`), started from the base LM head's rows; stages share weights (`tie_weights`) |
+| file | {size_mb:.1f} MB, bfloat16 |
+| data | `--data default`: the Python {__import__('sys').version_info.major}.{__import__('sys').version_info.minor} standard library's source and Debian's python3.11-doc sources (about 12M tokens); stage 2 on the base model's own answers to prompts cut from it |
+| steps | {step} of {config['stage1_steps']} stage-1 + {config['stage2_steps']} stage-2 planned, {config['batch_size']} x {config['seq_len']} tokens each ({tokens_seen / 1e6:.1f}M tokens seen) |
+| wall time | {wall / 3600:.2f} h of training on this CPU (one thread; another job shared the machine) |
+| held-out eval at step {step} | {json.dumps(evals[-1]) if evals else 'none'} |
+
+Training command (resumable; `--resume` continues it):
+
+    mlpspec train --out {args.run} --data default {flags}
+
+## Measured
+
+Batch 1, greedy, bfloat16, {args.max_new_tokens} new tokens per prompt, against plain decoding
+through the same loop, measured in one process on this CPU with
+`.venv/bin/python scripts/package_default.py {args.run}`:
+
+| prompts | n | tokens/step (fixed tree) | speedup (fixed) | tokens/step (adaptive) | speedup (adaptive) |
+|---|---|---|---|---|---|
+{table}
+"""
+(target / "README.md").write_text(card)
+print(card)
