@@ -84,3 +84,243 @@ def compare(model, tokenizer, speculator, prompts: list, chat: bool, max_new_tok
         if model.dtype == torch.float32 and not torch.equal(out.sequences, plain.sequences):
             raise AssertionError("speculative and plain greedy decoding differ in float32")
     return total
+
+
+# ---------------------------------------------------------------------------------------
+# `mlpspec bench`: every method, every batch size, one process, interleaved after warm-up.
+
+HF_METHODS = ("hf_greedy", "hf_prompt_lookup", "hf_assisted")
+OUR_METHODS = ("ours_plain", "ours_fixed", "ours_adaptive")
+BATCH_ONE_ONLY = ("hf_prompt_lookup", "hf_assisted")  # transformers' assisted decoding is batch 1
+
+
+@dataclass
+class BenchSettings:
+    batch_sizes: list[int]
+    max_new_tokens: int = 64
+    n_code: int = 6
+    n_chat: int = 6
+    prompt_lengths: list[int] | None = None  # batch-1 sweep of prompt length (tokens); None or [] to skip
+    methods: list[str] | None = None  # None: every method that applies
+    prompts: list | None = None  # None: n_code unseen code prompts and n_chat chat prompts
+
+
+def _new_token_count(row: list[int], prompt_length: int, eos: set[int]) -> int:
+    new = row[prompt_length:]
+    for i, token in enumerate(new):
+        if token in eos:
+            return i + 1
+    return len(new)
+
+
+def _run(method, model, speculator, assistant, policy, ids, mask, max_new_tokens, eos):
+    """One method on one batch: (sequences, seconds, stats or None)."""
+    start = time.perf_counter()
+    if method in HF_METHODS:
+        extra = {"prompt_lookup_num_tokens": 10} if method == "hf_prompt_lookup" else {}
+        if method == "hf_assisted":
+            extra = {"assistant_model": assistant}
+        sequences = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos, pad_token_id=eos[0] if eos else 0, **extra,
+        )
+        return sequences, time.perf_counter() - start, None
+    out = speculative_generate(
+        model, None if method == "ours_plain" else speculator, ids, mask, max_new_tokens=max_new_tokens,
+        eos_token_id=eos, adaptive=policy if method == "ours_adaptive" else False,
+    )
+    return out.sequences, time.perf_counter() - start, out.stats
+
+
+def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=None, progress=None) -> dict:
+    """Measure every method at every batch size on the same prompts; check that every
+    greedy method emitted the base model's greedy tokens (bf16 near ties aside)."""
+    from .equality import find_divergences
+
+    # code prompts are plain text, chat prompts message lists (encode_prompts templates those)
+    prompts = settings.prompts or code_prompts(settings.n_code) + chat_prompts()[: settings.n_chat]
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    methods = settings.methods or [m for m in (*HF_METHODS, *OUR_METHODS) if m != "hf_assisted" or assistant is not None]
+    # One policy per batch size (a step's cost depends on it) learns across the run, as a server's would.
+    policies = {b: AdaptivePolicy(shape_menu(speculator.config)) for b in settings.batch_sizes}
+    raw = {m: {} for m in methods}
+    divergences, accepted = [], []
+    jobs = [(b, i) for b in settings.batch_sizes for i in range(max(1, len(prompts) // b))]
+    for b in settings.batch_sizes:  # warm-up: every method once at every batch size
+        ids, mask = encode_prompts(tokenizer, (prompts * b)[:b], chat=False)
+        for method in methods:
+            if b == 1 or method not in BATCH_ONE_ONLY:
+                _run(method, model, speculator, assistant, policies[b], ids, mask, 4, eos)
+    for done, (b, i) in enumerate(jobs, start=1):
+        batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
+        ids, mask = encode_prompts(tokenizer, batch, chat=False)
+        order = methods[done % len(methods):] + methods[: done % len(methods)]  # rotate: no method always first
+        outputs = {}
+        for method in order:
+            if b > 1 and method in BATCH_ONE_ONLY:
+                continue
+            outputs[method] = _run(method, model, speculator, assistant, policies[b], ids, mask,
+                                   settings.max_new_tokens, eos)
+        reference = outputs["hf_greedy"][0] if "hf_greedy" in outputs else None
+        for method, (sequences, seconds, stats) in outputs.items():
+            entry = raw[method].setdefault(b, {"tokens": 0, "seconds": 0.0, "steps": 0, "accepted": []})
+            entry["tokens"] += sum(_new_token_count(r, ids.size(1), set(eos)) for r in sequences.tolist())
+            entry["seconds"] += seconds
+            if stats is not None:
+                entry["steps"] += stats.row_steps
+                entry["accepted"] += stats.accepted_lengths
+            if reference is not None and method != "hf_greedy":
+                for d in find_divergences(model, ids, mask, sequences, reference, eos):
+                    divergences.append({"method": method, "batch_size": b, **d.__dict__})
+        if progress is not None:
+            progress(done, len(jobs))
+    for entry in raw.get("ours_fixed", {}).values():
+        accepted += entry["accepted"]
+
+    results = {}
+    for method, per_batch in raw.items():
+        results[method] = {}
+        for b, entry in per_batch.items():
+            base = raw["hf_greedy"].get(b) if "hf_greedy" in raw else None
+            tokens_per_s = entry["tokens"] / entry["seconds"]
+            lengths = torch.tensor(entry["accepted"], dtype=torch.long)
+            results[method][str(b)] = {
+                "tokens_per_s": round(tokens_per_s, 2),
+                "speedup": round(tokens_per_s / (base["tokens"] / base["seconds"]), 3) if base else None,
+                "tokens_per_step": round(entry["tokens"] / entry["steps"], 3) if entry["steps"] else None,
+                "per_head_acceptance": [round(float((lengths > j).float().mean()), 3)
+                                        for j in range(speculator.config.n_predict)] if lengths.numel() else None,
+                "tokens": entry["tokens"],
+                "seconds": round(entry["seconds"], 3),
+            }
+    batch_one = policies.get(1) or AdaptivePolicy(shape_menu(speculator.config))
+    sweep = _prompt_length_sweep(model, tokenizer, speculator, batch_one, settings, eos) if settings.prompt_lengths else {}
+    near = [d for d in divergences if d["near_tie"]]
+    return {
+        "machine": _machine(),
+        "settings": {**{k: v for k, v in settings.__dict__.items() if k != "prompts"}, "dtype": str(model.dtype).removeprefix("torch."),
+                     "speculator": speculator.config.to_dict(), "n_prompts": len(prompts)},
+        "results": results,
+        "mismatches": len(divergences) - len(near),
+        "near_ties": len(near),
+        "divergences": divergences,
+        "accepted_lengths": accepted,
+        "prompt_length": sweep,
+        "adaptive_policy": {str(b): p.summary() for b, p in policies.items()},
+    }
+
+
+def _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) -> dict:
+    """Batch 1: speedup of ours (fixed and adaptive) over HF greedy as the prompt grows."""
+    text = "\n".join(code_prompts(40, context_lines=60))
+    ids_all = tokenizer(text, return_tensors="pt").input_ids
+    sweep = {}
+    for length in settings.prompt_lengths:
+        ids = ids_all[:, -length:]
+        mask = torch.ones_like(ids)
+        times = {}
+        for method in ("hf_greedy", "ours_fixed", "ours_adaptive"):
+            _, seconds, _ = _run(method, model, speculator, None, policy, ids, mask, settings.max_new_tokens, eos)
+            times[method] = seconds
+        sweep[str(length)] = {m: round(times["hf_greedy"] / t, 3) for m, t in times.items() if m != "hf_greedy"}
+    return sweep
+
+
+def _machine() -> dict:
+    import os
+    import platform
+
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def write_report(report: dict, out: Path) -> None:
+    """results.json, report.md and PNG plots in `out`."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    results = report["results"]
+    lines = [
+        "# mlpspec bench",
+        "",
+        f"{report['machine']['platform']}, {report['machine']['cpus']} CPUs, torch {report['machine']['torch']}, "
+        f"transformers {report['machine']['transformers']}; dtype {report['settings']['dtype']}; "
+        f"{report['settings']['n_prompts']} prompts, {report['settings']['max_new_tokens']} new tokens, greedy.",
+        "",
+        "| method | batch | tokens/s | speedup vs HF greedy | tokens/step | per-head acceptance |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, per_batch in results.items():
+        for b, r in per_batch.items():
+            heads = " ".join(f"{a:.2f}" for a in r["per_head_acceptance"]) if r["per_head_acceptance"] else ""
+            step = f"{r['tokens_per_step']:.2f}" if r["tokens_per_step"] else ""
+            lines.append(f"| {method} | {b} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {step} | {heads} |")
+    lines += ["", f"Greedy outputs checked against HF greedy: {report['mismatches']} mismatches, "
+              f"{report['near_ties']} near ties (bf16 logits within a few ulps)."]
+    for d in report["divergences"]:
+        lines.append(f"- {d['method']} batch {d['batch_size']} row {d['row']}: new token {d['index']}, "
+                     f"ours {d['ours']} vs HF {d['theirs']}, logit gap {d['gap']:.4f} ({d['ulps']:.1f} ulps)"
+                     f"{'' if d['near_tie'] else ' MISMATCH'}")
+    if report["prompt_length"]:
+        lines += ["", "| prompt tokens | ours fixed speedup | ours adaptive speedup |", "|---|---|---|"]
+        for length, r in report["prompt_length"].items():
+            lines.append(f"| {length} | {r['ours_fixed']:.2f}x | {r['ours_adaptive']:.2f}x |")
+    lines += ["", "Adaptive policy at the end, per batch size:"]
+    lines += [f"- batch {b}: {summary}" for b, summary in report["adaptive_policy"].items()]
+    lines.append("")
+    (out / "report.md").write_text("\n".join(lines))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, per_batch in results.items():
+        sizes = [int(b) for b in per_batch]
+        axes[0].plot(sizes, [per_batch[str(b)]["tokens_per_s"] for b in sizes], marker="o", label=method)
+        axes[1].plot(sizes, [per_batch[str(b)]["speedup"] for b in sizes], marker="o", label=method)
+    for ax, label in zip(axes, ("tokens/s", "speedup over HF greedy")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(1.0, color="grey", lw=0.8)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "batch_size.png", dpi=120)
+    plt.close(fig)
+    if report["prompt_length"]:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        lengths = [int(n) for n in report["prompt_length"]]
+        for method in ("ours_fixed", "ours_adaptive"):
+            ax.plot(lengths, [report["prompt_length"][str(n)][method] for n in lengths], marker="o", label=method)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens (batch 1)")
+        ax.set_ylabel("speedup over HF greedy")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "prompt_length.png", dpi=120)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    n_predict = report["settings"]["speculator"]["n_predict"]
+    ax.hist(report["accepted_lengths"], bins=[x - 0.5 for x in range(n_predict + 2)], rwidth=0.8)
+    ax.set_xlabel("accepted candidate tokens per step (ours, fixed tree)")
+    ax.set_ylabel("row-steps")
+    fig.tight_layout()
+    fig.savefig(out / "accepted_length.png", dpi=120)
+    plt.close(fig)

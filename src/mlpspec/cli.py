@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .errors import MLPSpecError
 
@@ -123,6 +124,33 @@ def cmd_train(args) -> None:
         print(f"speculator written to {out} (train_log.jsonl beside it)")
 
 
+def cmd_bench(args) -> None:
+    from tqdm import tqdm
+
+    from .base import load_base
+    from .bench import BenchSettings, run_bench, write_report
+    from .text import read_prompt_file
+
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    lengths = [int(n) for n in args.prompt_lengths.split(",")] if args.prompt_lengths else []
+    settings = BenchSettings(batch_sizes=sizes, max_new_tokens=args.max_new_tokens, prompt_lengths=lengths,
+                             prompts=read_prompt_file(args.prompts) if args.prompts else None)
+    if args.quick:
+        settings = BenchSettings(batch_sizes=[1, 4], max_new_tokens=32, n_code=2, n_chat=2, prompt_lengths=[],
+                                 prompts=settings.prompts[:4] if settings.prompts else None)
+    model, tokenizer = load_base(args.base, dtype=args.dtype)
+    speculator, origin = _speculator_for(model, args.speculator, args.base is None)
+    assistant = load_base(args.assistant, dtype=args.dtype)[0] if args.assistant else None
+    print(f"[speculator: {origin}]", file=sys.stderr)
+    bar = tqdm(desc="bench", unit="batch")
+    report = run_bench(model, tokenizer, speculator, settings, assistant=assistant,
+                       progress=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
+    bar.close()
+    write_report(report, args.out)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"results.json, report.md and plots in {args.out}")
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, spelled with dashes, typed by its default."""
     from dataclasses import MISSING, fields
@@ -179,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print tokens/step, tokens/s, per-head acceptance")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     gen.set_defaults(func=cmd_generate)
+
+    be = sub.add_parser("bench", help="measure every decoding method at every batch size, with plots")
+    be.add_argument("--base", help="HF model id or folder (default: embedded SmolLM2-135M-Instruct)")
+    be.add_argument("--speculator", help="speculator folder or hub id (default: the shipped one)")
+    be.add_argument("--prompts", help="JSONL prompt file (default: unseen code and chat prompts)")
+    be.add_argument("--max-new-tokens", type=int, default=64)
+    be.add_argument("--batch-sizes", default="1,2,4,8,16")
+    be.add_argument("--prompt-lengths", default="64,256,1024", help="batch-1 prompt-length sweep ('' to skip)")
+    be.add_argument("--assistant", help="a draft model for HF assisted generation")
+    be.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    be.add_argument("--out", default="bench", help="folder for results.json, report.md and plots")
+    be.add_argument("--quick", action="store_true", help="2 code + 2 chat prompts, batch 1 and 4, 32 tokens")
+    be.set_defaults(func=cmd_bench)
 
     tr = sub.add_parser("train", help="train a speculator for a base model (stage 1 on text, stage 2 on its own output)")
     _add_train_options(tr)
