@@ -22,3 +22,26 @@ def test_compare_counts_every_token_and_checks_equality():
         assert result.tokens == 30  # no EOS in a random tiny model's greedy text here, or it would stop early
         assert result.steps >= 3 and result.speculative_seconds > 0 and result.plain_seconds > 0
         assert result.tokens_per_step == result.tokens / result.steps
+
+
+def test_run_bench_writes_results_report_and_plots(tmp_path):
+    import json
+
+    from mlpspec.bench import BenchSettings, run_bench, write_report
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    settings = BenchSettings(batch_sizes=[1, 2], max_new_tokens=6, prompt_lengths=[4, 8],
+                             prompts=["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"])
+    report = run_bench(model, tok, random_speculator(model), settings)
+    results = report["results"]
+    assert set(results) == {"hf_greedy", "hf_prompt_lookup", "ours_plain", "ours_fixed", "ours_adaptive"}
+    assert set(results["ours_fixed"]) == {"1", "2"} and set(results["hf_prompt_lookup"]) == {"1"}
+    assert results["hf_greedy"]["1"]["speedup"] == 1.0
+    assert results["ours_plain"]["2"]["tokens_per_step"] == 1.0
+    assert report["mismatches"] == 0 and report["near_ties"] == 0  # float32: every greedy method agrees
+    assert set(report["prompt_length"]) == {"4", "8"}
+    write_report(report, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["results"]["ours_fixed"]["1"]["tokens"] > 0
+    assert "| ours_adaptive | 2 |" in (tmp_path / "report.md").read_text()
+    for plot in ("batch_size.png", "prompt_length.png", "accepted_length.png"):
+        assert (tmp_path / plot).stat().st_size > 1000
