@@ -292,8 +292,10 @@ def write_report(report: dict, out: Path) -> None:
         sizes = [int(b) for b in per_batch]
         axes[0].plot(sizes, [per_batch[str(b)]["tokens_per_s"] for b in sizes], marker="o", label=method)
         axes[1].plot(sizes, [per_batch[str(b)]["speedup"] for b in sizes], marker="o", label=method)
+    all_sizes = sorted({int(b) for per_batch in results.values() for b in per_batch})
     for ax, label in zip(axes, ("tokens/s", "speedup over HF greedy")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(all_sizes, [str(b) for b in all_sizes])
         ax.set_xlabel("batch size")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -309,6 +311,7 @@ def write_report(report: dict, out: Path) -> None:
             ax.plot(lengths, [report["prompt_length"][str(n)][method] for n in lengths], marker="o", label=method)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.set_xlabel("prompt tokens (batch 1)")
         ax.set_ylabel("speedup over HF greedy")
         ax.legend()
