@@ -293,3 +293,15 @@ def test_a_shorter_top_k_runs_fewer_stages():
     expected.h = 2  # the reference enumerates two stages only
     rows = expected.propose(state, last, [3, 2], 4)
     assert short.tolist() == [[p for p, _ in row] for row in rows]
+
+
+def test_without_token_conditioning_the_tokens_do_not_matter():
+    model = make(token_conditioning=False)
+    state = torch.randn(2, 4, 12)
+    ids = torch.randint(0, 11, (2, 7))
+    assert torch.equal(model(state, ids), model(state, (ids + 1) % 11))
+    conditioned = make(token_conditioning=True)
+    conditioned.load_state_dict(model.state_dict())
+    assert not torch.equal(conditioned(state, ids), conditioned(state, (ids + 1) % 11))
+    assert model.config.to_dict()["token_conditioning"] is False
+    assert "token_conditioning" not in conditioned.config.to_dict()  # the released format stays as it was

@@ -164,6 +164,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "tie_base_embeddings": "share the base model's embedding and LM head (frozen, not stored)",
         "dtype": "base model dtype; bfloat16 also runs the speculator under autocast",
         "resume": "continue the run in --out from its latest checkpoint",
+        "token_conditioning": "drop the sampled token from every stage (a Medusa-style speculator)",
     }
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -172,6 +173,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument("--no-progress", action="store_true", help="no progress bars")
         elif f.name == "data":
             parser.add_argument(flag, action="append", help=helps[f.name])
+        elif default is True:  # on by default: the flag turns it off
+            parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
+                                help=helps.get(f.name))
         elif isinstance(default, bool):
             parser.add_argument(flag, action="store_true", help=helps.get(f.name))
         elif f.name == "dtype":

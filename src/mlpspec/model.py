@@ -64,6 +64,9 @@ class MLPSpeculatorConfig:
     # `draft_vocab` buffer), which makes each head V/K times cheaper.
     tie_base_embeddings: bool = False
     draft_vocab_size: int = 0
+    # token_conditioning False drops the sampled token from every stage: a Medusa-style,
+    # context-vector-only speculator of the same shape, for the paper's first claim.
+    token_conditioning: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_dim", "n_predict"):
@@ -72,7 +75,7 @@ class MLPSpeculatorConfig:
         _check_int("draft_vocab_size", self.draft_vocab_size, minimum=0)
         if self.draft_vocab_size > self.vocab_size:
             raise MLPSpecError(f"draft_vocab_size {self.draft_vocab_size} exceeds vocab_size {self.vocab_size}")
-        for name in ("tie_weights", "scale_input", "tie_base_embeddings"):
+        for name in ("tie_weights", "scale_input", "tie_base_embeddings", "token_conditioning"):
             if not isinstance(getattr(self, name), bool):
                 raise MLPSpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.top_k_tokens_per_head is None:
@@ -105,6 +108,8 @@ class MLPSpeculatorConfig:
         for key in ("base_model_name_or_path", "tie_base_embeddings", "draft_vocab_size"):
             if not out[key]:
                 del out[key]
+        if out["token_conditioning"]:
+            del out["token_conditioning"]
         return out
 
     @classmethod
@@ -277,8 +282,9 @@ class MLPSpeculator(nn.Module):
         return _rms(state) / math.sqrt(2) if self.config.scale_input else state
 
     def _stage(self, i: int, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        z = self.emb[i](tokens) * self.emb_scale  # b n m
-        state = self.proj[i](state) * self.state_weight + z  # b n m
+        state = self.proj[i](state) * self.state_weight  # b n m
+        if self.config.token_conditioning:
+            state = state + self.emb[i](tokens) * self.emb_scale  # b n m
         return F.gelu(self.ln[i](state))  # b n m
 
     def forward(self, state: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

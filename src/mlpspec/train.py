@@ -58,6 +58,7 @@ class TrainConfig:
     scale_input: bool = False
     tie_base_embeddings: bool = False
     draft_vocab_size: int = 0  # 0: the heads score the whole vocabulary
+    token_conditioning: bool = True  # False: a Medusa-style speculator (the context vector only)
     # optimisation
     seq_len: int = 256
     batch_size: int = 4  # per process
@@ -264,6 +265,7 @@ def train(cfg: TrainConfig) -> Path:
     speculator = MLPSpeculator(speculator_config_for(
         model, n_predict=h, inner_dim=cfg.inner_dim, tie_weights=cfg.tie_weights, scale_input=cfg.scale_input,
         tie_base_embeddings=cfg.tie_base_embeddings, draft_vocab_size=cfg.draft_vocab_size,
+        token_conditioning=cfg.token_conditioning,
         base_model_name_or_path=cfg.base,
     ))
     if cfg.tie_base_embeddings:
