@@ -214,3 +214,17 @@ def test_draft_vocabulary_training(setup):
     steps = [e for e in log if "eval" not in e]
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
     assert steps[-1]["accuracy"][0] > steps[0]["accuracy"][0] + 0.1
+
+
+def test_init_from_a_saved_speculator(setup, capsys):
+    tmp, base, data = setup
+    assert main(train_args(base, data, tmp / "first", **{"stage1-steps": 4})) == 0
+    args = train_args(base, data, tmp / "second", **{"stage1-steps": 4, "lr": 1e-12, "init-from": tmp / "first"})
+    assert main(args) == 0  # with a negligible learning rate the weights stay where they started
+    a, b = weights(tmp / "first"), weights(tmp / "second")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    capsys.readouterr()
+    bad = train_args(base, data, tmp / "third", **{"stage1-steps": 4, "n-predict": 2, "init-from": tmp / "first"})
+    assert main(bad) == 2
+    assert "differs from this run's in n_predict, top_k_tokens_per_head" in capsys.readouterr().err

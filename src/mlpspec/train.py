@@ -59,6 +59,7 @@ class TrainConfig:
     tie_base_embeddings: bool = False
     draft_vocab_size: int = 0  # 0: the heads score the whole vocabulary
     token_conditioning: bool = True  # False: a Medusa-style speculator (the context vector only)
+    init_from: str | None = None  # start from this speculator's weights (a fresh optimizer and schedule)
     # optimisation
     seq_len: int = 256
     batch_size: int = 4  # per process
@@ -181,6 +182,18 @@ def save_checkpoint(out: Path, step: int, speculator: MLPSpeculator, optimizer, 
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _init_from(speculator: MLPSpeculator, path: str, model) -> None:
+    """Copy a saved speculator's weights (and draft vocabulary) into a new run's speculator."""
+    source = MLPSpeculator.from_pretrained(path, dtype=torch.float32,
+                                           base=model if speculator.config.tie_base_embeddings else None)
+    mine = {k: v for k, v in speculator.config.__dict__.items() if k != "base_model_name_or_path"}
+    theirs = {k: v for k, v in source.config.__dict__.items() if k != "base_model_name_or_path"}
+    if mine != theirs:
+        changed = sorted(k for k in mine if mine[k] != theirs[k])
+        raise MLPSpecError(f"--init-from {path}: its speculator differs from this run's in {', '.join(changed)}")
+    speculator.load_state_dict(source.state_dict(), strict=False)
+
+
 def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, chat: bool, rank: int, world: int) -> list[torch.Tensor]:
     """Make (or find, when resuming) the base model's own continuations; each rank makes
     its share of the shards, then everyone reads all of them."""
@@ -274,6 +287,8 @@ def train(cfg: TrainConfig) -> Path:
         counts = torch.from_numpy(np.bincount(train_tokens, minlength=speculator.config.vocab_size))
         top = counts.topk(cfg.draft_vocab_size).indices.sort().values
         speculator.set_draft_vocab(top, base=model if cfg.tie_base_embeddings else None)
+    if cfg.init_from and not start_step:
+        _init_from(speculator, cfg.init_from, model)
     if cfg.fsdp_base and world > 1:
         from torch.distributed.fsdp import fully_shard
 
