@@ -21,7 +21,14 @@ parser.add_argument("run", type=Path, help="the training run's output folder")
 parser.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: the run's final speculator)")
 parser.add_argument("--prompts", type=int, default=12)
 parser.add_argument("--max-new-tokens", type=int, default=64)
+parser.add_argument("--history", default="", help="a paragraph on how the run got there (resumed with other steps...)")
 args = parser.parse_args()
+
+
+def _eval_line(e: dict) -> str:
+    chain = ", ".join(f"{c:.3f}" for c in e["chain_acceptance"])
+    heads = ", ".join(f"{a:.3f}" for a in e["accuracy"])
+    return f"tokens/step {e['tokens_per_step']:.3f} (greedy, one candidate); head accuracy {heads}; chain acceptance {chain}"
 
 source = args.checkpoint or args.run
 config = json.loads((args.run / "train_config.json").read_text())
@@ -67,13 +74,14 @@ returns it (loading the default base model too, since it shares that model's emb
 | extensions (not in the released format) | embedding tied to the base model's (frozen, not stored); heads score a draft vocabulary of the {speculator.config.draft_vocab_size} most frequent training tokens (stored as `draft_vocab`), started from the base LM head's rows; stages share weights (`tie_weights`) |
 | file | {size_mb:.1f} MB, bfloat16 |
 | data | `--data default`: the Python {__import__('sys').version_info.major}.{__import__('sys').version_info.minor} standard library's source and Debian's python3.11-doc sources (about 12M tokens); stage 2 on the base model's own answers to prompts cut from it |
-| steps | {step} of {config['stage1_steps']} stage-1 + {config['stage2_steps']} stage-2 planned, {config['batch_size']} x {config['seq_len']} tokens each ({tokens_seen / 1e6:.1f}M tokens seen) |
+| steps | {step}: {min(step, config['stage1_steps'])} in stage 1, {max(0, step - config['stage1_steps'])} in stage 2, {config['batch_size']} x {config['seq_len']} tokens each ({tokens_seen / 1e6:.1f}M tokens seen) |
 | wall time | {wall / 3600:.2f} h of training on this CPU (one thread; another job shared the machine) |
-| held-out eval at step {step} | {json.dumps(evals[-1]) if evals else 'none'} |
+| held-out eval at step {step} | {_eval_line(evals[-1]) if evals else 'none'} |
 
-Training command (resumable; `--resume` continues it):
+Training command, as the run's config now stands (resumable; `--resume` continues it):
 
     mlpspec train --out {args.run} --data default {flags}
+{args.history or ''}
 
 ## Measured
 

@@ -20,6 +20,7 @@ def atomic_write(target: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp (and some writers) make it private; it should read like any other
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
