@@ -32,8 +32,12 @@ def _speculator_for(model, name_or_path: str | None, default_base: bool):
                 raise MLPSpecError("the shipped speculator is for the embedded default base model")
             speculator, origin = load_speculator(dtype=model.dtype, base=model), "shipped default"
         except MLPSpecError as e:
+            # sharing the base model's embedding and LM head keeps a stand-in for a large
+            # model small: only the transitions and norms are new
             torch.manual_seed(0)
-            speculator = MLPSpeculator(speculator_config_for(model)).to(model.dtype).eval()
+            speculator = MLPSpeculator(speculator_config_for(model, tie_base_embeddings=True)).to(model.dtype)
+            speculator.attach_base(model)
+            speculator.eval()
             origin = f"freshly initialised, untrained: it will rarely guess right ({e})"
     check_pair(model, speculator)
     return speculator, origin
