@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .adaptive import AdaptivePolicy, shape_menu
-from .decode import speculative_generate
+from .decode import head_acceptance, speculative_generate
 from .text import encode_prompts, read_prompt_file
 
 # Third-party packages whose source serves as unseen code: training uses the standard
@@ -184,13 +184,12 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
         for b, entry in per_batch.items():
             base = raw["hf_greedy"].get(b) if "hf_greedy" in raw else None
             tokens_per_s = entry["tokens"] / entry["seconds"]
-            lengths = torch.tensor(entry["accepted"], dtype=torch.long)
+            heads = head_acceptance(entry["accepted"], speculator.config.n_predict)
             results[method][str(b)] = {
                 "tokens_per_s": round(tokens_per_s, 2),
                 "speedup": round(tokens_per_s / (base["tokens"] / base["seconds"]), 3) if base else None,
                 "tokens_per_step": round(entry["tokens"] / entry["steps"], 3) if entry["steps"] else None,
-                "per_head_acceptance": [round(float((lengths > j).float().mean()), 3)
-                                        for j in range(speculator.config.n_predict)] if lengths.numel() else None,
+                "per_head_acceptance": [round(a, 3) for a in heads] if entry["accepted"] else None,
                 "tokens": entry["tokens"],
                 "seconds": round(entry["seconds"], 3),
             }

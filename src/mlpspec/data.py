@@ -145,6 +145,23 @@ def tokenized_corpus(specs: list[str], tokenizer, cache: Path, text_field: str =
 
 
 @dataclass
+class EpochOrder:
+    """Which of `count` items the run's g-th draw is: every epoch visits them all in a
+    fresh seeded shuffle, so draw g is a pure function of g and a resumed run reads the
+    same data."""
+
+    count: int
+    seed: int
+
+    def __getitem__(self, g: int) -> int:
+        epoch, k = divmod(int(g), self.count)
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return int(self._perm[k])
+
+
+@dataclass
 class Windows:
     """Fixed-length windows over a token stream, visited in a seeded random order; window
     g of the run is a pure function of g, so a resumed run reads the same data."""
@@ -159,20 +176,14 @@ class Windows:
             raise MLPSpecError(
                 f"the data has {len(self.tokens)} tokens, fewer than one window of {self.length}"
             )
+        self.order = EpochOrder(self.count, self.seed)
 
     def get(self, indices) -> torch.Tensor:
         rows = []
         for g in indices:
-            epoch, k = divmod(int(g), self.count)
-            start = int(self._order(epoch)[k]) * self.length
+            start = self.order[g] * self.length
             rows.append(torch.from_numpy(np.asarray(self.tokens[start : start + self.length], dtype=np.int64)))
         return torch.stack(rows)  # b length
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if getattr(self, "_epoch", None) != epoch:
-            self._epoch = epoch
-            self._perm = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return self._perm
 
 
 def split_heldout(tokens: np.ndarray, fraction: float = 0.01, minimum: int = 4096) -> tuple[np.ndarray, np.ndarray]:

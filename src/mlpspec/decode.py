@@ -75,11 +75,16 @@ class DecodeStats:
 
     @property
     def per_head_acceptance(self) -> list[float]:
-        """For head j, the share of row-steps that accepted at least j + 1 candidate tokens."""
-        lengths = torch.tensor(self.accepted_lengths, dtype=torch.long)
-        if lengths.numel() == 0:
-            return [0.0] * self.n_predict
-        return [float((lengths > j).float().mean()) for j in range(self.n_predict)]
+        return head_acceptance(self.accepted_lengths, self.n_predict)
+
+
+def head_acceptance(accepted_lengths: list[int], n_predict: int) -> list[float]:
+    """For head j, the share of row-steps that accepted at least j + 1 candidate tokens
+    (zeros when there were no speculative steps)."""
+    lengths = torch.tensor(accepted_lengths, dtype=torch.long)
+    if lengths.numel() == 0:
+        return [0.0] * n_predict
+    return [float((lengths > j).float().mean()) for j in range(n_predict)]
 
 
 @dataclass

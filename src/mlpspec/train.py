@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .base import base_hidden, cache_dir, load_base, speculator_config_for
-from .data import Windows, generate_shards, load_generations, pad_windows, split_heldout, tokenized_corpus
+from .data import EpochOrder, Windows, generate_shards, load_generations, pad_windows, split_heldout, tokenized_corpus
 from .errors import MLPSpecError
 from .fileio import atomic_folder
 from .model import IGNORE_INDEX, MLPSpeculator
@@ -211,14 +211,8 @@ def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, chat: bool, rank: i
     return load_generations([out / f"shard-{i:05d}.pt" for i in range(n_shards)])
 
 
-def _stage2_batch(sequences, order_seed, indices, length, pad) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = []
-    n = len(sequences)
-    for g in indices:
-        epoch, k = divmod(int(g), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(order_seed + epoch))
-        rows.append(sequences[int(perm[k])])
-    return pad_windows(rows, length, pad)
+def _stage2_batch(sequences, order: EpochOrder, indices, length, pad) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_windows([sequences[order[g]] for g in indices], length, pad)
 
 
 def _masked_targets(targets: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
@@ -356,8 +350,9 @@ def train(cfg: TrainConfig) -> Path:
                 if stage2 is None:
                     stage2 = _stage2_data(cfg, model, tokenizer, train_tokens, chat, rank, world)
                     stage2_n = min(n, max(len(s) for s in stage2) - h - 1)
+                    stage2_order = EpochOrder(len(stage2), cfg.seed)
                 length = stage2_n
-                window, valid = _stage2_batch(stage2, cfg.seed, indices, length + h + 1, pad)
+                window, valid = _stage2_batch(stage2, stage2_order, indices, length + h + 1, pad)
                 window, valid = window.to(device), valid.to(device)
             base_ids, ids, targets = teacher_forcing(window, length, h)
             targets = _masked_targets(targets, valid, length)

@@ -96,9 +96,7 @@ def tree_attention_mask(tree: Tree, context_valid: torch.Tensor, dtype: torch.dt
     node may attend, the dtype's minimum where not."""
     b, q = tree.tokens.shape
     allowed = torch.cat([context_valid.unsqueeze(1).expand(b, q, -1), tree.ancestors], dim=-1)  # b q L+q
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask.unsqueeze(1)  # b 1 q L+q
+    return _additive(allowed, dtype)  # b 1 q L+q
 
 
 def prefill_attention_mask(prompt_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -108,9 +106,15 @@ def prefill_attention_mask(prompt_valid: torch.Tensor, dtype: torch.dtype) -> to
     causal = torch.ones(P, P, dtype=torch.bool, device=prompt_valid.device).tril()
     allowed = causal & prompt_valid.unsqueeze(1)  # b P P
     allowed |= torch.eye(P, dtype=torch.bool, device=prompt_valid.device)
+    return _additive(allowed, dtype)  # b 1 P P
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool [b, q, k] "may attend" into the additive [b, 1, q, k] mask attention adds:
+    0 where allowed, the dtype's minimum where not."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask.unsqueeze(1)  # b 1 P P
+    return mask.unsqueeze(1)
 
 
 def prompt_positions(prompt_valid: torch.Tensor) -> torch.Tensor:
