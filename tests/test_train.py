@@ -228,3 +228,40 @@ def test_init_from_a_saved_speculator(setup, capsys):
     bad = train_args(base, data, tmp / "third", **{"stage1-steps": 4, "n-predict": 2, "init-from": tmp / "first"})
     assert main(bad) == 2
     assert "differs from this run's in n_predict, top_k_tokens_per_head" in capsys.readouterr().err
+
+
+def test_base_targets_are_the_base_models_next_choice():
+    """Independently of the index helper: head i's target at position p is what the base
+    model picks after reading window[:p + i + 2]."""
+    from mlpspec.base import base_greedy
+    from mlpspec.tree import greedy_targets
+
+    model = tiny_llama().eval()
+    window = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    n, h = 8, 3
+    hidden, greedy = base_greedy(model, window[:, : n + h])
+    targets = greedy_targets(greedy, n, h)  # h b n
+    assert hidden.shape == (2, n + h, model.config.hidden_size)
+    for i in range(h):
+        for p in (0, 3, n - 1):
+            expected = model(window[:, : p + i + 2]).logits[:, -1].argmax(-1)  # b
+            assert targets[i, :, p].tolist() == expected.tolist()
+
+
+def test_training_on_the_base_models_own_choices(setup, capsys):
+    tmp, base, data = setup
+    args = train_args(base, data, tmp / "run", **{"stage1-steps": 40, "save-every": 40, "stage2-steps": 4,
+                                                   "stage2-rows": 4, "generate-batch-size": 4,
+                                                   "stage2-new-tokens": 10, "targets": "base"})
+    assert main(args) == 0
+    log = [json.loads(line) for line in (tmp / "run" / "train_log.jsonl").read_text().splitlines()]
+    stage1 = [e for e in log if "eval" not in e and e["stage"] == 1]
+    assert stage1[-1]["loss"] < 0.8 * stage1[0]["loss"]
+    assert {e["stage"] for e in log} == {1, 2}
+    assert json.loads((tmp / "run" / "train_config.json").read_text())["targets"] == "base"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(train_args(base, data, tmp / "other", targets="logits"))
+    assert "invalid choice: 'logits'" in capsys.readouterr().err
+    with pytest.raises(MLPSpecError, match="targets must be one of text, base, got 'logits'"):
+        TrainConfig(out="x", targets="logits")

@@ -1,10 +1,10 @@
 """Hand-computed checks of the tree's index arithmetic (the example in tree.py)."""
 
+import pytest
 import torch
 
 from mlpspec.tree import (
     build_tree,
-    prefill_attention_mask,
     prompt_positions,
     root_only,
     tree_attention_mask,
@@ -75,12 +75,9 @@ def test_tree_mask_after_context_with_a_hole():
     assert mask[0, 0, 0, 1] == MIN
 
 
-def test_prefill_mask_and_positions_of_a_left_padded_prompt():
+def test_positions_of_a_left_padded_prompt():
     valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
     assert prompt_positions(valid).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
-    allowed = (prefill_attention_mask(valid, torch.float32)[:, 0] == 0).int()
-    assert allowed[0].tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
-    assert allowed[1].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
 
 
 def one_hot_logits(tree, choices, V=20):
@@ -136,3 +133,15 @@ def test_teacher_forcing_offsets_by_hand():
     assert targets[:, 0].tolist() == [[2, 3, 4, 5, 6], [3, 4, 5, 6, 7], [4, 5, 6, 7, 8]]
     # stage i reads ids[p + i] = window[p + i + 1]: what head i - 1 was asked to predict
     assert ids[0, 1 : 1 + 5].tolist() == targets[0, 0].tolist()
+
+
+def test_greedy_targets_offsets_by_hand():
+    from mlpspec.tree import greedy_targets
+
+    greedy = torch.arange(100, 108).view(1, 8)  # n = 5, h = 3: choices over window[:, :8]
+    targets = greedy_targets(greedy, 5, 3)
+    # head i at position p is checked against the base's choice for token p + i + 2,
+    # which the base made at position p + i + 1
+    assert targets[:, 0].tolist() == [[101, 102, 103, 104, 105], [102, 103, 104, 105, 106], [103, 104, 105, 106, 107]]
+    with pytest.raises(ValueError, match="span 8 positions, got 7"):
+        greedy_targets(greedy[:, :7], 5, 3)

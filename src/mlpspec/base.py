@@ -117,14 +117,20 @@ def run_base(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     cache=None,
+    last_logits_only: bool = False,
 ) -> BaseOutput:
     """One forward pass returning the logits and the final post-norm hidden states.
+
+    `last_logits_only` skips the LM head over all but the last position where the model
+    allows it (a prefill needs one row of logits; the head over a whole prompt costs as
+    much as several decoding steps).
 
     `hidden_states[-1]` of a transformers causal LM is the output of its final norm, the
     vector its LM head reads (tested for Llama- and GPT-2-type models). `attention_mask`
     may be 2D (padding) or 4D (a tree mask, with explicit `position_ids`).
     """
     keyword = _cache_keyword(type(model))
+    extra = {"logits_to_keep": 1} if last_logits_only and _keeps_logits(type(model)) else {}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -132,6 +138,7 @@ def run_base(
         use_cache=cache is not None,
         output_hidden_states=True,
         **{keyword: cache},
+        **extra,
     )
     return BaseOutput(out.logits, out.hidden_states[-1], getattr(out, keyword))
 
@@ -147,6 +154,13 @@ def base_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask:
     extra = {"logits_to_keep": 1} if _keeps_logits(type(model)) else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, **extra)
     return out.hidden_states[-1]
+
+
+def base_greedy(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Final post-norm states [b, n, d] and the base model's own greedy choice at every
+    position [b, n] (position j's choice is its prediction of token j + 1)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
+    return out.hidden_states[-1], out.logits.argmax(dim=-1)
 
 
 def base_dims(model: PreTrainedModel) -> tuple[int, int]:

@@ -159,7 +159,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, spelled with dashes, typed by its default."""
     from dataclasses import MISSING, fields
 
-    from .train import TrainConfig
+    from .train import CHOICES, TrainConfig
 
     helps = {
         "out": "output folder: the speculator, checkpoints, stage-2 data, train_log.jsonl",
@@ -167,6 +167,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "data": "text data: a file, a folder, a hub dataset name, or 'default' (repeatable)",
         "tie_base_embeddings": "share the base model's embedding and LM head (frozen, not stored)",
         "dtype": "base model dtype; bfloat16 also runs the speculator under autocast",
+        "targets": "what the heads learn: the data's next tokens, or the base model's own greedy choices",
         "resume": "continue the run in --out from its latest checkpoint",
         "token_conditioning": "drop the sampled token from every stage (a Medusa-style speculator)",
     }
@@ -182,8 +183,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                                 help=helps.get(f.name))
         elif isinstance(default, bool):
             parser.add_argument(flag, action="store_true", help=helps.get(f.name))
-        elif f.name == "dtype":
-            parser.add_argument(flag, default=default, choices=["float32", "bfloat16"], help=helps[f.name])
+        elif f.name in CHOICES:
+            parser.add_argument(flag, default=default, choices=CHOICES[f.name], help=helps[f.name])
         else:
             kind = type(default) if default is not None else str
             parser.add_argument(flag, type=kind, default=default, required=f.name == "out", help=helps.get(f.name))

@@ -30,18 +30,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .base import base_hidden, cache_dir, load_base, speculator_config_for
+from .base import base_greedy, base_hidden, cache_dir, load_base, speculator_config_for
 from .data import EpochOrder, Windows, generate_shards, load_generations, pad_windows, split_heldout, tokenized_corpus
 from .errors import MLPSpecError
 from .fileio import atomic_folder
 from .model import IGNORE_INDEX, MLPSpeculator
-from .tree import teacher_forcing
+from .tree import greedy_targets, teacher_forcing
 
 RUN_CONFIG = "train_config.json"
 LOG_FILE = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
 # What may change between a run and its resumption without making it a different run
 # (a run folder may be moved or copied, so `out` is one of them).
+CHOICES = {"dtype": ("float32", "bfloat16"), "targets": ("text", "base")}
 RESUMABLE_FIELDS = {"out", "resume", "save_every", "log_every", "stage2_steps", "stage1_steps", "progress", "stage2_dir"}
 
 
@@ -71,6 +72,9 @@ class TrainConfig:
     stage1_steps: int = 1000
     stage2_steps: int = 0
     dtype: str = "float32"  # base model dtype; bfloat16 also runs the speculator under autocast
+    # "text": the next tokens of the data, as the reference recipe; "base": the base model's
+    # own greedy choices over the same text, which is what verification will check
+    targets: str = "text"
     seed: int = 0
     # stage 2 data
     stage2_rows: int = 256
@@ -94,6 +98,11 @@ class TrainConfig:
         if unknown:
             raise MLPSpecError(f"unknown training config keys: {', '.join(unknown)}")
         return cls(**raw)
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise MLPSpecError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
     def same_run(self, other: "TrainConfig") -> bool:
         mine = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_FIELDS}
@@ -355,9 +364,14 @@ def train(cfg: TrainConfig) -> Path:
                 window, valid = _stage2_batch(stage2, stage2_order, indices, length + h + 1, pad)
                 window, valid = window.to(device), valid.to(device)
             base_ids, ids, targets = teacher_forcing(window, length, h)
-            targets = _masked_targets(targets, valid, length)
             with torch.no_grad():
-                hidden = base_hidden(model, base_ids, valid[:, :length].long()).float()
+                if cfg.targets == "base":  # one base pass over h more positions gives every head's target
+                    hidden, greedy = base_greedy(model, window[:, : length + h], valid[:, : length + h].long())
+                    hidden, targets = hidden[:, :length], greedy_targets(greedy, length, h)
+                else:
+                    hidden = base_hidden(model, base_ids, valid[:, :length].long())
+                hidden = hidden.float()
+            targets = _masked_targets(targets, valid, length)
             sync = world == 1 or micro == cfg.grad_accum - 1
             with autocast, (contextlib.nullcontext() if sync else objective.no_sync()):
                 loss, hits = objective(hidden, ids, targets)

@@ -99,16 +99,6 @@ def tree_attention_mask(tree: Tree, context_valid: torch.Tensor, dtype: torch.dt
     return _additive(allowed, dtype)  # b 1 q L+q
 
 
-def prefill_attention_mask(prompt_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The 4D additive mask of a left-padded prompt [b, P]: causal over real tokens; a
-    padding position sees only itself, so its row is never empty."""
-    b, P = prompt_valid.shape
-    causal = torch.ones(P, P, dtype=torch.bool, device=prompt_valid.device).tril()
-    allowed = causal & prompt_valid.unsqueeze(1)  # b P P
-    allowed |= torch.eye(P, dtype=torch.bool, device=prompt_valid.device)
-    return _additive(allowed, dtype)  # b 1 P P
-
-
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A bool [b, q, k] "may attend" into the additive [b, 1, q, k] mask attention adds:
     0 where allowed, the dtype's minimum where not."""
@@ -167,3 +157,16 @@ def teacher_forcing(window: torch.Tensor, n: int, n_predict: int):
         raise ValueError(f"a window for n={n}, h={h} has {n + h + 1} tokens, got {window.size(1)}")
     targets = torch.stack([window[:, i + 2 : i + 2 + n] for i in range(h)])  # h b n
     return window[:, :n], window[:, 1:], targets
+
+
+def greedy_targets(greedy: torch.Tensor, n: int, n_predict: int) -> torch.Tensor:
+    """Self-distilled targets [h, b, n] in place of teacher_forcing's text targets.
+
+    greedy[:, j] is the base model's own choice for token j + 1, read over window[:, :n + h].
+    Head i at position p has read tokens up to window[p + i + 1], and verification will
+    check it against the base model's choice for token p + i + 2: greedy[:, p + i + 1].
+    """
+    h = n_predict
+    if greedy.size(1) != n + h:
+        raise ValueError(f"greedy choices for n={n}, h={h} span {n + h} positions, got {greedy.size(1)}")
+    return torch.stack([greedy[:, i + 1 : i + 1 + n] for i in range(h)])  # h b n
