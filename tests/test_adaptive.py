@@ -20,19 +20,48 @@ def test_shape_menu():
     assert [s.max_nodes for s in menu] == [1, 2, 3, 4, 5, 11, 16]
 
 
-def test_policy_tries_everything_then_takes_the_best_per_second():
-    menu = [PLAIN, TreeShape((1,), 1), TreeShape((1, 1), 1)]
+def calibrated(menu, forward):
     policy = AdaptivePolicy(menu)
-    seen = []
-    for _ in range(3):
+    policy.calibrate(lambda q: forward[q], lambda shape: 0.0)
+    return policy
+
+
+def run_policy(policy, steps, outcome):
+    chosen = []
+    for _ in range(steps):
         shape = policy.choose(max_depth=2)
-        seen.append(shape)
-        # plain: 1 token in 1 s; depth 1: 1.8 tokens in 1.2 s; depth 2: 2.2 tokens in 1.6 s
-        tokens, seconds = {0: (1, 1.0), 1: (1.8, 1.2), 2: (2.2, 1.6)}[shape.depth]
-        policy.update(shape, tokens, seconds)
-    assert seen == menu  # the calibration: each shape once
-    assert policy.choose(max_depth=2) == TreeShape((1,), 1)  # 1.5 tokens/s beats 1.375 and 1.0
+        chosen.append(shape)
+        policy.update(shape, *outcome[shape])
+    return chosen
+
+
+CHAIN1, CHAIN2, TREE = TreeShape((1,), 1), TreeShape((1, 1), 1), TreeShape((4, 3), 5)  # 2, 3 and 11 nodes
+# tokens per step, seconds per step
+OUTCOME = {PLAIN: (1.0, 1.0), CHAIN1: (1.8, 1.2), CHAIN2: (2.2, 1.6), TREE: (2.4, 2.8)}
+
+
+def test_calibration_interpolates_forward_time_between_tree_sizes():
+    policy = calibrated([PLAIN, CHAIN1, CHAIN2, TREE], {1: 1.0, 2: 1.2, 11: 2.1})
+    seconds = {shape: record.seconds for shape, record in policy.records.items()}
+    assert seconds == pytest.approx({PLAIN: 1.0, CHAIN1: 1.2, CHAIN2: 1.3, TREE: 2.1})
+
+
+def test_policy_tries_what_could_pay_then_takes_the_best_per_second():
+    policy = calibrated([PLAIN, CHAIN1, CHAIN2, TREE], {1: 1.0, 2: 1.2, 11: 2.8})
+    # optimistic (1 + depth) tokens per calibrated second: CHAIN2 3/1.38, CHAIN1 2/1.2, TREE 3/2.8
+    chosen = run_policy(policy, 20, OUTCOME)
+    assert chosen[:2] == [CHAIN2, CHAIN1]
+    assert chosen.count(CHAIN1) >= 15  # 1.5 tokens/s beats 1.375 and 1.0
+    assert TREE not in chosen  # even at its best (3 tokens in 2.8 s) it could not beat what is known
     assert policy.choose(max_depth=0) == PLAIN  # nothing deeper fits the remaining budget
+
+
+def test_at_a_large_batch_shapes_that_cannot_pay_are_never_tried():
+    # a big batch: the forward time grows almost in proportion to the tree
+    policy = calibrated([PLAIN, CHAIN1, CHAIN2, TREE], {1: 1.0, 2: 1.9, 11: 12.0})
+    chosen = run_policy(policy, 50, {**OUTCOME, CHAIN1: (1.5, 1.9)})
+    assert CHAIN2 not in chosen and TREE not in chosen  # 3 tokens could never pay for 3 s or 12 s
+    assert chosen.count(PLAIN) >= 45  # the one shape that could pay was tried, and lost
 
 
 @pytest.fixture

@@ -1,14 +1,17 @@
 """Adaptive speculation: each step, the tree shape (or none at all) that should give the
-most tokens per second, on this hardware, for this text.
+most tokens per second, on this hardware, at this batch size, for this text.
 
-A shape's worth is tokens per step divided by seconds per step. Neither is known in
-advance: a step's cost depends on the machine, the batch and the tree size, and its
-yield on how well the speculator knows the text at hand. So the policy measures both as
-decoding goes: the first steps try every shape on the menu once (the calibration, which
-also emits tokens), then each step takes the shape with the best estimate plus an
-optimism bonus that shrinks with use (UCB), so a shape that fell behind is retried now
-and then, and a drift in acceptance is noticed. Every shape is lossless, so the choice
-changes only the speed.
+A shape's worth is tokens per step divided by seconds per step. The seconds come from a
+cost model calibrated at start-up on the real context: the base model's forward time at a
+few tree sizes (one node, two, the largest tree) for the batch at hand, interpolated in
+between, plus the speculator's own time for each shape. The tokens come from decoding:
+each shape's tokens per step is tracked as a moving average once it has been used, and a
+shape not yet used is credited with the most it could ever give, 1 + its depth. So a shape
+is tried only if it could pay at all: at a large batch, where a big tree costs more than it
+could ever return, it is never tried. After that each step takes the best estimate plus an
+optimism bonus that shrinks with use (UCB), so a shape that fell behind is retried now and
+then and a drift in acceptance is noticed. Measured step times replace the calibrated ones
+as shapes are used. Every shape is lossless, so the choice changes only the speed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
 
 from .model import MLPSpeculatorConfig
 
@@ -57,33 +63,52 @@ def shape_menu(config: MLPSpeculatorConfig, top_k: list[int] | None = None, n_ca
 class ShapeRecord:
     uses: int = 0
     tokens_per_step: float = 0.0  # per active row, moving average
-    seconds: float = 0.0  # per step, moving average
+    seconds: float = 0.0  # per step: calibrated, then a moving average of measured steps
 
 
 @dataclass
 class AdaptivePolicy:
+    """One policy serves one batch size (a step's cost depends on it); keep it across
+    generate calls to keep what it learned."""
+
     menu: list[TreeShape]
     smoothing: float = 0.1  # weight of the newest observation in the moving averages
     exploration: float = 0.3  # size of the optimism bonus, in tokens per step
     clock: object = time.perf_counter  # injectable, for tests
     records: dict[TreeShape, ShapeRecord] = field(default_factory=dict)
     steps: int = 0
+    calibrated: bool = False
 
     def __post_init__(self):
         self.records = {shape: ShapeRecord() for shape in self.menu}
 
+    def calibrate(self, forward_seconds: Callable[[int], float], propose_seconds: Callable[[TreeShape], float]) -> None:
+        """Set every shape's cost: forward_seconds(q) times the base model's forward over
+        q tree nodes (measured at 1, 2 and the largest tree, linear in between), and
+        propose_seconds(shape) the speculator's work for that shape."""
+        largest = max(s.max_nodes for s in self.menu)
+        points = sorted({1, min(2, largest), largest})
+        measured = [forward_seconds(q) for q in points]
+        for shape, record in self.records.items():
+            forward = float(np.interp(shape.max_nodes, points, measured))
+            record.seconds = forward + (propose_seconds(shape) if shape != PLAIN else 0.0)
+        self.calibrated = True
+
     def choose(self, max_depth: int) -> TreeShape:
         """The shape to use for the next step, among those no deeper than max_depth."""
         allowed = [s for s in self.menu if s.depth <= max_depth]
-        untried = [s for s in allowed if self.records[s].uses == 0]
-        if untried:
-            return untried[0]
         return max(allowed, key=self._score)
+
+    def expected_tokens(self, shape: TreeShape) -> float:
+        record = self.records[shape]
+        return record.tokens_per_step if record.uses else 1.0 + shape.depth
 
     def _score(self, shape: TreeShape) -> float:
         record = self.records[shape]
-        bonus = 0.0 if shape == PLAIN else self.exploration * math.sqrt(math.log(self.steps + 1) / record.uses)
-        return (record.tokens_per_step + bonus) / max(record.seconds, 1e-9)
+        bonus = 0.0
+        if shape != PLAIN and record.uses:
+            bonus = self.exploration * math.sqrt(math.log(self.steps + 1) / record.uses)
+        return (self.expected_tokens(shape) + bonus) / max(record.seconds, 1e-9)
 
     def update(self, shape: TreeShape, tokens_per_step: float, seconds: float) -> None:
         record = self.records[shape]
@@ -96,6 +121,8 @@ class AdaptivePolicy:
     def summary(self) -> str:
         used = [(s, r) for s, r in self.records.items() if r.uses]
         used.sort(key=lambda item: -item[1].uses)
-        return ", ".join(
+        line = ", ".join(
             f"{s}: {r.uses} steps, {r.tokens_per_step:.2f} tok/step, {1000 * r.seconds:.0f} ms" for s, r in used
         )
+        never = [str(s) for s, r in self.records.items() if not r.uses]
+        return line + (f"; never tried: {', '.join(never)}" if never else "")

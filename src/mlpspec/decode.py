@@ -195,6 +195,33 @@ def verify(model, state: DecodeState, tree: Tree):
     )
 
 
+def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLPSpeculator) -> None:
+    """Time the base model's forward over trees of a few sizes, and the speculator's
+    proposals, on the real context; nothing is committed, the cache is rolled back."""
+    b = state.pending.size(0)
+    L = state.cache.length
+    nothing = torch.empty(b, 0, dtype=torch.long, device=state.pending.device)
+
+    def forward_seconds(q: int) -> float:
+        # a root with q - 1 distinct children: a tree of q nodes one level deep
+        children = torch.arange(q - 1, device=state.pending.device).view(1, q - 1, 1).expand(b, -1, -1)  # b q-1 1
+        tree = build_tree(state.pending, children) if q > 1 else root_only(state.pending)
+        best = math.inf
+        for _ in range(2):
+            tick = policy.clock()
+            verify(model, state, tree)
+            best = min(best, policy.clock() - tick)
+            state.cache.keep(L, nothing)
+        return best
+
+    def propose_seconds(shape: TreeShape) -> float:
+        tick = policy.clock()
+        propose(state, speculator, shape, shape.depth)
+        return policy.clock() - tick
+
+    policy.calibrate(forward_seconds, propose_seconds)
+
+
 def compact(state: DecodeState) -> None:
     """Squeeze out the holes that ragged acceptance left, keeping each row's order."""
     L = state.cache.length
@@ -325,6 +352,8 @@ def speculative_generate(
     max_tree = 1 + (n_candidates or 0) * h
     state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + max_tree, choose, max_new_tokens + h + 1, h)
     first = _emit(state, state.pending.unsqueeze(1), torch.ones_like(state.n_emitted), eos, max_new_tokens)
+    if policy is not None and not policy.calibrated and not bool(state.finished.all()):
+        calibrate(policy, model, state, speculator)
     _stream(streamer, first)
     while not bool(state.finished.all()):
         remaining = int((max_new_tokens - state.n_emitted)[~state.finished].max())
