@@ -20,18 +20,19 @@ def test_shape_menu():
     assert [s.max_nodes for s in menu] == [1, 2, 3, 4, 5, 11, 16]
 
 
-def calibrated(menu, forward):
-    policy = AdaptivePolicy(menu)
-    policy.calibrate(lambda q: forward[q], lambda shape: 0.0)
+def calibrated(menu, forward, batch_size=1, policy=None):
+    policy = policy or AdaptivePolicy(menu)
+    policy.calibrate(batch_size, lambda q: forward[q], lambda shape: 0.0)
     return policy
 
 
-def run_policy(policy, steps, outcome):
+def run_policy(policy, steps, outcome, batch_size=1):
     chosen = []
     for _ in range(steps):
-        shape = policy.choose(max_depth=2)
+        shape = policy.choose(batch_size, max_depth=2)
         chosen.append(shape)
-        policy.update(shape, *outcome[shape])
+        tokens, seconds = outcome[shape]
+        policy.update(shape, batch_size, tokens, seconds)
     return chosen
 
 
@@ -42,18 +43,17 @@ OUTCOME = {PLAIN: (1.0, 1.0), CHAIN1: (1.8, 1.2), CHAIN2: (2.2, 1.6), TREE: (2.4
 
 def test_calibration_interpolates_forward_time_between_tree_sizes():
     policy = calibrated([PLAIN, CHAIN1, CHAIN2, TREE], {1: 1.0, 2: 1.2, 11: 2.1})
-    seconds = {shape: record.seconds for shape, record in policy.records.items()}
-    assert seconds == pytest.approx({PLAIN: 1.0, CHAIN1: 1.2, CHAIN2: 1.3, TREE: 2.1})
+    assert policy.seconds[1] == pytest.approx({PLAIN: 1.0, CHAIN1: 1.2, CHAIN2: 1.3, TREE: 2.1})
 
 
 def test_policy_tries_what_could_pay_then_takes_the_best_per_second():
     policy = calibrated([PLAIN, CHAIN1, CHAIN2, TREE], {1: 1.0, 2: 1.2, 11: 2.8})
     # optimistic (1 + depth) tokens per calibrated second: CHAIN2 3/1.38, CHAIN1 2/1.2, TREE 3/2.8
     chosen = run_policy(policy, 20, OUTCOME)
-    assert chosen[:2] == [CHAIN2, CHAIN1]
-    assert chosen.count(CHAIN1) >= 15  # 1.5 tokens/s beats 1.375 and 1.0
+    assert chosen[0] == CHAIN2
+    assert chosen.count(CHAIN1) >= 12 and chosen[-3:].count(CHAIN1) >= 2  # 1.5 tokens/s beats 1.375 and 1.0
     assert TREE not in chosen  # even at its best (3 tokens in 2.8 s) it could not beat what is known
-    assert policy.choose(max_depth=0) == PLAIN  # nothing deeper fits the remaining budget
+    assert policy.choose(1, max_depth=0) == PLAIN  # nothing deeper fits the remaining budget
 
 
 def test_at_a_large_batch_shapes_that_cannot_pay_are_never_tried():
@@ -62,6 +62,15 @@ def test_at_a_large_batch_shapes_that_cannot_pay_are_never_tried():
     chosen = run_policy(policy, 50, {**OUTCOME, CHAIN1: (1.5, 1.9)})
     assert CHAIN2 not in chosen and TREE not in chosen  # 3 tokens could never pay for 3 s or 12 s
     assert chosen.count(PLAIN) >= 45  # the one shape that could pay was tried, and lost
+
+
+def test_what_one_batch_size_learned_guides_another():
+    policy = calibrated([PLAIN, CHAIN1, CHAIN2, TREE], {1: 1.0, 2: 1.2, 11: 2.8})
+    run_policy(policy, 20, OUTCOME)  # batch 1: every shape that could pay has been measured
+    calibrated(None, {1: 2.0, 2: 4.2, 11: 13.0}, batch_size=8, policy=policy)
+    # at batch 8 CHAIN2 could give 3 tokens in 5.2 s (better than plain's 1 in 2), but it is
+    # known to give 2.2: plain wins, and nothing is tried
+    assert run_policy(policy, 10, OUTCOME, batch_size=8) == [PLAIN] * 10
 
 
 @pytest.fixture

@@ -63,66 +63,76 @@ def shape_menu(config: MLPSpeculatorConfig, top_k: list[int] | None = None, n_ca
 class ShapeRecord:
     uses: int = 0
     tokens_per_step: float = 0.0  # per active row, moving average
-    seconds: float = 0.0  # per step: calibrated, then a moving average of measured steps
 
 
 @dataclass
 class AdaptivePolicy:
-    """One policy serves one batch size (a step's cost depends on it); keep it across
-    generate calls to keep what it learned."""
+    """Keep one policy across generate calls (a server keeps one for its lifetime): what it
+    learns of each shape's tokens per step holds at every batch size, while step costs are
+    calibrated and tracked per batch size."""
 
     menu: list[TreeShape]
-    smoothing: float = 0.1  # weight of the newest observation in the moving averages
-    exploration: float = 0.3  # size of the optimism bonus, in tokens per step
+    smoothing: float = 0.03  # weight of the newest observation in the moving averages
+    exploration: float = 0.2  # size of the optimism bonus, in tokens per step
+    cost_smoothing: float = 0.2  # step times are far less noisy than acceptance
     clock: object = time.perf_counter  # injectable, for tests
     records: dict[TreeShape, ShapeRecord] = field(default_factory=dict)
+    seconds: dict[int, dict[TreeShape, float]] = field(default_factory=dict)  # batch size -> shape -> s/step
     steps: int = 0
-    calibrated: bool = False
 
     def __post_init__(self):
         self.records = {shape: ShapeRecord() for shape in self.menu}
 
-    def calibrate(self, forward_seconds: Callable[[int], float], propose_seconds: Callable[[TreeShape], float]) -> None:
-        """Set every shape's cost: forward_seconds(q) times the base model's forward over
-        q tree nodes (measured at 1, 2 and the largest tree, linear in between), and
-        propose_seconds(shape) the speculator's work for that shape."""
+    def calibrated(self, batch_size: int) -> bool:
+        return batch_size in self.seconds
+
+    def calibrate(self, batch_size: int, forward_seconds: Callable[[int], float],
+                  propose_seconds: Callable[[TreeShape], float]) -> None:
+        """Set every shape's cost at this batch size: forward_seconds(q) times the base
+        model's forward over q tree nodes (measured at 1, 2 and the largest tree, linear in
+        between), and propose_seconds(shape) the speculator's work for that shape."""
         largest = max(s.max_nodes for s in self.menu)
         points = sorted({1, min(2, largest), largest})
         measured = [forward_seconds(q) for q in points]
-        for shape, record in self.records.items():
-            forward = float(np.interp(shape.max_nodes, points, measured))
-            record.seconds = forward + (propose_seconds(shape) if shape != PLAIN else 0.0)
-        self.calibrated = True
+        self.seconds[batch_size] = {
+            shape: float(np.interp(shape.max_nodes, points, measured)) + (propose_seconds(shape) if shape != PLAIN else 0.0)
+            for shape in self.menu
+        }
 
-    def choose(self, max_depth: int) -> TreeShape:
+    def choose(self, batch_size: int, max_depth: int) -> TreeShape:
         """The shape to use for the next step, among those no deeper than max_depth."""
         allowed = [s for s in self.menu if s.depth <= max_depth]
-        return max(allowed, key=self._score)
+        return max(allowed, key=lambda shape: self._score(shape, batch_size))
 
     def expected_tokens(self, shape: TreeShape) -> float:
+        """Tokens per step: as measured once used, and before that the most it could give."""
         record = self.records[shape]
         return record.tokens_per_step if record.uses else 1.0 + shape.depth
 
-    def _score(self, shape: TreeShape) -> float:
+    def _score(self, shape: TreeShape, batch_size: int) -> float:
         record = self.records[shape]
         bonus = 0.0
         if shape != PLAIN and record.uses:
             bonus = self.exploration * math.sqrt(math.log(self.steps + 1) / record.uses)
-        return (self.expected_tokens(shape) + bonus) / max(record.seconds, 1e-9)
+        return (self.expected_tokens(shape) + bonus) / max(self.seconds[batch_size][shape], 1e-9)
 
-    def update(self, shape: TreeShape, tokens_per_step: float, seconds: float) -> None:
+    def update(self, shape: TreeShape, batch_size: int, tokens_per_step: float, seconds: float) -> None:
         record = self.records[shape]
-        a = 1.0 if record.uses == 0 else self.smoothing
-        record.tokens_per_step += a * (tokens_per_step - record.tokens_per_step)
-        record.seconds += a * (seconds - record.seconds)
         record.uses += 1
+        # the plain mean at first, a moving one later: a noisy early estimate would let the
+        # policy chase luck (the shape it picks is the one that looked best so far)
+        a = max(1.0 / record.uses, self.smoothing)
+        record.tokens_per_step += a * (tokens_per_step - record.tokens_per_step)
+        cost = self.seconds[batch_size]
+        cost[shape] += self.cost_smoothing * (seconds - cost[shape])
         self.steps += 1
 
     def summary(self) -> str:
         used = [(s, r) for s, r in self.records.items() if r.uses]
         used.sort(key=lambda item: -item[1].uses)
-        line = ", ".join(
-            f"{s}: {r.uses} steps, {r.tokens_per_step:.2f} tok/step, {1000 * r.seconds:.0f} ms" for s, r in used
-        )
+        line = ", ".join(f"{s}: {r.uses} steps, {r.tokens_per_step:.2f} tok/step" for s, r in used)
         never = [str(s) for s, r in self.records.items() if not r.uses]
-        return line + (f"; never tried: {', '.join(never)}" if never else "")
+        line += f"; never tried: {', '.join(never)}" if never else ""
+        for b, cost in sorted(self.seconds.items()):
+            line += f"\n  batch {b} ms/step: " + ", ".join(f"{s} {1000 * c:.0f}" for s, c in cost.items())
+        return line

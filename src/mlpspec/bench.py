@@ -142,8 +142,9 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     methods = settings.methods or [m for m in (*HF_METHODS, *OUR_METHODS) if m != "hf_assisted" or assistant is not None]
-    # One policy per batch size (a step's cost depends on it) learns across the run, as a server's would.
-    policies = {b: AdaptivePolicy(shape_menu(speculator.config)) for b in settings.batch_sizes}
+    # One policy learns across the run, as a server's would: tokens per step carry over
+    # between batch sizes, costs are calibrated for each.
+    policy = AdaptivePolicy(shape_menu(speculator.config))
     raw = {m: {} for m in methods}
     divergences, accepted = [], []
     jobs = [(b, i) for b in settings.batch_sizes for i in range(max(1, len(prompts) // b))]
@@ -151,7 +152,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
         ids, mask = encode_prompts(tokenizer, (prompts * b)[:b], chat=False)
         for method in methods:
             if b == 1 or method not in BATCH_ONE_ONLY:
-                _run(method, model, speculator, assistant, policies[b], ids, mask, 4, eos)
+                _run(method, model, speculator, assistant, policy, ids, mask, 4, eos)
     for done, (b, i) in enumerate(jobs, start=1):
         batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
         ids, mask = encode_prompts(tokenizer, batch, chat=False)
@@ -160,7 +161,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
         for method in order:
             if b > 1 and method in BATCH_ONE_ONLY:
                 continue
-            outputs[method] = _run(method, model, speculator, assistant, policies[b], ids, mask,
+            outputs[method] = _run(method, model, speculator, assistant, policy, ids, mask,
                                    settings.max_new_tokens, eos)
         reference = outputs["hf_greedy"][0] if "hf_greedy" in outputs else None
         for method, (sequences, seconds, stats) in outputs.items():
@@ -193,8 +194,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
                 "tokens": entry["tokens"],
                 "seconds": round(entry["seconds"], 3),
             }
-    batch_one = policies.get(1) or AdaptivePolicy(shape_menu(speculator.config))
-    sweep = _prompt_length_sweep(model, tokenizer, speculator, batch_one, settings, eos) if settings.prompt_lengths else {}
+    sweep = _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) if settings.prompt_lengths else {}
     near = [d for d in divergences if d["near_tie"]]
     return {
         "machine": _machine(),
@@ -206,7 +206,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
         "divergences": divergences,
         "accepted_lengths": accepted,
         "prompt_length": sweep,
-        "adaptive_policy": {str(b): p.summary() for b, p in policies.items()},
+        "adaptive_policy": policy.summary(),
     }
 
 
@@ -281,8 +281,8 @@ def write_report(report: dict, out: Path) -> None:
         lines += ["", "| prompt tokens | ours fixed speedup | ours adaptive speedup |", "|---|---|---|"]
         for length, r in report["prompt_length"].items():
             lines.append(f"| {length} | {r['ours_fixed']:.2f}x | {r['ours_adaptive']:.2f}x |")
-    lines += ["", "Adaptive policy at the end, per batch size:"]
-    lines += [f"- batch {b}: {summary}" for b, summary in report["adaptive_policy"].items()]
+    lines += ["", "Adaptive policy at the end (shapes used, and calibrated step costs per batch size):", "",
+              "```", report["adaptive_policy"], "```"]
     lines.append("")
     (out / "report.md").write_text("\n".join(lines))
 

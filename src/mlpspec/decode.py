@@ -219,7 +219,7 @@ def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLP
         propose(state, speculator, shape, shape.depth)
         return policy.clock() - tick
 
-    policy.calibrate(forward_seconds, propose_seconds)
+    policy.calibrate(b, forward_seconds, propose_seconds)
 
 
 def compact(state: DecodeState) -> None:
@@ -352,13 +352,13 @@ def speculative_generate(
     max_tree = 1 + (n_candidates or 0) * h
     state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + max_tree, choose, max_new_tokens + h + 1, h)
     first = _emit(state, state.pending.unsqueeze(1), torch.ones_like(state.n_emitted), eos, max_new_tokens)
-    if policy is not None and not policy.calibrated and not bool(state.finished.all()):
+    if policy is not None and not policy.calibrated(b) and not bool(state.finished.all()):
         calibrate(policy, model, state, speculator)
     _stream(streamer, first)
     while not bool(state.finished.all()):
         remaining = int((max_new_tokens - state.n_emitted)[~state.finished].max())
         if policy is not None:
-            shape, tick = policy.choose(max_depth=remaining - 1), policy.clock()
+            shape, tick = policy.choose(b, max_depth=remaining - 1), policy.clock()
         tree = propose(state, speculator, shape, remaining - 1)
         out = verify(model, state, tree)
         path, n_accepted, bonus = walk(tree, out.logits, choose)
@@ -370,7 +370,7 @@ def speculative_generate(
             state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
         state.stats.shapes[str(shape)] = state.stats.shapes.get(str(shape), 0) + 1
         if policy is not None:
-            policy.update(shape, float((n_accepted + 1)[active].float().mean()), policy.clock() - tick)
+            policy.update(shape, b, float((n_accepted + 1)[active].float().mean()), policy.clock() - tick)
         _stream(streamer, emitted)
     if streamer is not None:
         streamer.end()
