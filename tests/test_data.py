@@ -114,3 +114,14 @@ def test_pad_windows():
     windows, valid = pad_windows([torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6, 7, 8])], 4, pad=0)
     assert windows.tolist() == [[1, 2, 3, 0], [4, 5, 6, 7]]
     assert valid.tolist() == [[True, True, True, False], [True] * 4]
+
+
+def test_generated_positions_mark_what_the_base_model_wrote(tmp_path):
+    from mlpspec.data import generated_positions
+
+    file = tmp_path / "shard-00000.pt"
+    torch.save({"prompts": [torch.tensor([1, 2]), torch.tensor([3, 4, 5])],
+                "continuations": [torch.tensor([6, 7, 8]), torch.tensor([9])]}, file)
+    windows, valid = pad_windows(load_generations([file]), 5, pad=0)
+    assert windows.tolist() == [[1, 2, 6, 7, 8], [3, 4, 5, 9, 0]]
+    assert generated_positions([file], 5).int().tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 0]]

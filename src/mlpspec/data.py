@@ -262,6 +262,17 @@ def load_generations(files: list[Path]) -> list[torch.Tensor]:
     return sequences
 
 
+def generated_positions(files: list[Path], length: int) -> torch.Tensor:
+    """[rows, length] bool over pad_windows(load_generations(files), length): True where
+    the base model wrote the token, False over the prompt and the padding."""
+    rows = []
+    for file in files:
+        shard = torch.load(file, weights_only=True)
+        rows += [(len(p), len(p) + len(c)) for p, c in zip(shard["prompts"], shard["continuations"])]
+    index = torch.arange(length)
+    return torch.stack([(index >= start) & (index < end) for start, end in rows])
+
+
 def pad_windows(sequences: list[torch.Tensor], length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad (or cut) sequences to windows [b, length]; valid [b, length] marks real tokens."""
     windows = torch.full((len(sequences), length), pad, dtype=torch.long)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .base import base_greedy, base_hidden, cache_dir, load_base, speculator_config_for
-from .data import EpochOrder, Windows, generate_shards, load_generations, pad_windows, split_heldout, tokenized_corpus
+from .data import EpochOrder, Windows, generate_shards, generated_positions, load_generations, pad_windows, split_heldout, tokenized_corpus
 from .errors import MLPSpecError
 from .fileio import atomic_folder
 from .model import IGNORE_INDEX, MLPSpeculator
@@ -232,13 +232,15 @@ def _masked_targets(targets: torch.Tensor, valid: torch.Tensor, n: int) -> torch
 
 
 @torch.no_grad()
-def evaluate(model, objective: SpeculatorObjective, windows: torch.Tensor, valid: torch.Tensor, n: int, h: int) -> dict:
+def evaluate(model, objective: SpeculatorObjective, windows: torch.Tensor, valid: torch.Tensor,
+             scored: torch.Tensor, n: int, h: int) -> dict:
     """Per-head top-1 accuracy, and chain acceptance: the share of positions where heads
-    0..i are all right, so that a greedy top-1 chain would accept i + 1 tokens. On the base
-    model's own greedy text that is exactly speculative decoding's acceptance, and
-    1 + sum(chain) its expected tokens per step with one candidate."""
+    0..i are all right, so that a greedy top-1 chain would accept i + 1 tokens. Scored
+    only where the base model wrote the target tokens itself, greedily (`scored`, not its
+    prompt): there that is exactly speculative decoding's acceptance, and 1 + sum(chain)
+    its expected tokens per step with one candidate."""
     base_ids, ids, targets = teacher_forcing(windows, n, h)
-    targets = _masked_targets(targets, valid, n)
+    targets = _masked_targets(targets, scored, n)
     hidden = base_hidden(model, base_ids, valid[:, :n].long()).float()
     loss, hits = objective(hidden, ids, targets)
     counted = targets[0] != IGNORE_INDEX  # b n   positions where every head has a target
@@ -331,7 +333,8 @@ def train(cfg: TrainConfig) -> Path:
     if main or collective:
         eval_rows = load_generations(eval_files)
         eval_n = max(len(s) for s in eval_rows) - h - 1
-        eval_set = (*pad_windows(eval_rows, eval_n + h + 1, pad), eval_n)
+        eval_windows, eval_valid = pad_windows(eval_rows, eval_n + h + 1, pad)
+        eval_set = (eval_windows, eval_valid, generated_positions(eval_files, eval_n + h + 1), eval_n)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     log = out / LOG_FILE
@@ -395,7 +398,7 @@ def train(cfg: TrainConfig) -> Path:
         bar.update(1)
         if done % cfg.save_every == 0 or done == total:
             if main or collective:
-                result = evaluate(model, _unwrap(objective), eval_set[0].to(device), eval_set[1].to(device), eval_set[2], h)
+                result = evaluate(model, _unwrap(objective), *(t.to(device) for t in eval_set[:3]), eval_set[3], h)
             if main:
                 _append(log, {"step": done, "stage": stage, "eval": result})
                 bar.write(f"step {done}: held-out greedy text: accuracy {result['accuracy']}, "
