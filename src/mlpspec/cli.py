@@ -155,6 +155,22 @@ def cmd_bench(args) -> None:
     print(f"results.json, report.md and plots in {args.out}")
 
 
+def cmd_export(args) -> None:
+    import torch
+
+    from .base import DEFAULT_BASE_HUB_ID, load_base
+    from .checkpoint import load_speculator
+    from .export import check_exportable, export_speculator
+
+    model, _ = load_base(args.base, dtype=args.dtype)
+    speculator = load_speculator(args.speculator, dtype=getattr(torch, args.dtype), base=model)
+    check_exportable(speculator.config, args.format)
+    base_name = args.base or speculator.config.base_model_name_or_path or DEFAULT_BASE_HUB_ID
+    out = export_speculator(speculator, args.out, args.format, base_model_name_or_path=base_name,
+                            base_architectures=list(model.config.architectures or [type(model).__name__]))
+    print(f"{args.format} export of {args.speculator or 'the shipped default'} (base {base_name}) written to {out}")
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, spelled with dashes, typed by its default."""
     from dataclasses import MISSING, fields
@@ -229,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="bench", help="folder for results.json, report.md and plots")
     be.add_argument("--quick", action="store_true", help="2 code + 2 chat prompts, batch 1 and 4, 32 tokens")
     be.set_defaults(func=cmd_bench)
+
+    ex = sub.add_parser("export", help="write a speculator in a serving engine's format (ibm, arctic)")
+    ex.add_argument("--speculator", help="folder or hub id (default: the shipped default speculator)")
+    ex.add_argument("--format", required=True, choices=["ibm", "arctic"])
+    ex.add_argument("--out", required=True, help="a new folder")
+    ex.add_argument("--base", help="the base model, for tied embeddings and the config's base fields "
+                                   "(default: the embedded default)")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ex.set_defaults(func=cmd_export)
 
     tr = sub.add_parser("train", help="train a speculator for a base model (stage 1 on text, stage 2 on its own output)")
     _add_train_options(tr)

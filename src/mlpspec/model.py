@@ -37,7 +37,8 @@ ARCHITECTURE = "MLPSpeculatorPreTrainedModel"
 # nothing about the model's math, so reading accepts and drops them; any other unknown
 # key is an error, because silently ignoring it could serve wrong tokens.
 BOOKKEEPING_KEYS = frozenset(
-    {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"}
+    {"model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+     "base_model_archs"}  # ArcticInference's record of the base model's architectures
 )
 
 

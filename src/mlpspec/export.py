@@ -1,0 +1,74 @@
+"""Export a speculator for the serving engines that still run MLP speculators.
+
+- `ibm`: the released format exactly (what TGIS, fms-extras, HF TGI and vLLM v0 read).
+- `arctic`: the same tensors with the config Snowflake's ArcticInference plugin for vLLM
+  reads (`"method": "arctic"`): its MLP class is chosen by `architectures`, and it serves
+  only base models whose first architecture is listed in `base_model_archs`. It honours
+  tie_weights and scale_input as the released format defines them, and proposes a chain
+  (top-1 per head), ignoring the tree fields.
+
+Both formats are plain MLP speculators: every tensor stored, every head over the whole
+vocabulary, every stage reading the sampled token. Our extensions are mapped onto that
+where the math allows it (embeddings tied to the base model are materialised) and refused
+where it does not (a draft vocabulary, a speculator without token conditioning): a file
+that loads but proposes different tokens would be worse than no file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .checkpoint import CONFIG_FILE, save_speculator
+from .errors import MLPSpecError
+from .fileio import atomic_folder
+from .model import MLPSpeculator, MLPSpeculatorConfig
+
+FORMATS = ("ibm", "arctic")
+ARCTIC_ARCHITECTURE = "ArcticMLPSpeculatorPreTrainedModel"
+
+
+def check_exportable(config: MLPSpeculatorConfig, fmt: str) -> None:
+    """Refuse, in one line, what `fmt` cannot express."""
+    if fmt not in FORMATS:
+        raise MLPSpecError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if config.draft_vocab_size:
+        raise MLPSpecError(
+            f"this speculator's heads score a draft vocabulary of {config.draft_vocab_size} tokens; "
+            f"the {fmt} format has full-vocabulary heads only (train without --draft-vocab-size to export)"
+        )
+    if not config.token_conditioning:
+        raise MLPSpecError(f"a Medusa-style speculator (no token conditioning) has no {fmt} equivalent")
+
+
+def export_speculator(speculator: MLPSpeculator, out: str | Path, fmt: str,
+                      base_model_name_or_path: str | None = None, base_architectures: list[str] | None = None) -> Path:
+    """Write `speculator` to `out` in format `fmt`. Tensors tied to the base model must be
+    attached (load the speculator with base=...), and are written out in full."""
+    cfg = speculator.config
+    check_exportable(cfg, fmt)
+    base_name = base_model_name_or_path or cfg.base_model_name_or_path
+    if not base_name:
+        raise MLPSpecError("the export needs the base model's name: pass --base (the config does not record it)")
+    if fmt == "arctic" and not base_architectures:
+        raise MLPSpecError("the arctic format records the base model's architectures: pass the base model")
+    plain = MLPSpeculatorConfig(
+        vocab_size=cfg.vocab_size, emb_dim=cfg.emb_dim, inner_dim=cfg.width, n_predict=cfg.n_predict,
+        top_k_tokens_per_head=list(cfg.top_k_tokens_per_head), n_candidates=cfg.n_candidates,
+        tie_weights=cfg.tie_weights, scale_input=cfg.scale_input, base_model_name_or_path=base_name,
+    )
+    exported = MLPSpeculator(plain).to(speculator.dtype)
+    missing, unexpected = exported.load_state_dict(speculator.state_dict(), strict=False)
+    if missing or unexpected:  # cannot happen for the configs check_exportable lets through
+        raise MLPSpecError(f"export: tensors do not line up (missing {missing}, unexpected {unexpected})")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MLPSpecError(f"{out}: already exists and is not empty; choose a new --out")
+    with atomic_folder(out) as folder:
+        save_speculator(exported, folder)
+        if fmt == "arctic":
+            config = json.loads((folder / CONFIG_FILE).read_text())
+            config["architectures"] = [ARCTIC_ARCHITECTURE]
+            config["base_model_archs"] = list(base_architectures)
+            (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return out
