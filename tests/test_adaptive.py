@@ -125,3 +125,10 @@ def test_adaptive_with_real_timing_is_lossless_in_a_batch():
                                eos_token_id=[], adaptive=True)
     assert out.sequences.tolist() == expected.tolist()
     assert sum(out.stats.shapes.values()) == out.stats.steps - 1  # every step but the prefill has a shape
+
+
+def test_batch_sizes_share_costs_in_power_of_two_buckets():
+    assert [AdaptivePolicy.bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+    policy = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 1.5}, batch_size=3)
+    assert policy.calibrated(4) and not policy.calibrated(5)
+    assert sorted(policy.seconds) == [4]

@@ -324,3 +324,21 @@ def test_bfloat16_divergences_on_the_default_are_near_ties():
             runs += 1
     print(f"bf16: {len(divergences)} of {runs} runs diverged; gaps in ulps: {[round(d.ulps, 1) for d in divergences]}")
     assert all(d.near_tie for d in divergences), divergences
+
+
+def test_on_step_streams_every_row_and_steps_are_counted_per_row():
+    model = tiny_llama(seed=4)
+    ids, mask = left_padded([3, 8, 5], seed=4)
+    streamed = [[] for _ in range(3)]
+
+    def on_step(emitted):
+        for row, tokens in enumerate(emitted.tolist()):
+            streamed[row] += [t for t in tokens if t >= 0]
+
+    out = speculative_generate(model, random_speculator(model, 3), ids, mask, max_new_tokens=12,
+                               eos_token_id=[2], on_step=on_step)
+    for row in range(3):
+        new = out.sequences[row, ids.size(1):].tolist()[: int(out.stats.emitted[row])]
+        assert streamed[row] == new
+    assert int(out.stats.steps_per_row.sum()) == out.stats.row_steps
+    assert all(1 <= int(s) <= out.stats.steps for s in out.stats.steps_per_row)

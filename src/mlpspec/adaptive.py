@@ -69,7 +69,7 @@ class ShapeRecord:
 class AdaptivePolicy:
     """Keep one policy across generate calls (a server keeps one for its lifetime): what it
     learns of each shape's tokens per step holds at every batch size, while step costs are
-    calibrated and tracked per batch size."""
+    calibrated and tracked per batch size (in power-of-two buckets)."""
 
     menu: list[TreeShape]
     smoothing: float = 0.03  # weight of the newest observation in the moving averages
@@ -83,8 +83,14 @@ class AdaptivePolicy:
     def __post_init__(self):
         self.records = {shape: ShapeRecord() for shape in self.menu}
 
+    @staticmethod
+    def bucket(batch_size: int) -> int:
+        """Batch sizes share costs in power-of-two buckets (1, 2, 4, 8, ...): a server with
+        a live batch size calibrates a handful of times, not once per size."""
+        return 1 << (batch_size - 1).bit_length()
+
     def calibrated(self, batch_size: int) -> bool:
-        return batch_size in self.seconds
+        return self.bucket(batch_size) in self.seconds
 
     def calibrate(self, batch_size: int, forward_seconds: Callable[[int], float],
                   propose_seconds: Callable[[TreeShape], float]) -> None:
@@ -94,7 +100,7 @@ class AdaptivePolicy:
         largest = max(s.max_nodes for s in self.menu)
         points = sorted({1, min(2, largest), largest})
         measured = [forward_seconds(q) for q in points]
-        self.seconds[batch_size] = {
+        self.seconds[self.bucket(batch_size)] = {
             shape: float(np.interp(shape.max_nodes, points, measured)) + (propose_seconds(shape) if shape != PLAIN else 0.0)
             for shape in self.menu
         }
@@ -114,7 +120,7 @@ class AdaptivePolicy:
         bonus = 0.0
         if shape != PLAIN and record.uses:
             bonus = self.exploration * math.sqrt(math.log(self.steps + 1) / record.uses)
-        return (self.expected_tokens(shape) + bonus) / max(self.seconds[batch_size][shape], 1e-9)
+        return (self.expected_tokens(shape) + bonus) / max(self.seconds[self.bucket(batch_size)][shape], 1e-9)
 
     def update(self, shape: TreeShape, batch_size: int, tokens_per_step: float, seconds: float) -> None:
         record = self.records[shape]
@@ -123,7 +129,7 @@ class AdaptivePolicy:
         # policy chase luck (the shape it picks is the one that looked best so far)
         a = max(1.0 / record.uses, self.smoothing)
         record.tokens_per_step += a * (tokens_per_step - record.tokens_per_step)
-        cost = self.seconds[batch_size]
+        cost = self.seconds[self.bucket(batch_size)]
         cost[shape] += self.cost_smoothing * (seconds - cost[shape])
         self.steps += 1
 

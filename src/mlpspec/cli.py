@@ -171,6 +171,19 @@ def cmd_export(args) -> None:
     print(f"{args.format} export of {args.speculator or 'the shipped default'} (base {base_name}) written to {out}")
 
 
+def cmd_serve(args) -> None:
+    from .base import DEFAULT_BASE_NAME, load_base
+    from .serve import serve
+
+    model, tokenizer = load_base(args.base, dtype=args.dtype)
+    speculator = None
+    if not args.no_speculate:
+        speculator, origin = _speculator_for(model, args.speculator, args.base is None)
+        print(f"[speculator: {origin}]", file=sys.stderr)
+    serve(model, tokenizer, speculator, args.model_id or args.base or DEFAULT_BASE_NAME,
+          host=args.host, port=args.port, max_batch=args.max_batch)
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, spelled with dashes, typed by its default."""
     from dataclasses import MISSING, fields
@@ -245,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="bench", help="folder for results.json, report.md and plots")
     be.add_argument("--quick", action="store_true", help="2 code + 2 chat prompts, batch 1 and 4, 32 tokens")
     be.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with batched speculative decoding")
+    sv.add_argument("--base", help="HF model id or folder (default: embedded SmolLM2-135M-Instruct)")
+    sv.add_argument("--speculator", help="folder or hub id (default: the shipped default speculator)")
+    sv.add_argument("--no-speculate", action="store_true", help="plain decoding (the baseline)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
+    sv.add_argument("--model-id", help="the model name clients send (default: the base model's)")
+    sv.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    sv.set_defaults(func=cmd_serve)
 
     ex = sub.add_parser("export", help="write a speculator in a serving engine's format (ibm, arctic)")
     ex.add_argument("--speculator", help="folder or hub id (default: the shipped default speculator)")

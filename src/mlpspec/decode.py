@@ -44,6 +44,7 @@ class DecodeStats:
     n_predict: int
     steps: int = 0
     row_steps: int = 0  # steps summed over rows, counting a row only while it was active
+    steps_per_row: torch.Tensor | None = None  # b   the same, row by row
     accepted: list[torch.Tensor] = field(default_factory=list)  # per speculative step: b, -1 where idle
     shapes: dict[str, int] = field(default_factory=dict)  # steps per tree shape ("plain" for none)
     emitted: torch.Tensor | None = None  # b   tokens emitted per row
@@ -162,7 +163,8 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
         tokens=torch.zeros(b, max_emit, dtype=input_ids.dtype, device=input_ids.device),
         n_emitted=torch.zeros(b, dtype=torch.long, device=input_ids.device),
         finished=torch.zeros(b, dtype=torch.bool, device=input_ids.device),
-        stats=DecodeStats(n_predict=n_predict, steps=1, row_steps=b),
+        stats=DecodeStats(n_predict=n_predict, steps=1, row_steps=b,
+                          steps_per_row=torch.ones(b, dtype=torch.long, device=input_ids.device)),
     )
 
 
@@ -296,6 +298,7 @@ def speculative_generate(
     top_k_tokens_per_head: list[int] | None = None,
     n_candidates: int | None = None,
     streamer=None,
+    on_step: Callable[[torch.Tensor], None] | None = None,
     adaptive: AdaptivePolicy | bool = False,
 ) -> GenerateOutput:
     """Generate with the base model, faster, with exactly its output distribution.
@@ -319,6 +322,10 @@ def speculative_generate(
     adaptive=True picks each step's tree shape (or none) for the most tokens per second,
     from what it measures while decoding (adaptive.py); pass an AdaptivePolicy to keep
     what it learned across calls. Any shape is lossless.
+
+    streamer (a transformers streamer, batch 1) receives the tokens as they come;
+    on_step(emitted) is called after every step with the tokens each row emitted,
+    [b, w] with -1 where a row emitted nothing (a server streams each row from it).
 
     Returns GenerateOutput(sequences [b, P + T], stats), T the longest row's new tokens;
     rows that stopped at EOS earlier are padded with the pad token, as in transformers.
@@ -345,7 +352,8 @@ def speculative_generate(
 
     start = time.perf_counter()
     if max_new_tokens == 0:
-        return GenerateOutput(input_ids.clone(), DecodeStats(n_predict=h, steps=0, emitted=torch.zeros(b, dtype=torch.long)))
+        nothing = torch.zeros(b, dtype=torch.long)
+        return GenerateOutput(input_ids.clone(), DecodeStats(n_predict=h, steps=0, emitted=nothing, steps_per_row=nothing))
     if streamer is not None:
         streamer.put(input_ids[0].cpu())
     choose = make_chooser(temperature, top_k, top_p, generator)
@@ -354,7 +362,7 @@ def speculative_generate(
     first = _emit(state, state.pending.unsqueeze(1), torch.ones_like(state.n_emitted), eos, max_new_tokens)
     if policy is not None and not policy.calibrated(b) and not bool(state.finished.all()):
         calibrate(policy, model, state, speculator)
-    _stream(streamer, first)
+    _stream(streamer, on_step, first)
     while not bool(state.finished.all()):
         remaining = int((max_new_tokens - state.n_emitted)[~state.finished].max())
         if policy is not None:
@@ -366,22 +374,28 @@ def speculative_generate(
         emitted = commit(state, tree, out.hidden, path, n_accepted, bonus, eos, max_new_tokens)
         state.stats.steps += 1
         state.stats.row_steps += int(active.sum())
+        state.stats.steps_per_row += active.long()
         if shape != PLAIN:
             state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
         state.stats.shapes[str(shape)] = state.stats.shapes.get(str(shape), 0) + 1
         if policy is not None:
             policy.update(shape, b, float((n_accepted + 1)[active].float().mean()), policy.clock() - tick)
-        _stream(streamer, emitted)
+        _stream(streamer, on_step, emitted)
     if streamer is not None:
         streamer.end()
 
     stats = state.stats
     stats.emitted = state.n_emitted.cpu()
+    stats.steps_per_row = stats.steps_per_row.cpu()
     stats.seconds = time.perf_counter() - start
     return GenerateOutput(_sequences(model, input_ids, state, eos), stats)
 
 
-def _stream(streamer, emitted: torch.Tensor) -> None:
+def _stream(streamer, on_step, emitted: torch.Tensor) -> None:
+    """Hand the tokens a step emitted [b, w] (-1 where none) to the caller's callback, and
+    row 0's to a transformers-style streamer."""
+    if on_step is not None:
+        on_step(emitted)
     if streamer is not None:
         new = emitted[0][emitted[0] >= 0]
         if new.numel():
