@@ -12,20 +12,17 @@ prompt decoded alone (plain decoding, one request). Prints errors, mismatches, t
 
 import argparse
 import json
-import socket
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import torch
-import uvicorn
 
 from mlpspec import load_base, load_speculator
 from mlpspec.bench import chat_prompts, code_prompts
 from mlpspec.decode import speculative_generate
-from mlpspec.serve import create_app
+from mlpspec.serve import BackgroundServer, create_app
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--clients", type=int, default=16)
@@ -73,16 +70,9 @@ references = {i: alone(body) for i, body in enumerate(requests) if body["tempera
 
 def run(speculate: bool) -> dict:
     app = create_app(model, tokenizer, speculator if speculate else None, MODEL_ID, max_batch=args.clients)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    server = BackgroundServer(app)
     app.state.engine.ready.wait()  # the policy calibrates at start-up; time the serving only
-    url = f"http://127.0.0.1:{port}/v1/"
+    url = server.url + "/v1/"
 
     def send(i):
         body = requests[i]
@@ -100,8 +90,7 @@ def run(speculate: bool) -> dict:
     with ThreadPoolExecutor(args.clients) as pool:
         results = list(pool.map(send, range(len(requests))))
     wall = time.perf_counter() - start
-    server.should_exit = True
-    thread.join(timeout=10)
+    server.stop()
     errors = [(i, e) for i, _, _, e in results if e is not None]
     mismatches, tokens, steps = [], 0, []
     for i, reply, _, _ in results:

@@ -2,8 +2,6 @@
 
 import json
 import logging
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +11,7 @@ import torch
 
 from conftest import tiny_llama, tiny_tokenizer
 from mlpspec.decode import speculative_generate
-from mlpspec.serve import create_app
+from mlpspec.serve import BackgroundServer, create_app
 from test_decode import random_speculator
 
 openai = pytest.importorskip("openai")
@@ -24,24 +22,14 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% en
 
 @pytest.fixture(scope="module")
 def server():
-    import uvicorn
-
     model, tokenizer = tiny_llama(seed=5), tiny_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     speculator = random_speculator(model, seed=5)
     app = create_app(model, tokenizer, speculator, MODEL_ID, max_batch=8, max_tokens_limit=64)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
+    server = BackgroundServer(app)
     assert app.state.engine.ready.wait(timeout=60)
-    yield f"http://127.0.0.1:{port}", model, tokenizer, speculator, app
-    server.should_exit = True
-    thread.join(timeout=5)
+    yield server.url, model, tokenizer, speculator, app
+    server.stop()
 
 
 def client(url):

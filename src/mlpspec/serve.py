@@ -324,6 +324,31 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
     return app
 
 
+class BackgroundServer:
+    """The app served by uvicorn in a daemon thread, on a free loopback port unless told
+    otherwise (tests, load checks, notebooks). `url` is ready once the constructor returns."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
 def serve(model, tokenizer, speculator, model_id: str, host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = 16) -> None:
     import uvicorn
