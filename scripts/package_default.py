@@ -8,6 +8,7 @@ measure it, and write its model card from the run's own records.
 import argparse
 import json
 import shutil
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from mlpspec import load_base, load_speculator
 from mlpspec.bench import chat_prompts, code_prompts, compare
 from mlpspec.checkpoint import default_speculator_folder
+from mlpspec.train import TrainConfig
 
 parser = argparse.ArgumentParser()
 parser.add_argument("run", type=Path, help="the training run's output folder")
@@ -52,11 +54,20 @@ for name, prompts, chat in (("code (third-party packages, unseen)", code_prompts
     adaptive = compare(model, tokenizer, speculator, prompts, chat=chat, max_new_tokens=args.max_new_tokens, adaptive=True)
     rows.append((name, len(prompts), fixed, adaptive))
 
-flags = " ".join(
-    f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}"
-    for k, v in config.items()
-    if k not in ("out", "data", "resume", "progress", "base") and v not in (False, None) and v != 0
-)
+defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+defaults["data"] = ["default"]
+
+
+def _flag(key, value) -> str:
+    """The CLI spelling of a TrainConfig field: --no-X for a field that is on by default."""
+    name = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value}"
+
+
+flags = " ".join(_flag(k, v) for k, v in config.items()
+                 if k not in ("out", "data", "resume", "progress", "base") and v != defaults.get(k))
 size_mb = (target / "model.safetensors").stat().st_size / 1e6
 table = "\n".join(
     f"| {name} | {n} | {f.tokens_per_step:.2f} | {f.speedup:.2f}x | {a.tokens_per_step:.2f} | {a.speedup:.2f}x |"
@@ -81,6 +92,7 @@ returns it (loading the default base model too, since it shares that model's emb
 Training command, as the run's config now stands (resumable; `--resume` continues it):
 
     mlpspec train --out {args.run} --data default {flags}
+
 {args.history or ''}
 
 ## Measured
