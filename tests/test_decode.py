@@ -342,3 +342,17 @@ def test_on_step_streams_every_row_and_steps_are_counted_per_row():
         assert streamed[row] == new
     assert int(out.stats.steps_per_row.sum()) == out.stats.row_steps
     assert all(1 <= int(s) <= out.stats.steps for s in out.stats.steps_per_row)
+
+
+@pytest.mark.parametrize("max_new", range(6, 30, 3))
+def test_rows_that_overshoot_max_new_tokens_never_overflow_the_cache(max_new):
+    """One row accepts whole chains while the other accepts nothing: the first reaches
+    max_new_tokens mid-chain, and what it accepted past that must not take cache room that
+    compaction then cannot find."""
+    model = tiny_llama(seed=6)
+    ids, mask = left_padded([4, 9], seed=6)
+    longer = hf_greedy(model, ids, mask, max_new + 8, eos=None)  # so the oracle can guess past the end
+    oracle = OracleSpeculator(model, longer, mask.bool(), n_predict=4, right=torch.tensor([False, True]))
+    out = speculative_generate(model, oracle, ids, mask, max_new_tokens=max_new, eos_token_id=[],
+                               top_k_tokens_per_head=[1, 1, 1, 1], n_candidates=1)
+    assert out.sequences.tolist() == longer[:, : ids.size(1) + max_new].tolist()

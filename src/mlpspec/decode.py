@@ -248,16 +248,17 @@ def commit(state: DecodeState, tree: Tree, hidden, path, n_accepted, bonus, eos:
     if tree.size > 1:  # a lone root is already in place
         state.cache.keep(L, L + path)
     kept = torch.arange(width, device=path.device) < (n_accepted + 1).unsqueeze(1)  # b A+1
-    # A finished row still rides along in the batch, but commits nothing: its context stops
-    # growing, which bounds what compaction must find room for.
-    state.valid[:, L : L + width] = kept & ~state.finished.unsqueeze(1)
-    state.valid[:, L + width :] = False
 
     # The pending token (the root) was emitted when it was picked; now come the accepted
     # candidates, then the bonus token, which becomes the new pending token.
     new = torch.cat([tree.tokens.gather(1, path[:, 1:]), bonus.unsqueeze(1)], dim=1)  # b A+1
     new.scatter_(1, n_accepted.unsqueeze(1), bonus.unsqueeze(1))  # bonus right after each row's accepted
     new = _emit(state, new, n_accepted + 1, eos, max_new)
+    # Only rows still going keep what they committed: a row that finished this step (at EOS,
+    # or at max_new with accepted tokens to spare) rides along from now on, and must not
+    # hold cache room that compaction could not then find for the others.
+    state.valid[:, L : L + width] = kept & ~state.finished.unsqueeze(1)
+    state.valid[:, L + width :] = False
     state.position += n_accepted + 1
     state.pending = bonus
     state.hidden = hidden[rows, path[rows, n_accepted]]  # b d   the state that produced bonus
