@@ -10,8 +10,13 @@ shape not yet used is credited with the most it could ever give, 1 + its depth. 
 is tried only if it could pay at all: at a large batch, where a big tree costs more than it
 could ever return, it is never tried. After that each step takes the best estimate plus an
 optimism bonus that shrinks with use (UCB), so a shape that fell behind is retried now and
-then and a drift in acceptance is noticed. Measured step times replace the calibrated ones
-as shapes are used. Every shape is lossless, so the choice changes only the speed.
+then and a drift in acceptance is noticed.
+
+Costs stay the calibrated ones, monotone in tree size: per-shape averages of measured step
+times are noisy, and the policy would pick whichever shape was timed luckiest (at a batch
+where speculation only breaks even, that cost 10% in the bench). For the same reason
+speculation must beat plain decoding by a margin. Every shape is lossless, so the choice
+changes only the speed.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ class AdaptivePolicy:
     menu: list[TreeShape]
     smoothing: float = 0.03  # weight of the newest observation in the moving averages
     exploration: float = 0.2  # size of the optimism bonus, in tokens per step
-    cost_smoothing: float = 0.2  # step times are far less noisy than acceptance
+    margin: float = 0.03  # speculate only where the estimate beats plain decoding by this much
     clock: object = time.perf_counter  # injectable, for tests
     records: dict[TreeShape, ShapeRecord] = field(default_factory=dict)
     seconds: dict[int, dict[TreeShape, float]] = field(default_factory=dict)  # batch size -> shape -> s/step
@@ -120,17 +125,16 @@ class AdaptivePolicy:
         bonus = 0.0
         if shape != PLAIN and record.uses:
             bonus = self.exploration * math.sqrt(math.log(self.steps + 1) / record.uses)
-        return (self.expected_tokens(shape) + bonus) / max(self.seconds[self.bucket(batch_size)][shape], 1e-9)
+        score = (self.expected_tokens(shape) + bonus) / max(self.seconds[self.bucket(batch_size)][shape], 1e-9)
+        return score if shape == PLAIN else score / (1 + self.margin)
 
-    def update(self, shape: TreeShape, batch_size: int, tokens_per_step: float, seconds: float) -> None:
+    def update(self, shape: TreeShape, tokens_per_step: float) -> None:
         record = self.records[shape]
         record.uses += 1
         # the plain mean at first, a moving one later: a noisy early estimate would let the
         # policy chase luck (the shape it picks is the one that looked best so far)
         a = max(1.0 / record.uses, self.smoothing)
         record.tokens_per_step += a * (tokens_per_step - record.tokens_per_step)
-        cost = self.seconds[self.bucket(batch_size)]
-        cost[shape] += self.cost_smoothing * (seconds - cost[shape])
         self.steps += 1
 
     def summary(self) -> str:
@@ -140,5 +144,5 @@ class AdaptivePolicy:
         never = [str(s) for s, r in self.records.items() if not r.uses]
         line += f"; never tried: {', '.join(never)}" if never else ""
         for b, cost in sorted(self.seconds.items()):
-            line += f"\n  batch {b} ms/step: " + ", ".join(f"{s} {1000 * c:.0f}" for s, c in cost.items())
+            line += f"\n  batch {b} calibrated ms/step: " + ", ".join(f"{s} {1000 * c:.0f}" for s, c in cost.items())
         return line
