@@ -31,7 +31,7 @@ def run_policy(policy, steps, outcome, batch_size=1):
     for _ in range(steps):
         shape = policy.choose(batch_size, max_depth=2)
         chosen.append(shape)
-        policy.update(shape, outcome[shape])
+        policy.update(shape, batch_size, outcome[shape], policy.seconds[policy.bucket(batch_size)][shape])
     return chosen
 
 
@@ -71,9 +71,18 @@ def test_what_one_batch_size_learned_guides_another():
     assert run_policy(policy, 10, OUTCOME, batch_size=8) == [PLAIN] * 10
 
 
+def test_measured_step_times_correct_plain_and_speculative_costs_apart():
+    policy = calibrated([PLAIN, CHAIN1, CHAIN2], {1: 1.0, 2: 1.2, 3: 1.4})
+    for _ in range(200):  # speculative steps really cost 20% more than calibrated; plain ones as calibrated
+        policy.update(CHAIN1, 1, 1.8, 1.44)
+        policy.update(PLAIN, 1, 1.0, 1.0)
+    assert policy.cost(CHAIN2, 1) == pytest.approx(1.68, rel=1e-3)  # corrected though never timed itself
+    assert policy.cost(PLAIN, 1) == pytest.approx(1.0)
+
+
 def test_speculation_must_beat_plain_decoding_by_a_margin():
     policy = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 1.5})
-    policy.update(CHAIN1, 1.53)  # 2% more tokens per second than plain: within the noise
+    policy.update(CHAIN1, 1, 1.53, 1.5)  # 2% more tokens per second than plain: within the noise
     policy.steps = 10**6  # no optimism left to spend
     policy.records[CHAIN1].uses = 10**6
     assert policy.choose(1, max_depth=1) == PLAIN

@@ -12,10 +12,13 @@ could ever return, it is never tried. After that each step takes the best estima
 optimism bonus that shrinks with use (UCB), so a shape that fell behind is retried now and
 then and a drift in acceptance is noticed.
 
-Costs stay the calibrated ones, monotone in tree size: per-shape averages of measured step
+Costs keep the calibrated shape, monotone in tree size: per-shape averages of measured step
 times are noisy, and the policy would pick whichever shape was timed luckiest (at a batch
-where speculation only breaks even, that cost 10% in the bench). For the same reason
-speculation must beat plain decoding by a margin. Every shape is lossless, so the choice
+where speculation only breaks even, that cost 10% in the bench). What calibration cannot
+see (a speculative step's bookkeeping: keeping the accepted path, compacting the cache; a
+context that grew) comes in as two correction factors per batch size, measured over all
+plain steps and over all speculative steps, which pool many steps and stay steady. For the
+same reason speculation must beat plain decoding by a margin. Every shape is lossless, so the choice
 changes only the speed.
 """
 
@@ -82,7 +85,8 @@ class AdaptivePolicy:
     margin: float = 0.03  # speculate only where the estimate beats plain decoding by this much
     clock: object = time.perf_counter  # injectable, for tests
     records: dict[TreeShape, ShapeRecord] = field(default_factory=dict)
-    seconds: dict[int, dict[TreeShape, float]] = field(default_factory=dict)  # batch size -> shape -> s/step
+    seconds: dict[int, dict[TreeShape, float]] = field(default_factory=dict)  # bucket -> shape -> s/step
+    drift: dict[tuple[int, bool], float] = field(default_factory=dict)  # (bucket, speculative) -> measured/calibrated
     steps: int = 0
 
     def __post_init__(self):
@@ -125,17 +129,25 @@ class AdaptivePolicy:
         bonus = 0.0
         if shape != PLAIN and record.uses:
             bonus = self.exploration * math.sqrt(math.log(self.steps + 1) / record.uses)
-        score = (self.expected_tokens(shape) + bonus) / max(self.seconds[self.bucket(batch_size)][shape], 1e-9)
+        score = (self.expected_tokens(shape) + bonus) / max(self.cost(shape, batch_size), 1e-9)
         return score if shape == PLAIN else score / (1 + self.margin)
 
-    def update(self, shape: TreeShape, tokens_per_step: float) -> None:
+    def update(self, shape: TreeShape, batch_size: int, tokens_per_step: float, seconds: float) -> None:
         record = self.records[shape]
         record.uses += 1
         # the plain mean at first, a moving one later: a noisy early estimate would let the
         # policy chase luck (the shape it picks is the one that looked best so far)
         a = max(1.0 / record.uses, self.smoothing)
         record.tokens_per_step += a * (tokens_per_step - record.tokens_per_step)
+        bucket = self.bucket(batch_size)
+        key = (bucket, shape != PLAIN)
+        ratio = seconds / max(self.seconds[bucket][shape], 1e-9)
+        self.drift[key] = self.drift.get(key, ratio) + self.smoothing * (ratio - self.drift.get(key, ratio))
         self.steps += 1
+
+    def cost(self, shape: TreeShape, batch_size: int) -> float:
+        bucket = self.bucket(batch_size)
+        return self.seconds[bucket][shape] * self.drift.get((bucket, shape != PLAIN), 1.0)
 
     def summary(self) -> str:
         used = [(s, r) for s, r in self.records.items() if r.uses]
@@ -144,5 +156,5 @@ class AdaptivePolicy:
         never = [str(s) for s, r in self.records.items() if not r.uses]
         line += f"; never tried: {', '.join(never)}" if never else ""
         for b, cost in sorted(self.seconds.items()):
-            line += f"\n  batch {b} calibrated ms/step: " + ", ".join(f"{s} {1000 * c:.0f}" for s, c in cost.items())
+            line += f"\n  batch {b} ms/step: " + ", ".join(f"{s} {1000 * self.cost(s, b):.0f}" for s in cost)
         return line

@@ -147,7 +147,8 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     policy = AdaptivePolicy(shape_menu(speculator.config))
     raw = {m: {} for m in methods}
     divergences, accepted = [], []
-    jobs = [(b, i) for b in settings.batch_sizes for i in range(max(1, len(prompts) // b))]
+    # every prompt once per batch size, and at least 3 batches each, so no figure rests on one run
+    jobs = [(b, i) for b in settings.batch_sizes for i in range(max(3, len(prompts) // b))]
     for b in settings.batch_sizes:  # warm-up: every method once at every batch size
         ids, mask = encode_prompts(tokenizer, (prompts * b)[:b], chat=False)
         for method in methods:

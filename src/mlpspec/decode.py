@@ -367,7 +367,7 @@ def speculative_generate(
     while not bool(state.finished.all()):
         remaining = int((max_new_tokens - state.n_emitted)[~state.finished].max())
         if policy is not None:
-            shape = policy.choose(b, max_depth=remaining - 1)
+            shape, tick = policy.choose(b, max_depth=remaining - 1), policy.clock()
         tree = propose(state, speculator, shape, remaining - 1)
         out = verify(model, state, tree)
         path, n_accepted, bonus = walk(tree, out.logits, choose)
@@ -380,7 +380,7 @@ def speculative_generate(
             state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
         state.stats.shapes[str(shape)] = state.stats.shapes.get(str(shape), 0) + 1
         if policy is not None:
-            policy.update(shape, float((n_accepted + 1)[active].float().mean()))
+            policy.update(shape, b, float((n_accepted + 1)[active].float().mean()), policy.clock() - tick)
         _stream(streamer, on_step, emitted)
     if streamer is not None:
         streamer.end()
