@@ -82,11 +82,11 @@ def test_measured_step_times_correct_plain_and_speculative_costs_apart():
 
 def test_speculation_must_beat_plain_decoding_by_a_margin():
     policy = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 1.5})
-    policy.update(CHAIN1, 1, 1.53, 1.5)  # 2% more tokens per second than plain: within the noise
+    policy.update(CHAIN1, 1, 1.62, 1.5)  # 8% more tokens per second than plain: within the noise
     policy.steps = 10**6  # no optimism left to spend
     policy.records[CHAIN1].uses = 10**6
     assert policy.choose(1, max_depth=1) == PLAIN
-    policy.records[CHAIN1].tokens_per_step = 1.58  # 5% more: worth it
+    policy.records[CHAIN1].tokens_per_step = 1.73  # 15% more: worth it
     assert policy.choose(1, max_depth=1) == CHAIN1
 
 

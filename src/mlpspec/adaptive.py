@@ -82,7 +82,7 @@ class AdaptivePolicy:
     menu: list[TreeShape]
     smoothing: float = 0.03  # weight of the newest observation in the moving averages
     exploration: float = 0.2  # size of the optimism bonus, in tokens per step
-    margin: float = 0.03  # speculate only where the estimate beats plain decoding by this much
+    margin: float = 0.10  # speculate only where the estimate beats plain decoding by this much
     clock: object = time.perf_counter  # injectable, for tests
     records: dict[TreeShape, ShapeRecord] = field(default_factory=dict)
     seconds: dict[int, dict[TreeShape, float]] = field(default_factory=dict)  # bucket -> shape -> s/step
