@@ -17,12 +17,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import torch
 
 from mlpspec import load_base, load_speculator
 from mlpspec.bench import chat_prompts, code_prompts
 from mlpspec.decode import speculative_generate
 from mlpspec.serve import BackgroundServer, create_app
+from mlpspec.text import encode_prompts
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--clients", type=int, default=16)
@@ -50,17 +50,9 @@ for i in range(args.requests):
     requests.append(body)
 
 
-def prompt_ids(body):
-    if "messages" in body:
-        text = tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer(body["prompt"]).input_ids
-
-
 def alone(body) -> str:
-    ids = torch.tensor([prompt_ids(body)])
-    out = speculative_generate(model, None, ids, torch.ones_like(ids), max_new_tokens=body["max_tokens"],
-                               eos_token_id=[eos])
+    ids, mask = encode_prompts(tokenizer, [body.get("messages") or body["prompt"]], chat=False)
+    out = speculative_generate(model, None, ids, mask, max_new_tokens=body["max_tokens"], eos_token_id=[eos])
     new = out.sequences[0, ids.size(1):].tolist()[: int(out.stats.emitted[0])]
     return tokenizer.decode([t for t in new if t != eos], skip_special_tokens=True)
 

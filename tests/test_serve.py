@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_llama, tiny_tokenizer
 from mlpspec.decode import speculative_generate
 from mlpspec.serve import BackgroundServer, create_app
+from mlpspec.text import encode_prompt
 from test_decode import random_speculator
 
 openai = pytest.importorskip("openai")
@@ -63,8 +64,7 @@ def test_completions_chat_and_streaming_through_the_openai_client(server):
     assert "".join(c.choices[0].text for c in streamed) == expected
 
     messages = [{"role": "user", "content": prompt(2)}]
-    chat_ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False).input_ids
+    chat_ids = encode_prompt(tokenizer, messages, chat=True)
     expected = greedy_alone(model, tokenizer, speculator, chat_ids, 12)
     reply = api.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0)
     assert reply.choices[0].message.content == expected and reply.choices[0].message.role == "assistant"

@@ -28,6 +28,7 @@ import torch
 from .adaptive import AdaptivePolicy, shape_menu
 from .decode import speculative_generate
 from .errors import MLPSpecError
+from .text import encode_prompt, is_message_list, left_pad
 
 log = logging.getLogger("mlpspec.serve")
 
@@ -119,12 +120,7 @@ class Engine:
                     job.send("error", f"generation failed: {e}")
 
     def _decode(self, batch: list[Job]) -> None:
-        width = max(len(job.prompt_ids) for job in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, job in enumerate(batch):
-            ids[row, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
-            mask[row, width - len(job.prompt_ids):] = 1
+        ids, mask = left_pad([job.prompt_ids for job in batch], self.pad)
 
         def on_step(emitted: torch.Tensor) -> None:
             for job, row in zip(batch, emitted.tolist()):
@@ -199,23 +195,18 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
 
     def tokenize(body: dict, chat: bool) -> list[int]:
         if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
-                for m in messages
-            ):
+            prompt = body.get("messages")
+            if not is_message_list(prompt):
                 raise BadRequest(400, "messages must be a non-empty list of {role, content} objects", param="messages")
             if getattr(tokenizer, "chat_template", None) is None:
                 raise BadRequest(400, f"{model_id} has no chat template; use /v1/completions")
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False).input_ids
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
             if not isinstance(prompt, str) or not prompt:
                 raise BadRequest(400, "prompt must be a non-empty string", param="prompt")
-            ids = tokenizer(prompt).input_ids
+        ids = encode_prompt(tokenizer, prompt, chat)
         if not ids:
             raise BadRequest(400, "the prompt encodes to no tokens", param="prompt")
         return ids

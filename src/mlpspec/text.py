@@ -43,41 +43,54 @@ def _prompt_from_row(row, where: str) -> Prompt:
             raise MLPSpecError(f'{where}: "prompt" must be a non-empty string')
         return row["prompt"]
     messages = row["messages"]
-    if (
-        not isinstance(messages, list)
-        or not messages
-        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                   for m in messages)
-    ):
+    if not is_message_list(messages):
         raise MLPSpecError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
     return messages
 
 
-def encode_prompts(tokenizer, prompts: list[Prompt], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [b, P] and attention mask [b, P], left-padded. With `chat`, plain prompts
-    become one user message and every prompt goes through the tokenizer's chat template
-    with the generation prompt appended; message prompts always do."""
-    rows = []
-    for prompt in prompts:
-        if chat or not isinstance(prompt, str):
-            if getattr(tokenizer, "chat_template", None) is None:
-                raise MLPSpecError("this tokenizer has no chat template; drop --chat and use plain prompts")
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-        else:
-            ids = tokenizer(prompt).input_ids
-        if not ids:
-            raise MLPSpecError(f"prompt {len(rows) + 1} is empty after tokenization")
-        rows.append(ids)
+def is_message_list(messages) -> bool:
+    """A non-empty list of {"role": str, "content": str} objects, as chat templates take."""
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)
+    )
+
+
+def encode_prompt(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
+    """One prompt's token ids. With `chat`, a plain prompt becomes one user message; a
+    message list always goes through the tokenizer's chat template, with the generation
+    prompt appended."""
+    if chat or not isinstance(prompt, str):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise MLPSpecError("this tokenizer has no chat template; drop --chat and use plain prompts")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(prompt).input_ids
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as ids [b, P] and attention mask [b, P], left-padded with `pad`."""
     P = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), P), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), P), dtype=torch.long)
     for i, ids in enumerate(rows):
         input_ids[i, P - len(ids):] = torch.tensor(ids)
         attention_mask[i, P - len(ids):] = 1
     return input_ids, attention_mask
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [b, P] and attention mask [b, P], left-padded (see encode_prompt)."""
+    rows = []
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt, chat)
+        if not ids:
+            raise MLPSpecError(f"prompt {len(rows) + 1} is empty after tokenization")
+        rows.append(ids)
+    return left_pad(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
 
 def decode_new_tokens(tokenizer, sequences: torch.Tensor, prompt_length: int, n_emitted: torch.Tensor) -> list[str]:
