@@ -157,11 +157,11 @@ def base_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask:
     return out.hidden_states[-1]
 
 
-def base_greedy(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """Final post-norm states [b, n, d] and the base model's own greedy choice at every
-    position [b, n] (position j's choice is its prediction of token j + 1)."""
+def base_outputs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Final post-norm states [b, n, d] and the logits at every position [b, n, V]
+    (position j's logits predict token j + 1; their argmax is the base model's own choice)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
-    return out.hidden_states[-1], out.logits.argmax(dim=-1)
+    return out.hidden_states[-1], out.logits
 
 
 def base_dims(model: PreTrainedModel) -> tuple[int, int]:

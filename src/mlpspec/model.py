@@ -254,6 +254,10 @@ class MLPSpeculator(nn.Module):
         """Head output index -> token id (the identity without a draft vocabulary)."""
         return self.draft_vocab[head_index] if self.config.draft_vocab_size else head_index
 
+    def head_columns(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [..., V] -> the columns the heads score [..., K]."""
+        return logits.index_select(-1, self.draft_vocab) if self.config.draft_vocab_size else logits
+
     def to_head_index(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token id -> head output index; IGNORE_INDEX for tokens outside the draft
         vocabulary (and for IGNORE_INDEX itself)."""

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .base import base_greedy, base_hidden, cache_dir, load_base, speculator_config_for
+from .base import base_hidden, base_outputs, cache_dir, load_base, speculator_config_for
 from .data import EpochOrder, Windows, generate_shards, generated_positions, load_generations, pad_windows, split_heldout, tokenized_corpus
 from .errors import MLPSpecError
 from .fileio import atomic_folder
@@ -42,7 +42,7 @@ LOG_FILE = "train_log.jsonl"
 CHECKPOINTS = "checkpoints"
 # What may change between a run and its resumption without making it a different run
 # (a run folder may be moved or copied, so `out` is one of them).
-CHOICES = {"dtype": ("float32", "bfloat16"), "targets": ("text", "base")}
+CHOICES = {"dtype": ("float32", "bfloat16"), "targets": ("text", "base", "distill")}
 RESUMABLE_FIELDS = {"out", "resume", "save_every", "log_every", "stage2_steps", "stage1_steps", "progress", "stage2_dir"}
 
 
@@ -73,7 +73,9 @@ class TrainConfig:
     stage2_steps: int = 0
     dtype: str = "float32"  # base model dtype; bfloat16 also runs the speculator under autocast
     # "text": the next tokens of the data, as the reference recipe; "base": the base model's
-    # own greedy choices over the same text, which is what verification will check
+    # own greedy choices over the same text, which is what verification will check;
+    # "distill": the base model's whole next-token distribution over the heads' vocabulary
+    # (soft targets: the runner-up tokens that a tree's other branches try are trained too)
     targets: str = "text"
     seed: int = 0
     # stage 2 data
@@ -125,24 +127,34 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 class SpeculatorObjective(torch.nn.Module):
     """The loss as a module, so DDP wraps one forward: the sum over heads of each head's
-    mean cross-entropy, plus each head's top-1 hits (for accuracy) on the same positions."""
+    mean cross-entropy, plus each head's top-1 hits (for accuracy) on the same positions.
+    With `target_logits` [h, b, n, K] the loss is instead the KL divergence from the base
+    model's distribution softmax(target_logits) (distillation); `targets` still say which
+    positions count and what a hit is."""
 
     def __init__(self, speculator: MLPSpeculator):
         super().__init__()
         self.speculator = speculator
 
-    def forward(self, hidden, ids, targets):  # b n d, b n+h, h b n
+    def forward(self, hidden, ids, targets, target_logits=None):  # b n d, b n+h, h b n, h b n K
         speculator = self.speculator
         states = speculator.stage_states(hidden, ids)
         loss = hidden.new_zeros((), dtype=torch.float32)
         hits = []
         for i, state in enumerate(states):
             logits = speculator.head[i](state).float()  # b n K
-            # a target outside the draft vocabulary carries no loss, and counts as a miss
-            head_targets = speculator.to_head_index(targets[i]).flatten()  # b*n
-            counted = (head_targets != IGNORE_INDEX).sum().clamp(min=1)
-            loss = loss + F.cross_entropy(logits.flatten(0, 1), head_targets, ignore_index=IGNORE_INDEX,
-                                          reduction="sum") / counted
+            if target_logits is None:
+                # a target outside the draft vocabulary carries no loss, and counts as a miss
+                head_targets = speculator.to_head_index(targets[i]).flatten()  # b*n
+                counted = (head_targets != IGNORE_INDEX).sum().clamp(min=1)
+                loss = loss + F.cross_entropy(logits.flatten(0, 1), head_targets, ignore_index=IGNORE_INDEX,
+                                              reduction="sum") / counted
+            else:
+                scored = targets[i] != IGNORE_INDEX  # b n
+                log_p_target = target_logits[i].float().log_softmax(-1)  # b n K
+                # KL(p_target || p_draft): the cross-entropy less the target's own entropy, so 0 is a perfect match
+                per_position = (log_p_target.exp() * (log_p_target - logits.log_softmax(-1))).sum(-1)  # b n
+                loss = loss + per_position[scored].sum() / scored.sum().clamp(min=1)
             hits.append((speculator.to_token_ids(logits.argmax(-1)) == targets[i]).detach())  # b n
         return loss, torch.stack(hits)  # h b n
 
@@ -368,16 +380,20 @@ def train(cfg: TrainConfig) -> Path:
                 window, valid = window.to(device), valid.to(device)
             base_ids, ids, targets = teacher_forcing(window, length, h)
             with torch.no_grad():
-                if cfg.targets == "base":  # one base pass over h more positions gives every head's target
-                    hidden, greedy = base_greedy(model, window[:, : length + h], valid[:, : length + h].long())
-                    hidden, targets = hidden[:, :length], greedy_targets(greedy, length, h)
-                else:
+                target_logits = None
+                if cfg.targets == "text":
                     hidden = base_hidden(model, base_ids, valid[:, :length].long())
+                else:  # one base pass over h more positions gives every head's target
+                    hidden, logits = base_outputs(model, window[:, : length + h], valid[:, : length + h].long())
+                    hidden, targets = hidden[:, :length], greedy_targets(logits.argmax(-1), length, h)
+                    if cfg.targets == "distill":
+                        target_logits = greedy_targets(speculator.head_columns(logits), length, h)  # h b n K
+                    del logits
                 hidden = hidden.float()
             targets = _masked_targets(targets, valid, length)
             sync = world == 1 or micro == cfg.grad_accum - 1
             with autocast, (contextlib.nullcontext() if sync else objective.no_sync()):
-                loss, hits = objective(hidden, ids, targets)
+                loss, hits = objective(hidden, ids, targets, target_logits)
                 (loss / cfg.grad_accum).backward()
             seen += int((targets[0] != IGNORE_INDEX).sum())
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)

@@ -159,14 +159,15 @@ def teacher_forcing(window: torch.Tensor, n: int, n_predict: int):
     return window[:, :n], window[:, 1:], targets
 
 
-def greedy_targets(greedy: torch.Tensor, n: int, n_predict: int) -> torch.Tensor:
-    """Self-distilled targets [h, b, n] in place of teacher_forcing's text targets.
+def greedy_targets(per_position: torch.Tensor, n: int, n_predict: int) -> torch.Tensor:
+    """Self-distilled targets [h, b, n, ...] in place of teacher_forcing's text targets.
 
-    greedy[:, j] is the base model's own choice for token j + 1, read over window[:, :n + h].
+    per_position[:, j] is what the base model says about token j + 1 after reading
+    window[:, :n + h]: its greedy choice [b, n + h], or its logits [b, n + h, K].
     Head i at position p has read tokens up to window[p + i + 1], and verification will
-    check it against the base model's choice for token p + i + 2: greedy[:, p + i + 1].
+    check it against the base model's choice for token p + i + 2: per_position[:, p + i + 1].
     """
     h = n_predict
-    if greedy.size(1) != n + h:
-        raise ValueError(f"greedy choices for n={n}, h={h} span {n + h} positions, got {greedy.size(1)}")
-    return torch.stack([greedy[:, i + 1 : i + 1 + n] for i in range(h)])  # h b n
+    if per_position.size(1) != n + h:
+        raise ValueError(f"base outputs for n={n}, h={h} span {n + h} positions, got {per_position.size(1)}")
+    return torch.stack([per_position[:, i + 1 : i + 1 + n] for i in range(h)])  # h b n ...
