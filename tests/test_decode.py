@@ -187,8 +187,8 @@ def chi_square(counts, exact, n):
     return stat, df
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.8, 4, 0.9)])
-def test_sampling_matches_the_target_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,lookup", [(1.0, None, None, 0), (0.8, 4, 0.9, 0), (1.0, None, None, 3)])
+def test_sampling_matches_the_target_distribution(temperature, top_k, top_p, lookup):
     model = tiny_llama(seed=4, vocab=6)
     with torch.no_grad():  # a freshly initialised model is near uniform; make it opinionated
         model.lm_head.weight.mul_(40)
@@ -200,7 +200,7 @@ def test_sampling_matches_the_target_distribution(temperature, top_k, top_p):
     for _ in range(8):
         ids = torch.tensor([prompt] * 2500)
         out = speculative_generate(model, speculator, ids, max_new_tokens=3, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, eos_token_id=[], generator=generator)
+                                   top_k=top_k, top_p=top_p, eos_token_id=[], generator=generator, lookup=lookup)
         for row in out.sequences[:, 4:].tolist():
             counts[tuple(row)] = counts.get(tuple(row), 0) + 1
         n += len(ids)
@@ -243,6 +243,7 @@ def test_sampling_is_reproducible_with_a_generator():
         (dict(top_k_tokens_per_head=[2, 2]), "has 2 entries but the speculator has 3 heads"),
         (dict(n_candidates=50), r"n_candidates must be an integer in 1..24"),
         (dict(streamer=object()), "single prompt"),
+        (dict(lookup=-1), "lookup must be an integer >= 0"),
     ],
 )
 def test_bad_inputs(kwargs, message):
@@ -356,3 +357,56 @@ def test_rows_that_overshoot_max_new_tokens_never_overflow_the_cache(max_new):
     out = speculative_generate(model, oracle, ids, mask, max_new_tokens=max_new, eos_token_id=[],
                                top_k_tokens_per_head=[1, 1, 1, 1], n_candidates=1)
     assert out.sequences.tolist() == longer[:, : ids.size(1) + max_new].tolist()
+
+
+def repetitive(lengths, seed=0):
+    """Left-padded prompts that repeat a short phrase, so prompt lookup finds matches."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(lengths)
+    ids = torch.zeros(len(lengths), P, dtype=torch.long)
+    mask = torch.zeros(len(lengths), P, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        phrase = torch.randint(3, TINY_VOCAB, (4,), generator=g)
+        ids[r, P - n :] = phrase.repeat(n // 4 + 1)[:n]
+        mask[r, P - n :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_with_a_lookup_branch_equals_transformers(build, seed):
+    model = build(seed=seed)
+    ids, mask = repetitive([6, 17, 9, 13], seed)
+    expected = hf_greedy(model, ids, mask, 30, eos=None)
+    for speculator in (None, random_speculator(model, seed)):
+        for lookup in (1, 4, 10):
+            out = speculative_generate(model, speculator, ids, mask, max_new_tokens=30, eos_token_id=[], lookup=lookup)
+            assert out.sequences.tolist() == expected.tolist()
+            assert max(out.stats.accepted_lengths) >= min(lookup, 2)  # copies were accepted, not just proposed
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 5, 9, 14])
+def test_lookup_branch_longer_than_what_is_left(max_new):
+    """A lookup branch of 12 against a few tokens left, with rows ending at EOS mid-copy."""
+    model = tiny_llama(seed=2)
+    ids, mask = repetitive([8, 12, 5], seed=2)
+    eos = int(ids[1, -2])  # a token the copies will carry
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                              eos_token_id=eos, pad_token_id=eos)
+    out = speculative_generate(model, random_speculator(model, 2), ids, mask, max_new_tokens=max_new,
+                               eos_token_id=eos, lookup=12)
+    assert out.sequences.tolist() == expected.tolist()
+
+
+def test_adaptive_lookup_without_a_speculator():
+    model = tiny_llama(seed=1)
+    ids, mask = repetitive([12, 7], seed=1)
+    expected = hf_greedy(model, ids, mask, 20, eos=None)
+    out = speculative_generate(model, None, ids, mask, max_new_tokens=20, eos_token_id=[], lookup=6, adaptive=True)
+    assert out.sequences.tolist() == expected.tolist()
+    assert set(out.stats.shapes) <= {"plain", "lookup6"}
+    from mlpspec.adaptive import AdaptivePolicy, shape_menu
+
+    policy = AdaptivePolicy(shape_menu(random_speculator(model).config))
+    with pytest.raises(MLPSpecError, match="need a speculator"):
+        speculative_generate(model, None, ids, mask, max_new_tokens=4, adaptive=policy)

@@ -11,7 +11,7 @@ from mlpspec.tree import (
     walk,
 )
 
-R, A, B, C, D, E, F = 10, 11, 12, 13, 14, 15, 16
+R, A, B, C, D, E, F, G = 10, 11, 12, 13, 14, 15, 16, 17
 MIN = torch.finfo(torch.float32).min
 
 
@@ -145,3 +145,36 @@ def test_greedy_targets_offsets_by_hand():
     assert targets[:, 0].tolist() == [[101, 102, 103, 104, 105], [102, 103, 104, 105, 106], [103, 104, 105, 106, 107]]
     with pytest.raises(ValueError, match="span 8 positions, got 7"):
         greedy_targets(greedy[:, :7], 5, 3)
+
+
+def test_ragged_candidates_end_at_no_token():
+    from mlpspec.tree import NO_TOKEN as X
+
+    # a tree of depth 2 next to a lookup copy of 4: [a b], [c d], [a e f g]; row 1 has no copy
+    candidates = torch.tensor([[[A, B, X, X], [C, D, X, X], [A, E, F, G]],
+                               [[A, B, X, X], [C, D, X, X], [X, X, X, X]]])
+    tree = build_tree(torch.tensor([R, R]), candidates)
+    assert tree.tokens.tolist() == [[R, A, B, C, D, E, F, G], [R, A, B, C, D, 0, 0, 0]]
+    assert tree.parent.tolist() == [[-1, 0, 1, 0, 3, 1, 5, 6], [-1, 0, 1, 0, 3, -1, -1, -1]]
+    assert tree.depth.tolist() == [[0, 1, 2, 1, 2, 2, 3, 4], [0, 1, 2, 1, 2, 0, 0, 0]]
+    assert tree.node_of[0].tolist() == [[1, 2, -1, -1], [3, 4, -1, -1], [1, 5, 6, 7]]
+    assert tree.node_of[1, 2].tolist() == [-1, -1, -1, -1]
+    assert tree.ancestors[0, 7].int().tolist() == [1, 1, 0, 0, 0, 1, 1, 1]  # g sees r a e f g
+    assert tree.ancestors[1, 6].int().tolist() == [0, 0, 0, 0, 0, 0, 1, 0]  # padding sees itself
+
+
+def test_lookup_branch_copies_what_followed_the_last_occurrence():
+    from mlpspec.tree import NO_TOKEN as X, lookup_branch
+
+    context = torch.tensor([
+        [5, 6, 7, 8, 9, 5, 6, 1, 2, 5, 6, 0, 0],  # "5 6" occurs at 0 and 5; the latest is 5 -> 1 2 5 6
+        [5, 6, 7, 8, 9, 3, 5, 6, 7, 8, 9, 4, 7],  # ends 11 with "9 4": no 2-gram, no 1-gram "4" before
+        [-1, -1, 3, 4, 3, 0, 0, 0, 0, 0, 0, 0, 0],  # left padding; "3" at 2 -> 4 3, and again 4 3
+    ])
+    ends = torch.tensor([11, 12, 5])
+    assert lookup_branch(context, ends, 4).tolist() == [[1, 2, 5, 6], [X, X, X, X], [4, 3, 4, 3]]
+    # the longest n-gram wins: "7 8 9" recurs at 2 and 8 for a row ending there
+    assert lookup_branch(context[1:2], torch.tensor([11]), 3, ngrams=(3, 1)).tolist() == [[3, 5, 6]]
+    assert lookup_branch(context[1:2], torch.tensor([11]), 3, ngrams=(1,)).tolist() == [[3, 5, 6]]
+    # a run of one token continues as the run: the copy overlaps itself
+    assert lookup_branch(torch.tensor([[8, 2, 2, 2]]), torch.tensor([4]), 5).tolist() == [[2, 2, 2, 2, 2]]

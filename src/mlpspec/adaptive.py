@@ -6,7 +6,8 @@ cost model calibrated at start-up on the real context: the base model's forward 
 few tree sizes (one node, two, the largest tree) for the batch at hand, interpolated in
 between, plus the speculator's own time for each shape. The tokens come from decoding:
 each shape's tokens per step is tracked as a moving average once it has been used, and a
-shape not yet used is credited with the most it could ever give, 1 + its depth. So a shape
+shape not yet used is credited with the most it could ever give, 1 + its depth (or its
+lookup branch's length). So a shape
 is tried only if it could pay at all: at a large batch, where a big tree costs more than it
 could ever return, it is never tried. After that each step takes the best estimate plus an
 optimism bonus that shrinks with use (UCB), so a shape that fell behind is retried now and
@@ -36,8 +37,9 @@ from .model import MLPSpeculatorConfig
 
 @dataclass(frozen=True)
 class TreeShape:
-    top_k: tuple[int, ...]  # one entry per stage run; () is plain decoding
+    top_k: tuple[int, ...]  # one entry per speculator stage run; () runs none
     n_candidates: int
+    lookup: int = 0  # tokens of a prompt-lookup branch beside the speculator's candidates
 
     @property
     def depth(self) -> int:
@@ -45,25 +47,35 @@ class TreeShape:
 
     @property
     def max_nodes(self) -> int:
-        return 1 + self.n_candidates * self.depth
+        return 1 + self.n_candidates * self.depth + self.lookup
 
     def __str__(self) -> str:
-        return "plain" if not self.top_k else f"{list(self.top_k)}x{self.n_candidates}"
+        if not self.top_k:
+            return f"lookup{self.lookup}" if self.lookup else "plain"
+        tree = f"{list(self.top_k)}x{self.n_candidates}"
+        return f"{tree}+lookup{self.lookup}" if self.lookup else tree
 
 
 PLAIN = TreeShape((), 0)
 
 
-def shape_menu(config: MLPSpeculatorConfig, top_k: list[int] | None = None, n_candidates: int | None = None) -> list[TreeShape]:
-    """Plain decoding, top-1 chains of every depth, and the configured tree cut to every depth."""
-    top_k = list(config.top_k_tokens_per_head if top_k is None else top_k)
-    n = config.n_candidates if n_candidates is None else n_candidates
+def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = None, n_candidates: int | None = None,
+               lookup: int = 0) -> list[TreeShape]:
+    """Plain decoding, top-1 chains of every depth, and the configured tree cut to every depth.
+    With `lookup`, also the prompt-lookup branch alone and beside each cut of the tree."""
     menu = [PLAIN]
-    menu += [TreeShape((1,) * d, 1) for d in range(1, len(top_k) + 1)]
-    for d in range(1, len(top_k) + 1):
-        shape = TreeShape(tuple(top_k[:d]), min(n, math.prod(top_k[:d])))
-        if shape not in menu:
-            menu.append(shape)
+    trees = []
+    if config is not None:
+        top_k = list(config.top_k_tokens_per_head if top_k is None else top_k)
+        n = config.n_candidates if n_candidates is None else n_candidates
+        menu += [TreeShape((1,) * d, 1) for d in range(1, len(top_k) + 1)]
+        for d in range(1, len(top_k) + 1):
+            shape = TreeShape(tuple(top_k[:d]), min(n, math.prod(top_k[:d])))
+            if shape not in menu:
+                trees.append(shape)
+        menu += trees
+    if lookup:
+        menu += [TreeShape((), 0, lookup)] + [TreeShape(t.top_k, t.n_candidates, lookup) for t in trees]
     return menu
 
 
@@ -122,7 +134,7 @@ class AdaptivePolicy:
     def expected_tokens(self, shape: TreeShape) -> float:
         """Tokens per step: as measured once used, and before that the most it could give."""
         record = self.records[shape]
-        return record.tokens_per_step if record.uses else 1.0 + shape.depth
+        return record.tokens_per_step if record.uses else 1.0 + max(shape.depth, shape.lookup)
 
     def _score(self, shape: TreeShape, batch_size: int) -> float:
         record = self.records[shape]

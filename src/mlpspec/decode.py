@@ -27,8 +27,10 @@ from .cache import TreeCache
 from .errors import MLPSpecError
 from .model import MLPSpeculator, check_tree_shape
 from .tree import (
+    NO_TOKEN,
     Tree,
     build_tree,
+    lookup_branch,
     prompt_positions,
     root_only,
     tree_attention_mask,
@@ -93,6 +95,7 @@ class DecodeState:
     the pending one, which the next verification pass feeds first (as the tree's root)."""
 
     cache: TreeCache
+    prompt: torch.Tensor  # b P   the prompt, NO_TOKEN at padding (prompt lookup reads it)
     valid: torch.Tensor  # b S    cache slots that hold committed tokens
     position: torch.Tensor  # b   position id of the pending token
     pending: torch.Tensor  # b    last emitted token, not yet in the cache
@@ -156,6 +159,7 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
     first = choose(out.logits[:, -1])  # b   left padding puts every row's last token here
     return DecodeState(
         cache=cache,
+        prompt=input_ids.masked_fill(~prompt_valid, NO_TOKEN),
         valid=valid,
         position=prompt_valid.sum(dim=1),
         pending=first,
@@ -169,17 +173,26 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
 
 
 def propose(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int) -> Tree:
-    """The speculator's candidates from the pending token, merged into a tree; the tree is
-    cut to `depth` stages when fewer tokens remain to be generated."""
-    depth = min(depth, shape.depth)
-    if speculator is None or depth == 0:
+    """The candidates for this step, merged into a tree under the pending token: the
+    speculator's, and a prompt-lookup branch copied from the text so far when the shape has
+    one. Both are cut to `depth` tokens when fewer remain to be generated."""
+    parts = []  # b k D, one per source
+    if speculator is not None and min(depth, shape.depth):
+        top_k = list(shape.top_k[:depth])
+        candidates, _ = speculator.propose(
+            state.hidden.unsqueeze(1).to(speculator.dtype), state.pending.unsqueeze(1), top_k,
+            min(shape.n_candidates, math.prod(top_k)),
+        )  # b k D
+        parts.append(candidates)
+    if shape.lookup and depth > 0:
+        context = torch.cat([state.prompt, state.tokens], dim=1)  # b P+T   the pending token last
+        ends = state.prompt.size(1) + state.n_emitted  # b
+        parts.append(lookup_branch(context, ends, min(shape.lookup, depth)).unsqueeze(1))  # b 1 L
+    if not parts:
         return root_only(state.pending)
-    top_k = list(shape.top_k[:depth])
-    candidates, _ = speculator.propose(
-        state.hidden.unsqueeze(1).to(speculator.dtype), state.pending.unsqueeze(1), top_k,
-        min(shape.n_candidates, math.prod(top_k)),
-    )  # b k depth
-    return build_tree(state.pending, candidates)
+    width = max(part.size(2) for part in parts)
+    parts = [torch.nn.functional.pad(part, (0, width - part.size(2)), value=NO_TOKEN) for part in parts]
+    return build_tree(state.pending, torch.cat(parts, dim=1))
 
 
 def verify(model, state: DecodeState, tree: Tree):
@@ -275,7 +288,7 @@ def _emit(state: DecodeState, new: torch.Tensor, count: torch.Tensor, eos: torch
     count = torch.where(hit_eos, is_eos.long().argmax(dim=1) + 1, count)  # up to and with the EOS
     count = torch.where(state.finished, 0, count)
     emit = steps < count.unsqueeze(1)  # b w
-    # the token buffer has room for max_new + h + 1 tokens, so these slots never overflow
+    # the token buffer has room for max_new + reach + 1 tokens, so these slots never overflow
     slots = state.n_emitted.unsqueeze(1) + steps  # b w
     state.tokens.scatter_(1, slots, torch.where(emit, new, state.tokens.gather(1, slots)))
     state.n_emitted += count
@@ -301,6 +314,7 @@ def speculative_generate(
     streamer=None,
     on_step: Callable[[torch.Tensor], None] | None = None,
     adaptive: AdaptivePolicy | bool = False,
+    lookup: int = 0,
 ) -> GenerateOutput:
     """Generate with the base model, faster, with exactly its output distribution.
 
@@ -320,6 +334,10 @@ def speculative_generate(
     rule can accept a fixed child c with probability above p_target(c), which this one
     attains: for deterministic drafts it accepts the most.
 
+    lookup=N adds a prompt-lookup branch of up to N tokens to every tree: a continuation
+    copied from where the latest tokens occurred before in the prompt or the output
+    (tree.lookup_branch). It works without a speculator too.
+
     adaptive=True picks each step's tree shape (or none) for the most tokens per second,
     from what it measures while decoding (adaptive.py); pass an AdaptivePolicy to keep
     what it learned across calls. Any shape is lossless.
@@ -337,7 +355,9 @@ def speculative_generate(
     b, P = input_ids.shape
     if streamer is not None and b != 1:
         raise MLPSpecError("streaming works for a single prompt only")
-    h, shape, policy = 0, PLAIN, None
+    if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
+        raise MLPSpecError(f"lookup must be an integer >= 0 (0: no prompt-lookup branch), got {lookup!r}")
+    h, cfg, shape, policy = 0, None, TreeShape((), 0, lookup), None
     if speculator is not None:
         check_pair(model, speculator)
         cfg = speculator.config
@@ -345,11 +365,15 @@ def speculative_generate(
         n_candidates = cfg.n_candidates if n_candidates is None else n_candidates
         check_tree_shape(top_k_tokens_per_head, n_candidates, cfg.n_predict, cfg.head_size)
         h = cfg.n_predict
-        shape = TreeShape(tuple(top_k_tokens_per_head), n_candidates)
-        if adaptive is True:
-            policy = AdaptivePolicy(shape_menu(cfg, top_k_tokens_per_head, n_candidates))
-        elif adaptive:
-            policy = adaptive
+        shape = TreeShape(tuple(top_k_tokens_per_head), n_candidates, lookup)
+    if adaptive is True:
+        policy = AdaptivePolicy(shape_menu(cfg, top_k_tokens_per_head, n_candidates, lookup)) if shape != PLAIN else None
+    elif adaptive:
+        policy = adaptive
+    menu = policy.menu if policy is not None else [shape]
+    if speculator is None and any(s.depth for s in menu):
+        raise MLPSpecError("the adaptive policy's shapes need a speculator")
+    reach = max(max(s.depth, s.lookup) for s in menu)  # the most candidate tokens one step can accept
 
     start = time.perf_counter()
     if max_new_tokens == 0:
@@ -358,8 +382,8 @@ def speculative_generate(
     if streamer is not None:
         streamer.put(input_ids[0].cpu())
     choose = make_chooser(temperature, top_k, top_p, generator)
-    max_tree = 1 + (n_candidates or 0) * h
-    state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + max_tree, choose, max_new_tokens + h + 1, h)
+    max_tree = max(s.max_nodes for s in menu)
+    state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + max_tree, choose, max_new_tokens + reach + 1, h)
     first = _emit(state, state.pending.unsqueeze(1), torch.ones_like(state.n_emitted), eos, max_new_tokens)
     if policy is not None and not policy.calibrated(b) and not bool(state.finished.all()):
         calibrate(policy, model, state, speculator)

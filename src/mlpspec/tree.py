@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 PAD_NODE_TOKEN = 0  # token fed for padding nodes; they attend only to themselves
+NO_TOKEN = -1  # in a candidate: no token here (the candidate ended earlier)
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Tree:
     parent: torch.Tensor  # b q    parent node, -1 for the root and for padding
     depth: torch.Tensor  # b q     0 for the root, j + 1 for a candidate's j-th token
     ancestors: torch.Tensor  # b q q  bool: node u sees node v (v is u itself or above it)
-    node_of: torch.Tensor  # b k D  which node holds candidate k's j-th token
+    node_of: torch.Tensor  # b k D  which node holds candidate k's j-th token (-1: it has none)
 
     @property
     def size(self) -> int:
@@ -42,28 +43,33 @@ class Tree:
 def build_tree(root: torch.Tensor, candidates: torch.Tensor) -> Tree:
     """Merge candidates [b, k, D] under roots [b] into a trie, numbering new nodes in
     candidate-major order (candidate 0's tokens first), so a parent precedes its children.
-    Rows with fewer distinct nodes are padded to the batch's largest tree."""
+    A candidate may be shorter than D: NO_TOKEN (-1) from some column on marks its end, and
+    a candidate that is all NO_TOKEN adds nothing. Rows with fewer distinct nodes are padded
+    to the batch's largest tree."""
     b, k, D = candidates.shape
     device = candidates.device
+    real = candidates != NO_TOKEN  # b k D
     # same_prefix[b, i, i2, j]: candidates i and i2 agree on tokens 0..j
     same = candidates.unsqueeze(2) == candidates.unsqueeze(1)  # b k k D
     same_prefix = same.long().cumprod(dim=-1).bool()  # b k k D
     first = same_prefix.long().argmax(dim=2)  # b k D   lowest candidate sharing the prefix
-    is_new = first == torch.arange(k, device=device).view(1, k, 1)  # b k D
+    is_new = (first == torch.arange(k, device=device).view(1, k, 1)) & real  # b k D
     new_id = is_new.flatten(1).long().cumsum(dim=1).view(b, k, D)  # b k D   1-based node ids
-    node_of = new_id.gather(1, first)  # b k D   a duplicate takes its first occurrence's id
     n_nodes = 1 + is_new.flatten(1).sum(dim=1)  # b
     q = int(n_nodes.max())
+    # a duplicate takes its first occurrence's id; a missing token goes to a spare column q
+    node_of = torch.where(real, new_id.gather(1, first), q)  # b k D
 
-    tokens = torch.full((b, q), PAD_NODE_TOKEN, dtype=candidates.dtype, device=device)
+    tokens = torch.full((b, q + 1), PAD_NODE_TOKEN, dtype=candidates.dtype, device=device)
     tokens[:, 0] = root
     tokens.scatter_(1, node_of.flatten(1), candidates.flatten(1))
-    parent = torch.full((b, q), -1, dtype=torch.long, device=device)
+    parent = torch.full((b, q + 1), -1, dtype=torch.long, device=device)
     parent_of = torch.cat([torch.zeros_like(node_of[..., :1]), node_of[..., :-1]], dim=-1)  # b k D
     parent.scatter_(1, node_of.flatten(1), parent_of.flatten(1))
-    depth = torch.zeros((b, q), dtype=torch.long, device=device)
+    depth = torch.zeros((b, q + 1), dtype=torch.long, device=device)
     levels = torch.arange(1, D + 1, device=device).expand(b, k, D)
     depth.scatter_(1, node_of.flatten(1), levels.flatten(1))
+    tokens, parent, depth = tokens[:, :q], parent[:, :q], depth[:, :q]  # the spare column goes
 
     # Ancestor closure: after D rounds of "what my parent sees, plus me" every node sees
     # its whole path. Root and padding nodes point at themselves for this.
@@ -72,7 +78,43 @@ def build_tree(root: torch.Tensor, candidates: torch.Tensor) -> Tree:
     ancestors = eye.clone()
     for _ in range(D):
         ancestors = eye | ancestors.gather(1, self_parent.unsqueeze(-1).expand(b, q, q))
-    return Tree(tokens, parent, depth, ancestors, node_of)
+    return Tree(tokens, parent, depth, ancestors, torch.where(real, node_of, -1))
+
+
+def lookup_branch(context: torch.Tensor, ends: torch.Tensor, length: int, ngrams=(3, 2, 1)) -> torch.Tensor:
+    """Prompt-lookup drafting: a continuation copied from the context itself.
+
+    context [b, C] holds each row's tokens so far in columns [0, ends[b]) (anything < 0 is
+    padding and never matches). For the longest n in `ngrams` whose last n tokens occurred
+    before, take the most recent such occurrence and return the `length` tokens that
+    followed it, [b, length] (NO_TOKEN where the row has no match). Code and quoted text
+    repeat themselves, and a copy can run far past a speculator's depth.
+    """
+    b, C = context.shape
+    device = context.device
+    rows = torch.arange(b, device=device)
+    out = torch.full((b, length), NO_TOKEN, dtype=context.dtype, device=device)
+    found = torch.zeros(b, dtype=torch.bool, device=device)
+    for n in ngrams:
+        if C <= n:
+            continue
+        key = context.gather(1, (ends.unsqueeze(1) - n + torch.arange(n, device=device)).clamp(min=0))  # b n
+        windows = context.unfold(1, n, 1)  # b C-n+1 n   windows[:, j] = context[:, j : j + n]
+        starts = torch.arange(C - n + 1, device=device)  # C-n+1
+        # an earlier occurrence with at least one token after it (the key itself has none)
+        match = (windows == key.unsqueeze(1)).all(-1) & (starts + n < ends.unsqueeze(1))  # b C-n+1
+        match &= (key >= 0).all(-1, keepdim=True) & ~found.unsqueeze(1)
+        has = match.any(dim=1)  # b
+        latest = (match.long() * (starts + 1)).argmax(dim=1)  # b   the last matching start
+        # the copy starts after the match and, reaching the end, goes on copying itself (as
+        # LZ77 does): a text that repeats with period ends - start keeps repeating
+        start = latest + n  # b
+        period = (ends - start).clamp(min=1)  # b
+        at = start.unsqueeze(1) + torch.arange(length, device=device) % period.unsqueeze(1)  # b length
+        copy = context.gather(1, at.clamp(max=C - 1))  # b length
+        out = torch.where(has.unsqueeze(1), copy, out)
+        found |= has
+    return out
 
 
 def root_only(root: torch.Tensor) -> Tree:
