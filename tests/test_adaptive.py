@@ -18,6 +18,12 @@ def test_shape_menu():
         TreeShape((4,), 4), TreeShape((4, 3), 5), TreeShape((4, 3, 2), 5),
     ]
     assert [s.max_nodes for s in menu] == [1, 2, 3, 4, 5, 11, 16]
+    with_lookup = shape_menu(cfg, lookup=8)
+    assert with_lookup == menu + [TreeShape((), 0, 8), TreeShape((4,), 4, 8), TreeShape((4, 3), 5, 8),
+                                  TreeShape((4, 3, 2), 5, 8)]
+    assert [s.max_nodes for s in with_lookup[len(menu):]] == [9, 13, 19, 24]
+    assert [str(s) for s in with_lookup[-2:]] == ["[4, 3]x5+lookup8", "[4, 3, 2]x5+lookup8"]
+    assert shape_menu(None, lookup=8) == [PLAIN, TreeShape((), 0, 8)]
 
 
 def calibrated(menu, forward, batch_size=1, policy=None):
@@ -84,9 +90,9 @@ def test_speculation_must_beat_plain_decoding_by_a_margin():
     policy = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 1.5})
     policy.update(CHAIN1, 1, 1.62, 1.5)  # 8% more tokens per second than plain: within the noise
     policy.steps = 10**6  # no optimism left to spend
-    policy.records[CHAIN1].uses = 10**6
+    policy.record(CHAIN1).uses = 10**6
     assert policy.choose(1, max_depth=1) == PLAIN
-    policy.records[CHAIN1].tokens_per_step = 1.73  # 15% more: worth it
+    policy.record(CHAIN1).tokens_per_step = 1.73  # 15% more: worth it
     assert policy.choose(1, max_depth=1) == CHAIN1
 
 
@@ -100,8 +106,8 @@ def fake_costs(monkeypatch):
         clock["now"] += 1.0 + 0.05 * tree.size
         return verify(model, state, tree)
 
-    def timed_propose(state, speculator, shape, depth):
-        tree = propose(state, speculator, shape, depth)
+    def timed_propose(state, speculator, shape, depth, branch=None):
+        tree = propose(state, speculator, shape, depth, branch)
         clock["now"] += 0.3 if tree.size > 1 else 0.0
         return tree
 
@@ -149,3 +155,22 @@ def test_batch_sizes_share_costs_in_power_of_two_buckets():
     policy = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 1.5}, batch_size=3)
     assert policy.calibrated(4) and not policy.calibrated(5)
     assert sorted(policy.seconds) == [4]
+
+
+def test_lookup_shapes_are_judged_by_what_the_lookup_matched():
+    LOOKUP = TreeShape((), 0, 6)  # 7 nodes
+    policy = calibrated([PLAIN, CHAIN1, LOOKUP], {1: 1.0, 2: 1.1, 7: 1.3})
+    # a 3-gram match is copied right: 4 tokens a step; a 1-gram match is not: 1.05
+    outcome = {3: 4.0, 1: 1.05}
+    for _ in range(30):
+        for context in (3, 1):
+            shape = policy.choose(1, max_depth=6, context=context)
+            tokens = outcome[context] if shape == LOOKUP else {PLAIN: 1.0, CHAIN1: 1.5}[shape]
+            policy.update(shape, 1, tokens, policy.seconds[1][shape], context)
+    assert policy.record(LOOKUP, 3).tokens_per_step == pytest.approx(4.0)
+    assert policy.choose(1, max_depth=6, context=3) == LOOKUP
+    assert policy.choose(1, max_depth=6, context=1) == CHAIN1  # tried, and lost to the chain
+    assert policy.choose(1, max_depth=6, context=0) == CHAIN1  # no match: lookup shapes are out
+    assert policy.record(CHAIN1, 3) is policy.record(CHAIN1, 1)  # the speculator's shapes pool contexts
+    # a lookup shape not yet tried in a context is credited with its most, 1 + 6 tokens
+    assert policy.choose(1, max_depth=6, context=2) == LOOKUP

@@ -17,8 +17,9 @@ def test_chat_prompts_are_messages():
 def test_compare_counts_every_token_and_checks_equality():
     model, tok = tiny_llama(), tiny_tokenizer()
     prompts = ["w1 w2 w3", "w4 w5", "w9 w9 w9 w9"]
-    for adaptive in (False, True):
-        result = compare(model, tok, random_speculator(model), prompts, chat=False, max_new_tokens=10, adaptive=adaptive)
+    for adaptive, lookup in ((False, 0), (True, 0), (True, 4)):
+        result = compare(model, tok, random_speculator(model), prompts, chat=False, max_new_tokens=10,
+                         adaptive=adaptive, lookup=lookup)
         assert result.tokens == 30  # no EOS in a random tiny model's greedy text here, or it would stop early
         assert result.steps >= 3 and result.speculative_seconds > 0 and result.plain_seconds > 0
         assert result.tokens_per_step == result.tokens / result.steps
@@ -34,7 +35,7 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
                              prompts=["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"])
     report = run_bench(model, tok, random_speculator(model), settings)
     results = report["results"]
-    assert set(results) == {"hf_greedy", "hf_prompt_lookup", "ours_plain", "ours_fixed", "ours_adaptive"}
+    assert set(results) == {"hf_greedy", "hf_prompt_lookup", "ours_plain", "ours_lookup", "ours_fixed", "ours_adaptive"}
     assert set(results["ours_fixed"]) == {"1", "2"} and set(results["hf_prompt_lookup"]) == {"1"}
     assert results["hf_greedy"]["1"]["speedup"] == 1.0
     assert results["ours_plain"]["2"]["tokens_per_step"] == 1.0
@@ -43,5 +44,8 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     write_report(report, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["results"]["ours_fixed"]["1"]["tokens"] > 0
     assert "| ours_adaptive | 2 |" in (tmp_path / "report.md").read_text()
+    without = run_bench(model, tok, random_speculator(model), BenchSettings(batch_sizes=[1], max_new_tokens=4, lookup=0,
+                                                                             prompts=settings.prompts))
+    assert "ours_lookup" not in without["results"] and "lookup" not in without["adaptive_policy"]
     for plot in ("batch_size.png", "prompt_length.png", "accepted_length.png"):
         assert (tmp_path / plot).stat().st_size > 1000

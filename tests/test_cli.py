@@ -51,6 +51,14 @@ def test_generate_streams_one_prompt_and_prints_stats(tiny_llama_folder, capsys)
     plain = capsys.readouterr()
     assert plain.out == speculative.out and plain.out.strip()  # lossless: the same text
     assert "[plain decoding, float32]" in plain.err and "1.00 tokens/step" in plain.err
+    assert main(args + ["--lookup", "0", "--no-adaptive"]) == 0  # the speculator's fixed tree alone
+    assert capsys.readouterr().out == plain.out
+
+
+def test_generate_refuses_a_negative_lookup(tiny_llama_folder, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "w1", "--base", str(tiny_llama_folder), "--lookup", "-2"])
+    assert "--lookup: must be >= 0, got -2" in capsys.readouterr().err
 
 
 def test_generate_batch_file(tiny_llama_folder, tmp_path, capsys):

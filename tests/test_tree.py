@@ -172,9 +172,14 @@ def test_lookup_branch_copies_what_followed_the_last_occurrence():
         [-1, -1, 3, 4, 3, 0, 0, 0, 0, 0, 0, 0, 0],  # left padding; "3" at 2 -> 4 3, and again 4 3
     ])
     ends = torch.tensor([11, 12, 5])
-    assert lookup_branch(context, ends, 4).tolist() == [[1, 2, 5, 6], [X, X, X, X], [4, 3, 4, 3]]
+    branch, matched = lookup_branch(context, ends, 4)
+    assert branch.tolist() == [[1, 2, 5, 6], [X, X, X, X], [4, 3, 4, 3]]
+    assert matched.tolist() == [2, 0, 1]
     # the longest n-gram wins: "7 8 9" recurs at 2 and 8 for a row ending there
-    assert lookup_branch(context[1:2], torch.tensor([11]), 3, ngrams=(3, 1)).tolist() == [[3, 5, 6]]
-    assert lookup_branch(context[1:2], torch.tensor([11]), 3, ngrams=(1,)).tolist() == [[3, 5, 6]]
+    branch, matched = lookup_branch(context[1:2], torch.tensor([11]), 3, ngrams=(3, 1))
+    assert (branch.tolist(), matched.tolist()) == ([[3, 5, 6]], [3])
+    branch, matched = lookup_branch(context[1:2], torch.tensor([11]), 3, ngrams=(1,))
+    assert (branch.tolist(), matched.tolist()) == ([[3, 5, 6]], [1])
     # a run of one token continues as the run: the copy overlaps itself
-    assert lookup_branch(torch.tensor([[8, 2, 2, 2]]), torch.tensor([4]), 5).tolist() == [[2, 2, 2, 2, 2]]
+    branch, matched = lookup_branch(torch.tensor([[8, 2, 2, 2]]), torch.tensor([4]), 5)
+    assert (branch.tolist(), matched.tolist()) == ([[2, 2, 2, 2, 2]], [2])

@@ -95,14 +95,21 @@ class AdaptivePolicy:
     smoothing: float = 0.03  # weight of the newest observation in the moving averages
     exploration: float = 0.2  # size of the optimism bonus, in tokens per step
     margin: float = 0.10  # speculate only where the estimate beats plain decoding by this much
+    rounds: int = 3  # calibration rounds
     clock: object = time.perf_counter  # injectable, for tests
-    records: dict[TreeShape, ShapeRecord] = field(default_factory=dict)
+    records: dict[tuple[TreeShape, int], ShapeRecord] = field(default_factory=dict)  # (shape, context)
     seconds: dict[int, dict[TreeShape, float]] = field(default_factory=dict)  # bucket -> shape -> s/step
     drift: dict[tuple[int, bool], float] = field(default_factory=dict)  # (bucket, speculative) -> measured/calibrated
     steps: int = 0
 
     def __post_init__(self):
-        self.records = {shape: ShapeRecord() for shape in self.menu}
+        self.records = {}
+
+    def record(self, shape: TreeShape, context: int = 0) -> ShapeRecord:
+        """What a shape has done. A lookup shape is tracked per context, the n-gram size the
+        lookup matched this step (a 3-gram match is copied right far more often than a
+        1-gram one); the speculator's own shapes do not depend on it."""
+        return self.records.setdefault((shape, context if shape.lookup else 0), ShapeRecord())
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -117,35 +124,41 @@ class AdaptivePolicy:
                   propose_seconds: Callable[[TreeShape], float]) -> None:
         """Set every shape's cost at this batch size: forward_seconds(q) times the base
         model's forward over q tree nodes (measured at 1, 2 and the largest tree, linear in
-        between), and propose_seconds(shape) the speculator's work for that shape."""
+        between), and propose_seconds(shape) the speculator's (and the lookup's) work for
+        that shape."""
         largest = max(s.max_nodes for s in self.menu)
         points = sorted({1, min(2, largest), largest})
-        measured = [forward_seconds(q) for q in points]
+        # the best of a few rounds, each timing every size once: a busy spell on a shared
+        # machine then slows one round of all sizes, not one size of all rounds
+        measured = [min(times) for times in zip(*[[forward_seconds(q) for q in points] for _ in range(self.rounds)])]
         self.seconds[self.bucket(batch_size)] = {
             shape: float(np.interp(shape.max_nodes, points, measured)) + (propose_seconds(shape) if shape != PLAIN else 0.0)
             for shape in self.menu
         }
 
-    def choose(self, batch_size: int, max_depth: int) -> TreeShape:
-        """The shape to use for the next step, among those no deeper than max_depth."""
-        allowed = [s for s in self.menu if s.depth <= max_depth]
-        return max(allowed, key=lambda shape: self._score(shape, batch_size))
+    def choose(self, batch_size: int, max_depth: int, context: int = 0) -> TreeShape:
+        """The shape to use for the next step, among those no deeper than max_depth. With
+        context 0 (the lookup found nothing) the lookup shapes would add no nodes: they are
+        left out, their plain-tree twins stand in for them."""
+        allowed = [s for s in self.menu if s.depth <= max_depth and (context or not s.lookup)]
+        return max(allowed, key=lambda shape: self._score(shape, batch_size, context))
 
-    def expected_tokens(self, shape: TreeShape) -> float:
+    def expected_tokens(self, shape: TreeShape, context: int = 0) -> float:
         """Tokens per step: as measured once used, and before that the most it could give."""
-        record = self.records[shape]
+        record = self.record(shape, context)
         return record.tokens_per_step if record.uses else 1.0 + max(shape.depth, shape.lookup)
 
-    def _score(self, shape: TreeShape, batch_size: int) -> float:
-        record = self.records[shape]
+    def _score(self, shape: TreeShape, batch_size: int, context: int = 0) -> float:
+        record = self.record(shape, context)
         bonus = 0.0
         if shape != PLAIN and record.uses:
             bonus = self.exploration * math.sqrt(math.log(self.steps + 1) / record.uses)
-        score = (self.expected_tokens(shape) + bonus) / max(self.cost(shape, batch_size), 1e-9)
+        score = (self.expected_tokens(shape, context) + bonus) / max(self.cost(shape, batch_size), 1e-9)
         return score if shape == PLAIN else score / (1 + self.margin)
 
-    def update(self, shape: TreeShape, batch_size: int, tokens_per_step: float, seconds: float) -> None:
-        record = self.records[shape]
+    def update(self, shape: TreeShape, batch_size: int, tokens_per_step: float, seconds: float,
+               context: int = 0) -> None:
+        record = self.record(shape, context)
         record.uses += 1
         # the plain mean at first, a moving one later: a noisy early estimate would let the
         # policy chase luck (the shape it picks is the one that looked best so far)
@@ -162,10 +175,11 @@ class AdaptivePolicy:
         return self.seconds[bucket][shape] * self.drift.get((bucket, shape != PLAIN), 1.0)
 
     def summary(self) -> str:
-        used = [(s, r) for s, r in self.records.items() if r.uses]
+        used = [(key, r) for key, r in self.records.items() if r.uses]
         used.sort(key=lambda item: -item[1].uses)
-        line = ", ".join(f"{s}: {r.uses} steps, {r.tokens_per_step:.2f} tok/step" for s, r in used)
-        never = [str(s) for s, r in self.records.items() if not r.uses]
+        line = ", ".join(f"{s}{f' ({c}-gram match)' if c else ''}: {r.uses} steps, {r.tokens_per_step:.2f} tok/step"
+                         for (s, c), r in used)
+        never = [str(s) for s in self.menu if not any(r.uses for (s2, _), r in self.records.items() if s2 == s)]
         line += f"; never tried: {', '.join(never)}" if never else ""
         for b, cost in sorted(self.seconds.items()):
             line += f"\n  batch {b} ms/step: " + ", ".join(f"{s} {1000 * self.cost(s, b):.0f}" for s in cost)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .adaptive import AdaptivePolicy, shape_menu
-from .decode import head_acceptance, speculative_generate
+from .decode import DEFAULT_LOOKUP, head_acceptance, speculative_generate
 from .text import encode_prompts, read_prompt_file
 
 # Third-party packages whose source serves as unseen code: training uses the standard
@@ -64,16 +64,18 @@ class Comparison:
 
 
 def compare(model, tokenizer, speculator, prompts: list, chat: bool, max_new_tokens: int = 64,
-            adaptive: bool = False) -> Comparison:
+            adaptive: bool = False, lookup: int = 0) -> Comparison:
     """Batch-1 greedy decoding of every prompt, speculative then plain, interleaved so
     that both see the same machine state; returns the totals. With `adaptive`, one policy
-    learns across all the prompts, as it would in a serving process."""
+    learns across all the prompts, as it would in a serving process; `lookup` adds the
+    prompt-lookup branch."""
     total = Comparison(0, 0, 0.0, 0.0, [])
-    policy = AdaptivePolicy(shape_menu(speculator.config)) if adaptive else False
+    policy = AdaptivePolicy(shape_menu(speculator.config, lookup=lookup)) if adaptive else False
     for prompt in prompts:
         ids, mask = encode_prompts(tokenizer, [prompt], chat=chat)
         start = time.perf_counter()
-        out = speculative_generate(model, speculator, ids, mask, max_new_tokens=max_new_tokens, adaptive=policy)
+        out = speculative_generate(model, speculator, ids, mask, max_new_tokens=max_new_tokens, adaptive=policy,
+                                   lookup=lookup)
         total.speculative_seconds += time.perf_counter() - start
         start = time.perf_counter()
         plain = speculative_generate(model, None, ids, mask, max_new_tokens=max_new_tokens)
@@ -90,7 +92,9 @@ def compare(model, tokenizer, speculator, prompts: list, chat: bool, max_new_tok
 # `mlpspec bench`: every method, every batch size, one process, interleaved after warm-up.
 
 HF_METHODS = ("hf_greedy", "hf_prompt_lookup", "hf_assisted")
-OUR_METHODS = ("ours_plain", "ours_fixed", "ours_adaptive")
+# ours_lookup: the prompt-lookup branch alone; ours_fixed: the speculator's fixed tree alone
+# (the paper's method); ours_adaptive: the policy's pick among both and their sum, per step
+OUR_METHODS = ("ours_plain", "ours_lookup", "ours_fixed", "ours_adaptive")
 BATCH_ONE_ONLY = ("hf_prompt_lookup", "hf_assisted")  # transformers' assisted decoding is batch 1
 
 
@@ -102,6 +106,7 @@ class BenchSettings:
     n_chat: int = 6
     prompt_lengths: list[int] | None = None  # batch-1 sweep of prompt length (tokens); None or [] to skip
     methods: list[str] | None = None  # None: every method that applies
+    lookup: int = DEFAULT_LOOKUP  # the prompt-lookup branch of ours_lookup and ours_adaptive (0: none)
     prompts: list | None = None  # None: n_code unseen code prompts and n_chat chat prompts
 
 
@@ -113,7 +118,7 @@ def _new_token_count(row: list[int], prompt_length: int, eos: set[int]) -> int:
     return len(new)
 
 
-def _run(method, model, speculator, assistant, policy, ids, mask, max_new_tokens, eos):
+def _run(method, model, speculator, assistant, policy, ids, mask, max_new_tokens, eos, lookup):
     """One method on one batch: (sequences, seconds, stats or None)."""
     start = time.perf_counter()
     if method in HF_METHODS:
@@ -126,8 +131,9 @@ def _run(method, model, speculator, assistant, policy, ids, mask, max_new_tokens
         )
         return sequences, time.perf_counter() - start, None
     out = speculative_generate(
-        model, None if method == "ours_plain" else speculator, ids, mask, max_new_tokens=max_new_tokens,
-        eos_token_id=eos, adaptive=policy if method == "ours_adaptive" else False,
+        model, None if method in ("ours_plain", "ours_lookup") else speculator, ids, mask,
+        max_new_tokens=max_new_tokens, eos_token_id=eos, adaptive=policy if method == "ours_adaptive" else False,
+        lookup=lookup if method in ("ours_lookup", "ours_adaptive") else 0,
     )
     return out.sequences, time.perf_counter() - start, out.stats
 
@@ -141,10 +147,11 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     prompts = settings.prompts or code_prompts(settings.n_code) + chat_prompts()[: settings.n_chat]
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    methods = settings.methods or [m for m in (*HF_METHODS, *OUR_METHODS) if m != "hf_assisted" or assistant is not None]
+    methods = settings.methods or [m for m in (*HF_METHODS, *OUR_METHODS) if (m != "hf_assisted" or assistant is not None)
+                                   and (m != "ours_lookup" or settings.lookup)]
     # One policy learns across the run, as a server's would: tokens per step carry over
     # between batch sizes, costs are calibrated for each.
-    policy = AdaptivePolicy(shape_menu(speculator.config))
+    policy = AdaptivePolicy(shape_menu(speculator.config, lookup=settings.lookup))
     raw = {m: {} for m in methods}
     divergences, accepted = [], []
     # every prompt once per batch size, and at least 3 batches each, so no figure rests on one run
@@ -153,7 +160,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
         ids, mask = encode_prompts(tokenizer, (prompts * b)[:b], chat=False)
         for method in methods:
             if b == 1 or method not in BATCH_ONE_ONLY:
-                _run(method, model, speculator, assistant, policy, ids, mask, 4, eos)
+                _run(method, model, speculator, assistant, policy, ids, mask, 4, eos, settings.lookup)
     for done, (b, i) in enumerate(jobs, start=1):
         batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
         ids, mask = encode_prompts(tokenizer, batch, chat=False)
@@ -163,7 +170,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
             if b > 1 and method in BATCH_ONE_ONLY:
                 continue
             outputs[method] = _run(method, model, speculator, assistant, policy, ids, mask,
-                                   settings.max_new_tokens, eos)
+                                   settings.max_new_tokens, eos, settings.lookup)
         reference = outputs["hf_greedy"][0] if "hf_greedy" in outputs else None
         for method, (sequences, seconds, stats) in outputs.items():
             entry = raw[method].setdefault(b, {"tokens": 0, "seconds": 0.0, "steps": 0, "accepted": []})
@@ -221,7 +228,8 @@ def _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) ->
         mask = torch.ones_like(ids)
         times = {}
         for method in ("hf_greedy", "ours_fixed", "ours_adaptive"):
-            _, seconds, _ = _run(method, model, speculator, None, policy, ids, mask, settings.max_new_tokens, eos)
+            _, seconds, _ = _run(method, model, speculator, None, policy, ids, mask, settings.max_new_tokens, eos,
+                                 settings.lookup)
             times[method] = seconds
         sweep[str(length)] = {m: round(times["hf_greedy"] / t, 3) for m, t in times.items() if m != "hf_greedy"}
     return sweep

@@ -102,6 +102,7 @@ def cmd_generate(args) -> None:
         generator=torch.Generator().manual_seed(args.seed),
         streamer=streamer,
         adaptive=args.adaptive,
+        lookup=0 if args.no_speculate else args.lookup,
     )
     if streamer is None:
         texts = decode_new_tokens(tokenizer, out.sequences, input_ids.size(1), out.stats.emitted)
@@ -110,7 +111,7 @@ def cmd_generate(args) -> None:
     if args.stats:
         mode = "plain decoding" if speculator is None else "adaptive speculative" if args.adaptive else "speculative"
         print(f"[{mode}, {args.dtype}] {out.stats.summary()}", file=sys.stderr)
-        if speculator is not None and args.adaptive:
+        if out.stats.shapes and args.adaptive:
             shapes = ", ".join(f"{shape} {n}" for shape, n in sorted(out.stats.shapes.items(), key=lambda kv: -kv[1]))
             print(f"[tree shapes chosen, steps each: {shapes}]", file=sys.stderr)
 
@@ -138,10 +139,10 @@ def cmd_bench(args) -> None:
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     lengths = [int(n) for n in args.prompt_lengths.split(",")] if args.prompt_lengths else []
     settings = BenchSettings(batch_sizes=sizes, max_new_tokens=args.max_new_tokens, prompt_lengths=lengths,
-                             prompts=read_prompt_file(args.prompts) if args.prompts else None)
+                             prompts=read_prompt_file(args.prompts) if args.prompts else None, lookup=args.lookup)
     if args.quick:
         settings = BenchSettings(batch_sizes=[1, 4], max_new_tokens=32, n_code=2, n_chat=2, prompt_lengths=[],
-                                 prompts=settings.prompts[:4] if settings.prompts else None)
+                                 prompts=settings.prompts[:4] if settings.prompts else None, lookup=args.lookup)
     model, tokenizer = load_base(args.base, dtype=args.dtype)
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
     assistant = load_base(args.assistant, dtype=args.dtype)[0] if args.assistant else None
@@ -181,7 +182,7 @@ def cmd_serve(args) -> None:
         speculator, origin = _speculator_for(model, args.speculator, args.base is None)
         print(f"[speculator: {origin}]", file=sys.stderr)
     serve(model, tokenizer, speculator, args.model_id or args.base or DEFAULT_BASE_NAME,
-          host=args.host, port=args.port, max_batch=args.max_batch)
+          host=args.host, port=args.port, max_batch=args.max_batch, lookup=0 if args.no_speculate else args.lookup)
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -219,7 +220,16 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=default, required=f.name == "out", help=helps.get(f.name))
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .decode import DEFAULT_LOOKUP
+
     parser = argparse.ArgumentParser(prog="mlpspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print the base model and speculator configs and sizes")
@@ -239,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     gen.add_argument("--no-speculate", action="store_true", help="plain decoding through the same loop")
+    gen.add_argument("--lookup", type=_non_negative, default=DEFAULT_LOOKUP,
+                     help=f"tokens of the prompt-lookup branch beside the speculator's tree (default {DEFAULT_LOOKUP}; 0: none)")
     gen.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                      help="pick each step's tree shape, or none, for the most tokens/s (default on)")
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
@@ -254,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch-sizes", default="1,2,4,8,16")
     be.add_argument("--prompt-lengths", default="64,256,1024", help="batch-1 prompt-length sweep ('' to skip)")
     be.add_argument("--assistant", help="a draft model for HF assisted generation")
+    be.add_argument("--lookup", type=_non_negative, default=DEFAULT_LOOKUP,
+                    help=f"prompt-lookup branch of ours_lookup and ours_adaptive (default {DEFAULT_LOOKUP}; 0: none)")
     be.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     be.add_argument("--out", default="bench", help="folder for results.json, report.md and plots")
     be.add_argument("--quick", action="store_true", help="2 code + 2 chat prompts, batch 1 and 4, 32 tokens")
@@ -266,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
+    sv.add_argument("--lookup", type=_non_negative, default=DEFAULT_LOOKUP,
+                    help=f"tokens of the prompt-lookup branch the policy may add (default {DEFAULT_LOOKUP}; 0: none)")
     sv.add_argument("--model-id", help="the model name clients send (default: the base model's)")
     sv.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     sv.set_defaults(func=cmd_serve)

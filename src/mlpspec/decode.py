@@ -38,6 +38,11 @@ from .tree import (
 )
 
 
+# Tokens in the prompt-lookup branch that the CLI, the bench and the server add to the
+# speculator's tree (transformers' prompt lookup proposes 10 as well).
+DEFAULT_LOOKUP = 10
+
+
 @dataclass
 class DecodeStats:
     """What a generate call did. A step is one base forward pass (the prefill included),
@@ -172,10 +177,18 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
     )
 
 
-def propose(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int) -> Tree:
+def look_up(state: DecodeState, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt-lookup branch [b, length] copied from the prompt and the output so far
+    (tree.lookup_branch), and the n-gram size each row matched [b] (0: no match)."""
+    context = torch.cat([state.prompt, state.tokens], dim=1)  # b P+T   the pending token last
+    return lookup_branch(context, state.prompt.size(1) + state.n_emitted, length)
+
+
+def propose(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int,
+            branch: torch.Tensor | None = None) -> Tree:
     """The candidates for this step, merged into a tree under the pending token: the
-    speculator's, and a prompt-lookup branch copied from the text so far when the shape has
-    one. Both are cut to `depth` tokens when fewer remain to be generated."""
+    speculator's, and when the shape has one, the lookup branch [b, >= shape.lookup] (from
+    look_up). Both are cut to `depth` tokens when fewer remain to be generated."""
     parts = []  # b k D, one per source
     if speculator is not None and min(depth, shape.depth):
         top_k = list(shape.top_k[:depth])
@@ -185,9 +198,7 @@ def propose(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeSha
         )  # b k D
         parts.append(candidates)
     if shape.lookup and depth > 0:
-        context = torch.cat([state.prompt, state.tokens], dim=1)  # b P+T   the pending token last
-        ends = state.prompt.size(1) + state.n_emitted  # b
-        parts.append(lookup_branch(context, ends, min(shape.lookup, depth)).unsqueeze(1))  # b 1 L
+        parts.append(branch[:, : min(shape.lookup, depth)].unsqueeze(1))  # b 1 L
     if not parts:
         return root_only(state.pending)
     width = max(part.size(2) for part in parts)
@@ -221,17 +232,16 @@ def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLP
         # a root with q - 1 distinct children: a tree of q nodes one level deep
         children = torch.arange(q - 1, device=state.pending.device).view(1, q - 1, 1).expand(b, -1, -1)  # b q-1 1
         tree = build_tree(state.pending, children) if q > 1 else root_only(state.pending)
-        best = math.inf
-        for _ in range(2):
-            tick = policy.clock()
-            verify(model, state, tree)
-            best = min(best, policy.clock() - tick)
-            state.cache.keep(L, nothing)
-        return best
+        tick = policy.clock()
+        verify(model, state, tree)
+        seconds = policy.clock() - tick
+        state.cache.keep(L, nothing)
+        return seconds
 
     def propose_seconds(shape: TreeShape) -> float:
         tick = policy.clock()
-        propose(state, speculator, shape, shape.depth)
+        branch = look_up(state, shape.lookup)[0] if shape.lookup else None
+        propose(state, speculator, shape, max(shape.depth, shape.lookup), branch)
         return policy.clock() - tick
 
     policy.calibrate(b, forward_seconds, propose_seconds)
@@ -374,6 +384,7 @@ def speculative_generate(
     if speculator is None and any(s.depth for s in menu):
         raise MLPSpecError("the adaptive policy's shapes need a speculator")
     reach = max(max(s.depth, s.lookup) for s in menu)  # the most candidate tokens one step can accept
+    lookup = max(s.lookup for s in menu)  # the branch every step looks up, for whichever shape wants it
 
     start = time.perf_counter()
     if max_new_tokens == 0:
@@ -390,9 +401,13 @@ def speculative_generate(
     _stream(streamer, on_step, first)
     while not bool(state.finished.all()):
         remaining = int((max_new_tokens - state.n_emitted)[~state.finished].max())
+        tick = time.perf_counter() if policy is None else policy.clock()
+        branch, matched = look_up(state, lookup) if lookup else (None, None)
+        # what the lookup found is the policy's context: a step with no match gains nothing from it
+        context = int(matched[~state.finished].max()) if lookup else 0
         if policy is not None:
-            shape, tick = policy.choose(b, max_depth=remaining - 1), policy.clock()
-        tree = propose(state, speculator, shape, remaining - 1)
+            shape = policy.choose(b, max_depth=remaining - 1, context=context)
+        tree = propose(state, speculator, shape, remaining - 1, branch)
         out = verify(model, state, tree)
         path, n_accepted, bonus = walk(tree, out.logits, choose)
         active = ~state.finished
@@ -404,7 +419,7 @@ def speculative_generate(
             state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
         state.stats.shapes[str(shape)] = state.stats.shapes.get(str(shape), 0) + 1
         if policy is not None:
-            policy.update(shape, b, float((n_accepted + 1)[active].float().mean()), policy.clock() - tick)
+            policy.update(shape, b, float((n_accepted + 1)[active].float().mean()), policy.clock() - tick, context)
         _stream(streamer, on_step, emitted)
     if streamer is not None:
         streamer.end()

@@ -65,10 +65,11 @@ class Job:
 class Engine:
     """The worker thread and its queue."""
 
-    def __init__(self, model, tokenizer, speculator, max_batch: int = 16):
+    def __init__(self, model, tokenizer, speculator, max_batch: int = 16, lookup: int = 0):
         self.model, self.tokenizer, self.speculator = model, tokenizer, speculator
         self.max_batch = max_batch
-        self.policy = AdaptivePolicy(shape_menu(speculator.config)) if speculator is not None else False
+        speculates = speculator is not None or lookup > 0
+        self.policy = AdaptivePolicy(shape_menu(speculator and speculator.config, lookup=lookup)) if speculates else False
         eos = model.generation_config.eos_token_id
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or [0])[0]
@@ -145,14 +146,16 @@ class Engine:
                               "batch_size": len(batch)})
 
 
-def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16, max_tokens_limit: int | None = None):
-    """The Starlette app; the engine starts with it."""
+def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16, max_tokens_limit: int | None = None,
+               lookup: int = 0):
+    """The Starlette app; the engine starts with it. `lookup` adds a prompt-lookup branch
+    (decode.py) to the adaptive policy's shapes."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    engine = Engine(model, tokenizer, speculator, max_batch=max_batch)
+    engine = Engine(model, tokenizer, speculator, max_batch=max_batch, lookup=lookup)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 10**9
     limit = min(max_tokens_limit or context, context)
     eos = set(engine.eos)
@@ -341,11 +344,11 @@ class BackgroundServer:
 
 
 def serve(model, tokenizer, speculator, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-          max_batch: int = 16) -> None:
+          max_batch: int = 16, lookup: int = 0) -> None:
     import uvicorn
 
     if max_batch < 1:
         raise MLPSpecError(f"--max-batch must be at least 1, got {max_batch}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(model, tokenizer, speculator, model_id, max_batch=max_batch)
+    app = create_app(model, tokenizer, speculator, model_id, max_batch=max_batch, lookup=lookup)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -81,20 +81,21 @@ def build_tree(root: torch.Tensor, candidates: torch.Tensor) -> Tree:
     return Tree(tokens, parent, depth, ancestors, torch.where(real, node_of, -1))
 
 
-def lookup_branch(context: torch.Tensor, ends: torch.Tensor, length: int, ngrams=(3, 2, 1)) -> torch.Tensor:
+def lookup_branch(context: torch.Tensor, ends: torch.Tensor, length: int, ngrams=(3, 2, 1)):
     """Prompt-lookup drafting: a continuation copied from the context itself.
 
     context [b, C] holds each row's tokens so far in columns [0, ends[b]) (anything < 0 is
     padding and never matches). For the longest n in `ngrams` whose last n tokens occurred
     before, take the most recent such occurrence and return the `length` tokens that
-    followed it, [b, length] (NO_TOKEN where the row has no match). Code and quoted text
-    repeat themselves, and a copy can run far past a speculator's depth.
+    followed it: (branch [b, length], NO_TOKEN where the row has no match; matched [b], the
+    n that matched, 0 for none). Code and quoted text repeat themselves, and a copy can run
+    far past a speculator's depth.
     """
     b, C = context.shape
     device = context.device
     rows = torch.arange(b, device=device)
     out = torch.full((b, length), NO_TOKEN, dtype=context.dtype, device=device)
-    found = torch.zeros(b, dtype=torch.bool, device=device)
+    matched = torch.zeros(b, dtype=torch.long, device=device)
     for n in ngrams:
         if C <= n:
             continue
@@ -103,7 +104,7 @@ def lookup_branch(context: torch.Tensor, ends: torch.Tensor, length: int, ngrams
         starts = torch.arange(C - n + 1, device=device)  # C-n+1
         # an earlier occurrence with at least one token after it (the key itself has none)
         match = (windows == key.unsqueeze(1)).all(-1) & (starts + n < ends.unsqueeze(1))  # b C-n+1
-        match &= (key >= 0).all(-1, keepdim=True) & ~found.unsqueeze(1)
+        match &= (key >= 0).all(-1, keepdim=True) & (matched == 0).unsqueeze(1)
         has = match.any(dim=1)  # b
         latest = (match.long() * (starts + 1)).argmax(dim=1)  # b   the last matching start
         # the copy starts after the match and, reaching the end, goes on copying itself (as
@@ -113,8 +114,8 @@ def lookup_branch(context: torch.Tensor, ends: torch.Tensor, length: int, ngrams
         at = start.unsqueeze(1) + torch.arange(length, device=device) % period.unsqueeze(1)  # b length
         copy = context.gather(1, at.clamp(max=C - 1))  # b length
         out = torch.where(has.unsqueeze(1), copy, out)
-        found |= has
-    return out
+        matched = torch.where(has, n, matched)
+    return out, matched
 
 
 def root_only(root: torch.Tensor) -> Tree:
