@@ -373,16 +373,19 @@ def repetitive(lengths, seed=0):
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-@pytest.mark.parametrize("seed", range(3))
-def test_greedy_with_a_lookup_branch_equals_transformers(build, seed):
-    model = build(seed=seed)
-    ids, mask = repetitive([6, 17, 9, 13], seed)
-    expected = hf_greedy(model, ids, mask, 30, eos=None)
-    for speculator in (None, random_speculator(model, seed)):
-        for lookup in (1, 4, 10):
-            out = speculative_generate(model, speculator, ids, mask, max_new_tokens=30, eos_token_id=[], lookup=lookup)
-            assert out.sequences.tolist() == expected.tolist()
-            assert max(out.stats.accepted_lengths) >= min(lookup, 2)  # copies were accepted, not just proposed
+def test_greedy_with_a_lookup_branch_equals_transformers(build):
+    """Repetitive prompts, batch 4 with mixed lengths, the lookup branch alone and beside a
+    speculator's tree, over three seeds."""
+    for seed in range(3):
+        model = build(seed=seed)
+        ids, mask = repetitive([6, 17, 9, 13], seed)
+        expected = hf_greedy(model, ids, mask, 30, eos=None)
+        for speculator in (None, random_speculator(model, seed)):
+            for lookup in (1, 4, 10):
+                out = speculative_generate(model, speculator, ids, mask, max_new_tokens=30, eos_token_id=[],
+                                           lookup=lookup)
+                assert out.sequences.tolist() == expected.tolist()
+                assert max(out.stats.accepted_lengths) >= min(lookup, 2)  # copies were accepted, not just proposed
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 5, 9, 14])

@@ -197,7 +197,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "data": "text data: a file, a folder, a hub dataset name, or 'default' (repeatable)",
         "tie_base_embeddings": "share the base model's embedding and LM head (frozen, not stored)",
         "dtype": "base model dtype; bfloat16 also runs the speculator under autocast",
-        "targets": "what the heads learn: the data's next tokens, or the base model's own greedy choices",
+        "targets": "what the heads learn: the data's next tokens, the base model's own greedy choices, "
+                   "or its whole next-token distribution (distill: a KL loss)",
         "resume": "continue the run in --out from its latest checkpoint",
         "token_conditioning": "drop the sampled token from every stage (a Medusa-style speculator)",
     }
