@@ -2,7 +2,8 @@
 
 Each step is five small functions over one `DecodeState`:
 
-    propose   the speculator grows its candidate tree from the pending token
+    propose   the speculator grows its candidate tree from the pending token (and look_up
+              adds a branch copied from the text so far, when asked to)
     build     the candidates merge into a trie (tree.py)
     verify    the base model scores every node in one forward pass
     accept    walk the trie with the base model's own choices
@@ -401,7 +402,7 @@ def speculative_generate(
     _stream(streamer, on_step, first)
     while not bool(state.finished.all()):
         remaining = int((max_new_tokens - state.n_emitted)[~state.finished].max())
-        tick = time.perf_counter() if policy is None else policy.clock()
+        tick = policy.clock() if policy is not None else None
         branch, matched = look_up(state, lookup) if lookup else (None, None)
         # what the lookup found is the policy's context: a step with no match gains nothing from it
         context = int(matched[~state.finished].max()) if lookup else 0
