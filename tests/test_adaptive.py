@@ -37,7 +37,7 @@ def run_policy(policy, steps, outcome, batch_size=1):
     for _ in range(steps):
         shape = policy.choose(batch_size, max_depth=2)
         chosen.append(shape)
-        policy.update(shape, batch_size, outcome[shape], policy.seconds[policy.bucket(batch_size)][shape])
+        policy.update(shape, batch_size, [outcome[shape]], policy.seconds[policy.bucket(batch_size)][shape])
     return chosen
 
 
@@ -80,15 +80,15 @@ def test_what_one_batch_size_learned_guides_another():
 def test_measured_step_times_correct_plain_and_speculative_costs_apart():
     policy = calibrated([PLAIN, CHAIN1, CHAIN2], {1: 1.0, 2: 1.2, 3: 1.4})
     for _ in range(200):  # speculative steps really cost 20% more than calibrated; plain ones as calibrated
-        policy.update(CHAIN1, 1, 1.8, 1.44)
-        policy.update(PLAIN, 1, 1.0, 1.0)
+        policy.update(CHAIN1, 1, [1.8], 1.44)
+        policy.update(PLAIN, 1, [1.0], 1.0)
     assert policy.cost(CHAIN2, 1) == pytest.approx(1.68, rel=1e-3)  # corrected though never timed itself
     assert policy.cost(PLAIN, 1) == pytest.approx(1.0)
 
 
 def test_speculation_must_beat_plain_decoding_by_a_margin():
     policy = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 1.5})
-    policy.update(CHAIN1, 1, 1.62, 1.5)  # 8% more tokens per second than plain: within the noise
+    policy.update(CHAIN1, 1, [1.62], 1.5)  # 8% more tokens per second than plain: within the noise
     policy.steps = 10**6  # no optimism left to spend
     policy.record(CHAIN1).uses = 10**6
     assert policy.choose(1, max_depth=1) == PLAIN
@@ -157,20 +157,42 @@ def test_batch_sizes_share_costs_in_power_of_two_buckets():
     assert sorted(policy.seconds) == [4]
 
 
-def test_lookup_shapes_are_judged_by_what_the_lookup_matched():
+def test_lookup_shapes_are_judged_by_what_each_row_matched():
     LOOKUP = TreeShape((), 0, 6)  # 7 nodes
     policy = calibrated([PLAIN, CHAIN1, LOOKUP], {1: 1.0, 2: 1.1, 7: 1.3})
     # a 3-gram match is copied right: 4 tokens a step; a 1-gram match is not: 1.05
     outcome = {3: 4.0, 1: 1.05}
     for _ in range(30):
-        for context in (3, 1):
-            shape = policy.choose(1, max_depth=6, context=context)
-            tokens = outcome[context] if shape == LOOKUP else {PLAIN: 1.0, CHAIN1: 1.5}[shape]
-            policy.update(shape, 1, tokens, policy.seconds[1][shape], context)
+        for n in (3, 1):
+            shape = policy.choose(1, max_depth=6, matched=[n])
+            tokens = outcome[n] if shape == LOOKUP else {PLAIN: 1.0, CHAIN1: 1.5}[shape]
+            policy.update(shape, 1, [tokens], policy.seconds[1][shape], [n])
     assert policy.record(LOOKUP, 3).tokens_per_step == pytest.approx(4.0)
-    assert policy.choose(1, max_depth=6, context=3) == LOOKUP
-    assert policy.choose(1, max_depth=6, context=1) == CHAIN1  # tried, and lost to the chain
-    assert policy.choose(1, max_depth=6, context=0) == CHAIN1  # no match: lookup shapes are out
+    assert policy.choose(1, max_depth=6, matched=[3]) == LOOKUP
+    assert policy.choose(1, max_depth=6, matched=[1]) == CHAIN1  # tried, and lost to the chain
+    assert policy.choose(1, max_depth=6, matched=[0]) == CHAIN1  # no match: lookup shapes are out
     assert policy.record(CHAIN1, 3) is policy.record(CHAIN1, 1)  # the speculator's shapes pool contexts
-    # a lookup shape not yet tried in a context is credited with its most, 1 + 6 tokens
-    assert policy.choose(1, max_depth=6, context=2) == LOOKUP
+    # a row with no match counts for the shape's twin without the branch (here plain decoding)
+    assert policy.record(LOOKUP, 0) is policy.record(PLAIN)
+    # a lookup shape not yet tried for an n is credited with its most, 1 + 6 tokens
+    assert policy.choose(1, max_depth=6, matched=[2]) == LOOKUP
+
+
+def test_one_matching_row_in_a_batch_is_worth_its_share():
+    LOOKUP = TreeShape((), 0, 6)
+    policy = calibrated([PLAIN, LOOKUP], {1: 1.0, 2: 1.1, 7: 1.5}, batch_size=4)
+    policy.update(LOOKUP, 4, [5.0], 1.5, [3])  # known: a 3-gram row gains 4 tokens
+    policy.update(PLAIN, 4, [1.0], 1.0)
+    policy.steps = 10**6
+    policy.record(LOOKUP, 3).uses = 10**6  # no optimism left
+    # one row of four matched: (5 + 1 + 1 + 1) / 4 = 2 tokens for 1.5 s, against 1 in 1 s
+    assert policy.expected_tokens(LOOKUP, [3, 0, 0, 0]) == pytest.approx(2.0)
+    assert policy.choose(4, max_depth=6, matched=[3, 0, 0, 0]) == LOOKUP
+    # with a step that costs 2.5x plain, one matching row no longer pays
+    policy.seconds[4][LOOKUP] = 2.5
+    assert policy.choose(4, max_depth=6, matched=[3, 0, 0, 0]) == PLAIN
+    assert policy.choose(4, max_depth=6, matched=[3, 3, 3, 0]) == LOOKUP  # (5 * 3 + 1) / 4 = 4 per 2.5 s
+    # a step of rows with and without a match updates each row's own record
+    policy.update(LOOKUP, 4, [3.0, 1.0, 1.0, 1.0], 2.5, [2, 0, 0, 0])
+    assert policy.record(LOOKUP, 2).tokens_per_step == pytest.approx(3.0)
+    assert policy.record(PLAIN).uses == 2

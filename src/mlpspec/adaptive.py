@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -105,11 +105,15 @@ class AdaptivePolicy:
     def __post_init__(self):
         self.records = {}
 
-    def record(self, shape: TreeShape, context: int = 0) -> ShapeRecord:
-        """What a shape has done. A lookup shape is tracked per context, the n-gram size the
-        lookup matched this step (a 3-gram match is copied right far more often than a
-        1-gram one); the speculator's own shapes do not depend on it."""
-        return self.records.setdefault((shape, context if shape.lookup else 0), ShapeRecord())
+    def record(self, shape: TreeShape, matched: int = 0) -> ShapeRecord:
+        """What a shape has done for one row whose lookup matched an n-gram of `matched`
+        tokens (0: none). A lookup shape is tracked per n (a 3-gram match is copied right far
+        more often than a 1-gram one); for a row with no match its lookup branch is empty, so
+        the row counts for the shape's twin without the branch. The speculator's own shapes
+        do not depend on n."""
+        if shape.lookup and not matched:
+            shape = TreeShape(shape.top_k, shape.n_candidates)
+        return self.records.setdefault((shape, matched if shape.lookup else 0), ShapeRecord())
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -136,34 +140,48 @@ class AdaptivePolicy:
             for shape in self.menu
         }
 
-    def choose(self, batch_size: int, max_depth: int, context: int = 0) -> TreeShape:
-        """The shape to use for the next step, among those no deeper than max_depth. With
-        context 0 (the lookup found nothing) the lookup shapes would add no nodes: they are
-        left out, their plain-tree twins stand in for them."""
-        allowed = [s for s in self.menu if s.depth <= max_depth and (context or not s.lookup)]
-        return max(allowed, key=lambda shape: self._score(shape, batch_size, context))
+    def choose(self, batch_size: int, max_depth: int, matched: Sequence[int] = (0,)) -> TreeShape:
+        """The shape to use for the next step, among those no deeper than max_depth, given
+        the n-gram size each active row's lookup matched. Where no row matched, the lookup
+        shapes would add no nodes: they are left out, their twins stand in for them."""
+        allowed = [s for s in self.menu if s.depth <= max_depth and (any(matched) or not s.lookup)]
+        return max(allowed, key=lambda shape: self._score(shape, batch_size, matched))
 
-    def expected_tokens(self, shape: TreeShape, context: int = 0) -> float:
-        """Tokens per step: as measured once used, and before that the most it could give."""
-        record = self.record(shape, context)
-        return record.tokens_per_step if record.uses else 1.0 + max(shape.depth, shape.lookup)
+    def expected_tokens(self, shape: TreeShape, matched: Sequence[int] = (0,), bonus: bool = False) -> float:
+        """Tokens per step per row, averaged over the rows: as measured once used, and
+        before that the most it could give; with `bonus`, plus the optimism bonus (UCB)."""
+        values = []
+        for n in matched:
+            record = self.record(shape, n)
+            reach = max(shape.depth, shape.lookup if n else 0)
+            value = record.tokens_per_step if record.uses else 1.0 + reach
+            if bonus and reach and record.uses:
+                value += self.exploration * math.sqrt(math.log(self.steps + 1) / record.uses)
+            values.append(value)
+        return sum(values) / len(values)
 
-    def _score(self, shape: TreeShape, batch_size: int, context: int = 0) -> float:
-        record = self.record(shape, context)
-        bonus = 0.0
-        if shape != PLAIN and record.uses:
-            bonus = self.exploration * math.sqrt(math.log(self.steps + 1) / record.uses)
-        score = (self.expected_tokens(shape, context) + bonus) / max(self.cost(shape, batch_size), 1e-9)
+    def _score(self, shape: TreeShape, batch_size: int, matched: Sequence[int]) -> float:
+        score = self.expected_tokens(shape, matched, bonus=True) / max(self.cost(shape, batch_size), 1e-9)
         return score if shape == PLAIN else score / (1 + self.margin)
 
-    def update(self, shape: TreeShape, batch_size: int, tokens_per_step: float, seconds: float,
-               context: int = 0) -> None:
-        record = self.record(shape, context)
-        record.uses += 1
-        # the plain mean at first, a moving one later: a noisy early estimate would let the
-        # policy chase luck (the shape it picks is the one that looked best so far)
-        a = max(1.0 / record.uses, self.smoothing)
-        record.tokens_per_step += a * (tokens_per_step - record.tokens_per_step)
+    def update(self, shape: TreeShape, batch_size: int, row_tokens: Sequence[float], seconds: float,
+               matched: Sequence[int] | None = None) -> None:
+        """One step of `shape` took `seconds` and gave each active row row_tokens tokens;
+        matched holds the n-gram size each row's lookup matched (None: no lookup)."""
+        matched = matched if matched is not None else [0] * len(row_tokens)
+        by_record: dict[int, list[float]] = {}  # rows that count for the same record, averaged
+        for n, tokens in zip(matched, row_tokens):
+            by_record.setdefault(id(self.record(shape, n)), []).append(tokens)
+        for n in dict.fromkeys(matched):
+            record = self.record(shape, n)
+            group = by_record.pop(id(record), None)
+            if group is None:
+                continue
+            record.uses += 1
+            # the plain mean at first, a moving one later: a noisy early estimate would let
+            # the policy chase luck (the shape it picks is the one that looked best so far)
+            a = max(1.0 / record.uses, self.smoothing)
+            record.tokens_per_step += a * (sum(group) / len(group) - record.tokens_per_step)
         bucket = self.bucket(batch_size)
         key = (bucket, shape != PLAIN)
         ratio = seconds / max(self.seconds[bucket][shape], 1e-9)

@@ -403,11 +403,12 @@ def speculative_generate(
     while not bool(state.finished.all()):
         remaining = int((max_new_tokens - state.n_emitted)[~state.finished].max())
         tick = policy.clock() if policy is not None else None
-        branch, matched = look_up(state, lookup) if lookup else (None, None)
-        # what the lookup found is the policy's context: a step with no match gains nothing from it
-        context = int(matched[~state.finished].max()) if lookup else 0
+        branch, matched = look_up(state, lookup) if lookup else (None, torch.zeros_like(state.n_emitted))
+        # what each active row's lookup matched is the policy's context: a row with no match
+        # gains nothing from the branch
+        matched = matched[~state.finished].tolist()
         if policy is not None:
-            shape = policy.choose(b, max_depth=remaining - 1, context=context)
+            shape = policy.choose(b, max_depth=remaining - 1, matched=matched)
         tree = propose(state, speculator, shape, remaining - 1, branch)
         out = verify(model, state, tree)
         path, n_accepted, bonus = walk(tree, out.logits, choose)
@@ -420,7 +421,7 @@ def speculative_generate(
             state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
         state.stats.shapes[str(shape)] = state.stats.shapes.get(str(shape), 0) + 1
         if policy is not None:
-            policy.update(shape, b, float((n_accepted + 1)[active].float().mean()), policy.clock() - tick, context)
+            policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick, matched)
         _stream(streamer, on_step, emitted)
     if streamer is not None:
         streamer.end()
