@@ -19,10 +19,9 @@ def test_shape_menu():
     ]
     assert [s.max_nodes for s in menu] == [1, 2, 3, 4, 5, 11, 16]
     with_lookup = shape_menu(cfg, lookup=8)
-    assert with_lookup == menu + [TreeShape((), 0, 8), TreeShape((4,), 4, 8), TreeShape((4, 3), 5, 8),
-                                  TreeShape((4, 3, 2), 5, 8)]
-    assert [s.max_nodes for s in with_lookup[len(menu):]] == [9, 13, 19, 24]
-    assert [str(s) for s in with_lookup[-2:]] == ["[4, 3]x5+lookup8", "[4, 3, 2]x5+lookup8"]
+    assert with_lookup == menu + [TreeShape((), 0, 8), TreeShape((4, 3, 2), 5, 8)]
+    assert [s.max_nodes for s in with_lookup[len(menu):]] == [9, 24]
+    assert [str(s) for s in with_lookup[-2:]] == ["lookup8", "[4, 3, 2]x5+lookup8"]
     assert shape_menu(None, lookup=8) == [PLAIN, TreeShape((), 0, 8)]
 
 
@@ -196,3 +195,15 @@ def test_one_matching_row_in_a_batch_is_worth_its_share():
     policy.update(LOOKUP, 4, [3.0, 1.0, 1.0, 1.0], 2.5, [2, 0, 0, 0])
     assert policy.record(LOOKUP, 2).tokens_per_step == pytest.approx(3.0)
     assert policy.record(PLAIN).uses == 2
+
+
+def test_a_tree_with_a_lookup_branch_starts_from_what_its_parts_gave():
+    LOOKUP, TREE_LOOKUP = TreeShape((), 0, 6), TreeShape((4, 3), 5, 6)
+    policy = calibrated([PLAIN, TREE, LOOKUP, TREE_LOOKUP], {1: 1.0, 2: 1.1, 17: 2.0})
+    assert policy.expected_tokens(TREE_LOOKUP, [3]) == 7.0  # nothing known: 1 + its reach
+    policy.update(LOOKUP, 1, [3.5], 1.3, [3])
+    assert policy.expected_tokens(TREE_LOOKUP, [3]) == 3.5  # the branch alone is known
+    policy.update(TREE, 1, [2.4], 2.0)
+    policy.update(TREE, 1, [2.4], 2.0)
+    assert policy.expected_tokens(TREE_LOOKUP, [3]) == 3.5  # the better of the two parts
+    assert policy.expected_tokens(TREE_LOOKUP, [1]) == 2.4  # for a 1-gram match only the tree is known

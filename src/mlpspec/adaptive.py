@@ -62,7 +62,8 @@ PLAIN = TreeShape((), 0)
 def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = None, n_candidates: int | None = None,
                lookup: int = 0) -> list[TreeShape]:
     """Plain decoding, top-1 chains of every depth, and the configured tree cut to every depth.
-    With `lookup`, also the prompt-lookup branch alone and beside each cut of the tree."""
+    With `lookup`, also the prompt-lookup branch alone and beside the whole tree: few shapes,
+    since each is tracked per matched n-gram size and every one must be tried to be known."""
     menu = [PLAIN]
     trees = []
     if config is not None:
@@ -75,7 +76,7 @@ def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = Non
                 trees.append(shape)
         menu += trees
     if lookup:
-        menu += [TreeShape((), 0, lookup)] + [TreeShape(t.top_k, t.n_candidates, lookup) for t in trees]
+        menu += [TreeShape((), 0, lookup)] + [TreeShape(t.top_k, t.n_candidates, lookup) for t in trees[-1:]]
     return menu
 
 
@@ -154,9 +155,16 @@ class AdaptivePolicy:
         for n in matched:
             record = self.record(shape, n)
             reach = max(shape.depth, shape.lookup if n else 0)
-            value = record.tokens_per_step if record.uses else 1.0 + reach
-            if bonus and reach and record.uses:
-                value += self.exploration * math.sqrt(math.log(self.steps + 1) / record.uses)
+            uses, value = record.uses, record.tokens_per_step
+            if not uses:
+                # a tree with a lookup branch gives at least what each part gives alone; where
+                # the parts are known, that is its estimate (as if tried once), not its reach
+                # of 1 + lookup tokens, which would make every batch size pay to try it
+                parts = [self.record(p, n) for p in (TreeShape((), 0, shape.lookup), TreeShape(shape.top_k, shape.n_candidates))]
+                known = [p.tokens_per_step for p in parts if p.uses] if shape.lookup and shape.depth and n else []
+                uses, value = (1, max(known)) if known else (0, 1.0 + reach)
+            if bonus and reach and uses:
+                value += self.exploration * math.sqrt(math.log(self.steps + 1) / uses)
             values.append(value)
         return sum(values) / len(values)
 
