@@ -101,6 +101,9 @@ class AdaptivePolicy:
     records: dict[tuple[TreeShape, int], ShapeRecord] = field(default_factory=dict)  # (shape, context)
     seconds: dict[int, dict[TreeShape, float]] = field(default_factory=dict)  # bucket -> shape -> s/step
     drift: dict[tuple[int, bool], float] = field(default_factory=dict)  # (bucket, speculative) -> measured/calibrated
+    # per bucket, moving averages of the extra tokens (beyond the one every step makes) that
+    # speculative steps gave and that the policy expected when it chose them
+    extra: dict[int, list[float]] = field(default_factory=dict)  # bucket -> [given, expected]
     steps: int = 0
 
     def __post_init__(self):
@@ -168,15 +171,34 @@ class AdaptivePolicy:
             values.append(value)
         return sum(values) / len(values)
 
+    def realism(self, batch_size: int) -> float:
+        """The share of the extra tokens it expected that speculation really gave at this
+        batch size. The policy picks the shape whose estimate looks best, so it picks
+        estimates that are high by luck (the winner's curse), the more so the noisier they
+        are: a lookup branch gives ten tokens one step and none the next. Scaling every
+        speculative estimate by what was realized keeps that from costing speed."""
+        given, expected = self.extra.get(self.bucket(batch_size), (1.0, 1.0))
+        return min(max(given / max(expected, 1e-9), 0.0), 1.0)
+
     def _score(self, shape: TreeShape, batch_size: int, matched: Sequence[int]) -> float:
-        score = self.expected_tokens(shape, matched, bonus=True) / max(self.cost(shape, batch_size), 1e-9)
-        return score if shape == PLAIN else score / (1 + self.margin)
+        if shape == PLAIN:
+            return 1.0 / max(self.cost(shape, batch_size), 1e-9)
+        tokens = 1.0 + (self.expected_tokens(shape, matched, bonus=True) - 1.0) * self.realism(batch_size)
+        return tokens / max(self.cost(shape, batch_size), 1e-9) / (1 + self.margin)
 
     def update(self, shape: TreeShape, batch_size: int, row_tokens: Sequence[float], seconds: float,
                matched: Sequence[int] | None = None) -> None:
         """One step of `shape` took `seconds` and gave each active row row_tokens tokens;
         matched holds the n-gram size each row's lookup matched (None: no lookup)."""
         matched = matched if matched is not None else [0] * len(row_tokens)
+        bucket = self.bucket(batch_size)
+        if shape != PLAIN:
+            given = sum(row_tokens) / len(row_tokens) - 1.0
+            expected = self.expected_tokens(shape, matched) - 1.0
+            a = self.smoothing if bucket in self.extra else 1.0
+            pair = self.extra.setdefault(bucket, [given, expected])
+            pair[0] += a * (given - pair[0])
+            pair[1] += a * (expected - pair[1])
         by_record: dict[int, list[float]] = {}  # rows that count for the same record, averaged
         for n, tokens in zip(matched, row_tokens):
             by_record.setdefault(id(self.record(shape, n)), []).append(tokens)
@@ -190,7 +212,6 @@ class AdaptivePolicy:
             # the policy chase luck (the shape it picks is the one that looked best so far)
             a = max(1.0 / record.uses, self.smoothing)
             record.tokens_per_step += a * (sum(group) / len(group) - record.tokens_per_step)
-        bucket = self.bucket(batch_size)
         key = (bucket, shape != PLAIN)
         ratio = seconds / max(self.seconds[bucket][shape], 1e-9)
         self.drift[key] = self.drift.get(key, ratio) + self.smoothing * (ratio - self.drift.get(key, ratio))
@@ -209,4 +230,5 @@ class AdaptivePolicy:
         line += f"; never tried: {', '.join(never)}" if never else ""
         for b, cost in sorted(self.seconds.items()):
             line += f"\n  batch {b} ms/step: " + ", ".join(f"{s} {1000 * self.cost(s, b):.0f}" for s in cost)
+            line += f"; realism {self.realism(b):.2f}"
         return line
