@@ -215,12 +215,15 @@ def test_estimates_that_do_not_come_true_are_scaled_down():
     batch size where speculation keeps giving less than the policy expected, every
     speculative estimate is scaled by what was realized, and plain decoding wins."""
     policy = calibrated([PLAIN, CHAIN2], {1: 1.0, 2: 1.1, 3: 1.6}, batch_size=8)
-    policy.update(CHAIN2, 8, [2.5], 1.6)  # first use: expected 3, gave 2.5
+    policy.update(CHAIN2, 8, [2.5], 1.6)  # a first try says nothing of the estimates
+    assert policy.realism(8) == 1.0
+    policy.update(CHAIN2, 8, [2.0], 1.6)  # expected 2.5, gave 2.0
+    policy.record(CHAIN2).tokens_per_step = 2.5
     policy.steps = 10**6
     policy.record(CHAIN2).uses = 10**6
-    assert policy.realism(8) == pytest.approx(0.75)
+    assert policy.realism(8) == pytest.approx(2 / 3)
     # the record says 2.5 tokens (2.5 / 1.6 / 1.1 = 1.42 per second, beating plain's 1.0),
-    # but only 75% of the extra tokens came true: 1 + 1.5 * 0.75 = 2.125 -> 1.21 per second
+    # but two thirds of the extra tokens came true: 1 + 1.5 * 2 / 3 = 2 -> 1.14 per second
     assert policy.choose(8, max_depth=2) == CHAIN2
     for _ in range(200):  # from now on it gives 1.7 where the record said 2.5
         policy.update(CHAIN2, 8, [1.7], 1.6)

@@ -183,7 +183,9 @@ class AdaptivePolicy:
     def _score(self, shape: TreeShape, batch_size: int, matched: Sequence[int]) -> float:
         if shape == PLAIN:
             return 1.0 / max(self.cost(shape, batch_size), 1e-9)
-        tokens = 1.0 + (self.expected_tokens(shape, matched, bonus=True) - 1.0) * self.realism(batch_size)
+        # the optimism bonus is left unscaled, so a shape is still retried now and then
+        bonus = self.expected_tokens(shape, matched, bonus=True) - self.expected_tokens(shape, matched)
+        tokens = 1.0 + (self.expected_tokens(shape, matched) - 1.0) * self.realism(batch_size) + bonus
         return tokens / max(self.cost(shape, batch_size), 1e-9) / (1 + self.margin)
 
     def update(self, shape: TreeShape, batch_size: int, row_tokens: Sequence[float], seconds: float,
@@ -192,7 +194,8 @@ class AdaptivePolicy:
         matched holds the n-gram size each row's lookup matched (None: no lookup)."""
         matched = matched if matched is not None else [0] * len(row_tokens)
         bucket = self.bucket(batch_size)
-        if shape != PLAIN:
+        # only steps whose estimate came from experience: a first try's estimate is its reach
+        if shape != PLAIN and all(self.record(shape, n).uses for n in matched):
             given = sum(row_tokens) / len(row_tokens) - 1.0
             expected = self.expected_tokens(shape, matched) - 1.0
             a = self.smoothing if bucket in self.extra else 1.0
