@@ -188,12 +188,15 @@ def test_one_matching_row_in_a_batch_is_worth_its_share():
     # one row of four matched: (5 + 1 + 1 + 1) / 4 = 2 tokens for 1.5 s, against 1 in 1 s
     assert policy.expected_tokens(LOOKUP, [3, 0, 0, 0]) == pytest.approx(2.0)
     assert policy.choose(4, max_depth=6, matched=[3, 0, 0, 0]) == LOOKUP
-    # with a step that costs 2.5x plain, one matching row no longer pays
-    policy.seconds[4][LOOKUP] = 2.5
+    # with a step that costs 1.9x plain, one matching row no longer pays
+    policy.seconds[4][LOOKUP] = 1.9
     assert policy.choose(4, max_depth=6, matched=[3, 0, 0, 0]) == PLAIN
-    assert policy.choose(4, max_depth=6, matched=[3, 3, 3, 0]) == LOOKUP  # (5 * 3 + 1) / 4 = 4 per 2.5 s
+    assert policy.choose(4, max_depth=6, matched=[3, 3, 3, 0]) == LOOKUP  # (5 * 3 + 1) / 4 = 4 per 1.9 s
+    # past twice a plain step a lookup shape is not offered at all, whatever its estimate
+    policy.seconds[4][LOOKUP] = 2.1
+    assert policy.choose(4, max_depth=6, matched=[3, 3, 3, 3]) == PLAIN
     # a step of rows with and without a match updates each row's own record
-    policy.update(LOOKUP, 4, [3.0, 1.0, 1.0, 1.0], 2.5, [2, 0, 0, 0])
+    policy.update(LOOKUP, 4, [3.0, 1.0, 1.0, 1.0], 2.1, [2, 0, 0, 0])
     assert policy.record(LOOKUP, 2).tokens_per_step == pytest.approx(3.0)
     assert policy.record(PLAIN).uses == 2
 

@@ -97,6 +97,10 @@ class AdaptivePolicy:
     exploration: float = 0.2  # size of the optimism bonus, in tokens per step
     margin: float = 0.10  # speculate only where the estimate beats plain decoding by this much
     rounds: int = 3  # calibration rounds
+    # a lookup shape is offered only where its step costs at most this many plain steps: a
+    # copy's yield averages 2-3 tokens over the rows that matched, so beyond that it cannot
+    # pay, though its reach (1 + 10 tokens) says it could (the bench lost 16% at batch 8)
+    lookup_cost_ratio: float = 2.0
     clock: object = time.perf_counter  # injectable, for tests
     records: dict[tuple[TreeShape, int], ShapeRecord] = field(default_factory=dict)  # (shape, context)
     seconds: dict[int, dict[TreeShape, float]] = field(default_factory=dict)  # bucket -> shape -> s/step
@@ -148,7 +152,9 @@ class AdaptivePolicy:
         """The shape to use for the next step, among those no deeper than max_depth, given
         the n-gram size each active row's lookup matched. Where no row matched, the lookup
         shapes would add no nodes: they are left out, their twins stand in for them."""
-        allowed = [s for s in self.menu if s.depth <= max_depth and (any(matched) or not s.lookup)]
+        plain = self.cost(PLAIN, batch_size)
+        allowed = [s for s in self.menu if s.depth <= max_depth and (not s.lookup or (
+            any(matched) and self.cost(s, batch_size) <= self.lookup_cost_ratio * plain))]
         return max(allowed, key=lambda shape: self._score(shape, batch_size, matched))
 
     def expected_tokens(self, shape: TreeShape, matched: Sequence[int] = (0,), bonus: bool = False) -> float:
