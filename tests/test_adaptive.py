@@ -90,7 +90,6 @@ def test_speculation_must_beat_plain_decoding_by_a_margin():
     policy.update(CHAIN1, 1, [1.62], 1.5)  # 8% more tokens per second than plain: within the noise
     policy.steps = 10**6  # no optimism left to spend
     policy.record(CHAIN1).uses = 10**6
-    policy.extra[1] = [1.0, 1.0]  # and its estimates have come true
     assert policy.choose(1, max_depth=1) == PLAIN
     policy.record(CHAIN1).tokens_per_step = 1.73  # 15% more: worth it
     assert policy.choose(1, max_depth=1) == CHAIN1
@@ -211,26 +210,3 @@ def test_a_tree_with_a_lookup_branch_starts_from_what_its_parts_gave():
     policy.update(TREE, 1, [2.4], 2.0)
     assert policy.expected_tokens(TREE_LOOKUP, [3]) == 3.5  # the better of the two parts
     assert policy.expected_tokens(TREE_LOOKUP, [1]) == 2.4  # for a 1-gram match only the tree is known
-
-
-def test_estimates_that_do_not_come_true_are_scaled_down():
-    """The winner's curse: a noisy shape is picked when its estimate is high by luck. At a
-    batch size where speculation keeps giving less than the policy expected, every
-    speculative estimate is scaled by what was realized, and plain decoding wins."""
-    policy = calibrated([PLAIN, CHAIN2], {1: 1.0, 2: 1.1, 3: 1.6}, batch_size=8)
-    policy.update(CHAIN2, 8, [2.5], 1.6)  # a first try says nothing of the estimates
-    assert policy.realism(8) == 1.0
-    policy.update(CHAIN2, 8, [2.0], 1.6)  # expected 2.5, gave 2.0
-    policy.record(CHAIN2).tokens_per_step = 2.5
-    policy.steps = 10**6
-    policy.record(CHAIN2).uses = 10**6
-    assert policy.realism(8) == pytest.approx(2 / 3)
-    # the record says 2.5 tokens (2.5 / 1.6 / 1.1 = 1.42 per second, beating plain's 1.0),
-    # but two thirds of the extra tokens came true: 1 + 1.5 * 2 / 3 = 2 -> 1.14 per second
-    assert policy.choose(8, max_depth=2) == CHAIN2
-    for _ in range(200):  # from now on it gives 1.7 where the record said 2.5
-        policy.update(CHAIN2, 8, [1.7], 1.6)
-        policy.record(CHAIN2).tokens_per_step = 2.5
-    assert policy.realism(8) == pytest.approx(0.7 / 1.5, rel=0.02)
-    assert policy.choose(8, max_depth=2) == PLAIN
-    assert policy.realism(1) == 1.0  # another batch size keeps its own

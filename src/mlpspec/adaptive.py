@@ -99,15 +99,13 @@ class AdaptivePolicy:
     rounds: int = 3  # calibration rounds
     # a lookup shape is offered only where its step costs at most this many plain steps: a
     # copy's yield averages 2-3 tokens over the rows that matched, so beyond that it cannot
-    # pay, though its reach (1 + 10 tokens) says it could (the bench lost 16% at batch 8)
+    # pay, though its reach (1 + 10 tokens) says it could (the bench lost 16% at batch 8,
+    # where the policy picked lookup steps expecting 3.7 tokens a row and got 2.7)
     lookup_cost_ratio: float = 2.0
     clock: object = time.perf_counter  # injectable, for tests
     records: dict[tuple[TreeShape, int], ShapeRecord] = field(default_factory=dict)  # (shape, context)
     seconds: dict[int, dict[TreeShape, float]] = field(default_factory=dict)  # bucket -> shape -> s/step
     drift: dict[tuple[int, bool], float] = field(default_factory=dict)  # (bucket, speculative) -> measured/calibrated
-    # per bucket, moving averages of the extra tokens (beyond the one every step makes) that
-    # speculative steps gave and that the policy expected when it chose them
-    extra: dict[int, list[float]] = field(default_factory=dict)  # bucket -> [given, expected]
     steps: int = 0
 
     def __post_init__(self):
@@ -152,10 +150,15 @@ class AdaptivePolicy:
         """The shape to use for the next step, among those no deeper than max_depth, given
         the n-gram size each active row's lookup matched. Where no row matched, the lookup
         shapes would add no nodes: they are left out, their twins stand in for them."""
-        plain = self.cost(PLAIN, batch_size)
         allowed = [s for s in self.menu if s.depth <= max_depth and (not s.lookup or (
-            any(matched) and self.cost(s, batch_size) <= self.lookup_cost_ratio * plain))]
+            any(matched) and s in self.lookup_shapes(batch_size)))]
         return max(allowed, key=lambda shape: self._score(shape, batch_size, matched))
+
+    def lookup_shapes(self, batch_size: int) -> list[TreeShape]:
+        """The lookup shapes on offer at this batch size (see lookup_cost_ratio); where there
+        are none, the decoder skips the lookup itself."""
+        plain = self.cost(PLAIN, batch_size)
+        return [s for s in self.menu if s.lookup and self.cost(s, batch_size) <= self.lookup_cost_ratio * plain]
 
     def expected_tokens(self, shape: TreeShape, matched: Sequence[int] = (0,), bonus: bool = False) -> float:
         """Tokens per step per row, averaged over the rows: as measured once used, and
@@ -177,37 +180,15 @@ class AdaptivePolicy:
             values.append(value)
         return sum(values) / len(values)
 
-    def realism(self, batch_size: int) -> float:
-        """The share of the extra tokens it expected that speculation really gave at this
-        batch size. The policy picks the shape whose estimate looks best, so it picks
-        estimates that are high by luck (the winner's curse), the more so the noisier they
-        are: a lookup branch gives ten tokens one step and none the next. Scaling every
-        speculative estimate by what was realized keeps that from costing speed."""
-        given, expected = self.extra.get(self.bucket(batch_size), (1.0, 1.0))
-        return min(max(given / max(expected, 1e-9), 0.0), 1.0)
-
     def _score(self, shape: TreeShape, batch_size: int, matched: Sequence[int]) -> float:
-        if shape == PLAIN:
-            return 1.0 / max(self.cost(shape, batch_size), 1e-9)
-        # the optimism bonus is left unscaled, so a shape is still retried now and then
-        bonus = self.expected_tokens(shape, matched, bonus=True) - self.expected_tokens(shape, matched)
-        tokens = 1.0 + (self.expected_tokens(shape, matched) - 1.0) * self.realism(batch_size) + bonus
-        return tokens / max(self.cost(shape, batch_size), 1e-9) / (1 + self.margin)
+        score = self.expected_tokens(shape, matched, bonus=True) / max(self.cost(shape, batch_size), 1e-9)
+        return score if shape == PLAIN else score / (1 + self.margin)
 
     def update(self, shape: TreeShape, batch_size: int, row_tokens: Sequence[float], seconds: float,
                matched: Sequence[int] | None = None) -> None:
         """One step of `shape` took `seconds` and gave each active row row_tokens tokens;
         matched holds the n-gram size each row's lookup matched (None: no lookup)."""
         matched = matched if matched is not None else [0] * len(row_tokens)
-        bucket = self.bucket(batch_size)
-        # only steps whose estimate came from experience: a first try's estimate is its reach
-        if shape != PLAIN and all(self.record(shape, n).uses for n in matched):
-            given = sum(row_tokens) / len(row_tokens) - 1.0
-            expected = self.expected_tokens(shape, matched) - 1.0
-            a = self.smoothing if bucket in self.extra else 1.0
-            pair = self.extra.setdefault(bucket, [given, expected])
-            pair[0] += a * (given - pair[0])
-            pair[1] += a * (expected - pair[1])
         by_record: dict[int, list[float]] = {}  # rows that count for the same record, averaged
         for n, tokens in zip(matched, row_tokens):
             by_record.setdefault(id(self.record(shape, n)), []).append(tokens)
@@ -221,6 +202,7 @@ class AdaptivePolicy:
             # the policy chase luck (the shape it picks is the one that looked best so far)
             a = max(1.0 / record.uses, self.smoothing)
             record.tokens_per_step += a * (sum(group) / len(group) - record.tokens_per_step)
+        bucket = self.bucket(batch_size)
         key = (bucket, shape != PLAIN)
         ratio = seconds / max(self.seconds[bucket][shape], 1e-9)
         self.drift[key] = self.drift.get(key, ratio) + self.smoothing * (ratio - self.drift.get(key, ratio))
@@ -239,5 +221,4 @@ class AdaptivePolicy:
         line += f"; never tried: {', '.join(never)}" if never else ""
         for b, cost in sorted(self.seconds.items()):
             line += f"\n  batch {b} ms/step: " + ", ".join(f"{s} {1000 * self.cost(s, b):.0f}" for s in cost)
-            line += f"; realism {self.realism(b):.2f}"
         return line

@@ -403,7 +403,9 @@ def speculative_generate(
     while not bool(state.finished.all()):
         remaining = int((max_new_tokens - state.n_emitted)[~state.finished].max())
         tick = policy.clock() if policy is not None else None
-        branch, matched = look_up(state, lookup) if lookup else (None, torch.zeros_like(state.n_emitted))
+        # no lookup where the policy offers no lookup shape at this batch size (its cost)
+        wanted = lookup and (policy is None or bool(policy.lookup_shapes(b)))
+        branch, matched = look_up(state, lookup) if wanted else (None, torch.zeros_like(state.n_emitted))
         # what each active row's lookup matched is the policy's context: a row with no match
         # gains nothing from the branch
         matched = matched[~state.finished].tolist()
