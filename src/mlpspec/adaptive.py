@@ -49,6 +49,11 @@ class TreeShape:
     def max_nodes(self) -> int:
         return 1 + self.n_candidates * self.depth + self.lookup
 
+    @property
+    def without_lookup(self) -> "TreeShape":
+        """The same speculator tree with no lookup branch (plain decoding for lookup alone)."""
+        return TreeShape(self.top_k, self.n_candidates)
+
     def __str__(self) -> str:
         if not self.top_k:
             return f"lookup{self.lookup}" if self.lookup else "plain"
@@ -118,7 +123,7 @@ class AdaptivePolicy:
         the row counts for the shape's twin without the branch. The speculator's own shapes
         do not depend on n."""
         if shape.lookup and not matched:
-            shape = TreeShape(shape.top_k, shape.n_candidates)
+            shape = shape.without_lookup
         return self.records.setdefault((shape, matched if shape.lookup else 0), ShapeRecord())
 
     @staticmethod
@@ -150,8 +155,8 @@ class AdaptivePolicy:
         """The shape to use for the next step, among those no deeper than max_depth, given
         the n-gram size each active row's lookup matched. Where no row matched, the lookup
         shapes would add no nodes: they are left out, their twins stand in for them."""
-        allowed = [s for s in self.menu if s.depth <= max_depth and (not s.lookup or (
-            any(matched) and s in self.lookup_shapes(batch_size)))]
+        offered = self.lookup_shapes(batch_size) if any(matched) else []
+        allowed = [s for s in self.menu if s.depth <= max_depth and (not s.lookup or s in offered)]
         return max(allowed, key=lambda shape: self._score(shape, batch_size, matched))
 
     def lookup_shapes(self, batch_size: int) -> list[TreeShape]:
@@ -172,8 +177,8 @@ class AdaptivePolicy:
                 # a tree with a lookup branch gives at least what each part gives alone; where
                 # the parts are known, that is its estimate (as if tried once), not its reach
                 # of 1 + lookup tokens, which would make every batch size pay to try it
-                parts = [self.record(p, n) for p in (TreeShape((), 0, shape.lookup), TreeShape(shape.top_k, shape.n_candidates))]
-                known = [p.tokens_per_step for p in parts if p.uses] if shape.lookup and shape.depth and n else []
+                parts = (TreeShape((), 0, shape.lookup), shape.without_lookup) if shape.lookup and shape.depth and n else ()
+                known = [r.tokens_per_step for r in (self.record(p, n) for p in parts) if r.uses]
                 uses, value = (1, max(known)) if known else (0, 1.0 + reach)
             if bonus and reach and uses:
                 value += self.exploration * math.sqrt(math.log(self.steps + 1) / uses)
@@ -189,14 +194,11 @@ class AdaptivePolicy:
         """One step of `shape` took `seconds` and gave each active row row_tokens tokens;
         matched holds the n-gram size each row's lookup matched (None: no lookup)."""
         matched = matched if matched is not None else [0] * len(row_tokens)
-        by_record: dict[int, list[float]] = {}  # rows that count for the same record, averaged
+        groups: dict[int, tuple[ShapeRecord, list[float]]] = {}  # rows that count for one record, averaged
         for n, tokens in zip(matched, row_tokens):
-            by_record.setdefault(id(self.record(shape, n)), []).append(tokens)
-        for n in dict.fromkeys(matched):
             record = self.record(shape, n)
-            group = by_record.pop(id(record), None)
-            if group is None:
-                continue
+            groups.setdefault(id(record), (record, []))[1].append(tokens)
+        for record, group in groups.values():
             record.uses += 1
             # the plain mean at first, a moving one later: a noisy early estimate would let
             # the policy chase luck (the shape it picks is the one that looked best so far)

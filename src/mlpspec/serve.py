@@ -69,7 +69,8 @@ class Engine:
         self.model, self.tokenizer, self.speculator = model, tokenizer, speculator
         self.max_batch = max_batch
         speculates = speculator is not None or lookup > 0
-        self.policy = AdaptivePolicy(shape_menu(speculator and speculator.config, lookup=lookup)) if speculates else False
+        config = speculator.config if speculator is not None else None
+        self.policy = AdaptivePolicy(shape_menu(config, lookup=lookup)) if speculates else False
         eos = model.generation_config.eos_token_id
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or [0])[0]

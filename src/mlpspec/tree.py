@@ -93,7 +93,6 @@ def lookup_branch(context: torch.Tensor, ends: torch.Tensor, length: int, ngrams
     """
     b, C = context.shape
     device = context.device
-    rows = torch.arange(b, device=device)
     out = torch.full((b, length), NO_TOKEN, dtype=context.dtype, device=device)
     matched = torch.zeros(b, dtype=torch.long, device=device)
     for n in ngrams:
