@@ -1,9 +1,9 @@
 """Load check for `mlpspec serve`, on loopback only, bounded in count and time.
 
-    .venv/bin/python scripts/load_check.py [--clients 16] [--requests 48] [--dtype float32]
+    .venv/bin/python scripts/load_check.py [--clients 16] [--requests 48] [--dtype float32] [--lookup 10]
 
 Starts the server in this process twice on the embedded default base model: with the
-shipped default speculator, then with speculation off. Each time, `--clients` concurrent
+shipped default speculator (and `--lookup`'s branch), then with speculation off. Each time, `--clients` concurrent
 clients send `--requests` mixed requests in all (two in three greedy, the rest sampled,
 completions and chat, short and long). Every greedy answer is checked against the same
 prompt decoded alone (plain decoding, one request). Prints errors, mismatches, throughput
@@ -30,6 +30,7 @@ parser.add_argument("--requests", type=int, default=48)
 parser.add_argument("--max-tokens", type=int, default=48)
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per server run")
+parser.add_argument("--lookup", type=int, default=0, help="the server's prompt-lookup branch (serve --lookup)")
 args = parser.parse_args()
 
 model, tokenizer = load_base(dtype=args.dtype)
@@ -61,7 +62,8 @@ references = {i: alone(body) for i, body in enumerate(requests) if body["tempera
 
 
 def run(speculate: bool) -> dict:
-    app = create_app(model, tokenizer, speculator if speculate else None, MODEL_ID, max_batch=args.clients)
+    app = create_app(model, tokenizer, speculator if speculate else None, MODEL_ID, max_batch=args.clients,
+                     lookup=args.lookup if speculate else 0)
     server = BackgroundServer(app)
     app.state.engine.ready.wait()  # the policy calibrates at start-up; time the serving only
     url = server.url + "/v1/"

@@ -315,6 +315,40 @@ def test_tie_base_embeddings_share_the_base_and_are_not_stored(tmp_path):
         MLPSpeculatorConfig(vocab_size=64, emb_dim=32, inner_dim=16, tie_base_embeddings=True)
 
 
+def test_emb_adapter_round_trip_and_identity_start(tmp_path):
+    from conftest import tiny_llama
+    from mlpspec import speculator_config_for
+
+    base = tiny_llama()  # hidden size 32
+    common = dict(n_predict=3, tie_base_embeddings=True, tie_weights=True, draft_vocab_size=8,
+                  top_k_tokens_per_head=[2, 2, 1], n_candidates=2)
+    torch.manual_seed(0)
+    plain = MLPSpeculator(speculator_config_for(base, **common))
+    adapted = MLPSpeculator(speculator_config_for(base, emb_adapter=True, **common))
+    for model in (plain, adapted):
+        model.attach_base(base)
+    adapted.load_state_dict(plain.state_dict(), strict=False)
+    state, ids = torch.randn(2, 4, 32), torch.randint(0, 64, (2, 7))
+    assert torch.equal(adapted(state, ids), plain(state, ids))  # the identity map: the tied speculator itself
+
+    torch.manual_seed(1)
+    wide = MLPSpeculator(speculator_config_for(base, emb_adapter=True, inner_dim=48, **common))
+    wide.attach_base(base)
+    assert wide.emb_adapter[2].weight is wide.emb_adapter[0].weight  # tie_weights: one map
+    with torch.no_grad():
+        wide.emb_adapter[0].weight.add_(torch.randn(48, 32))
+    wide.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert [k for k in stored if "emb" in k] == ["speculator.emb_adapter.0.weight"]  # once; emb is the base's
+    assert stored["speculator.emb_adapter.0.weight"].shape == (48, 32)
+    loaded = load_speculator(tmp_path, base=base)
+    assert torch.equal(loaded(state, ids), wide(state, ids))
+    with pytest.raises(MLPSpecError, match="emb_adapter maps the base model's embedding"):
+        MLPSpeculatorConfig(vocab_size=64, emb_dim=32, emb_adapter=True)
+    with pytest.raises(MLPSpecError, match="heads tied to the base LM head read width emb_dim"):
+        MLPSpeculatorConfig(vocab_size=64, emb_dim=32, inner_dim=48, tie_base_embeddings=True, emb_adapter=True)
+
+
 def test_draft_vocabulary_round_trip(tmp_path):
     from conftest import tiny_llama
     from mlpspec import speculator_config_for

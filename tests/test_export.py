@@ -83,6 +83,28 @@ def test_base_tied_embeddings_are_materialised(tmp_path):
     same_outputs(model, loaded, cfg.emb_dim, cfg.vocab_size, 3)
 
 
+def test_emb_adapter_is_multiplied_out(tmp_path):
+    base = tiny_llama()
+    cfg = MLPSpeculatorConfig(vocab_size=base.config.vocab_size, emb_dim=base.config.hidden_size, n_predict=3,
+                              tie_base_embeddings=True, emb_adapter=True, base_model_name_or_path="org/tiny")
+    torch.manual_seed(0)
+    model = MLPSpeculator(cfg).eval()
+    model.attach_base(base)
+    with torch.no_grad():
+        for adapter in model.emb_adapter:
+            adapter.weight.add_(torch.randn_like(adapter.weight) / 4)  # off the identity, each stage its own
+    out = export_speculator(model, tmp_path / "ibm", "ibm", base_architectures=["LlamaForCausalLM"])
+    tensors = load_file(out / "model.safetensors")
+    assert not any("adapter" in k for k in tensors)
+    E = base.get_input_embeddings().weight
+    assert torch.allclose(tensors["speculator.emb.1.weight"], E @ model.emb_adapter[1].weight.T)
+    config = json.loads((out / "config.json").read_text())
+    assert "emb_adapter" not in config
+    loaded = load_speculator(out)
+    state, ids = torch.randn(2, 5, cfg.emb_dim), torch.randint(0, cfg.vocab_size, (2, 8))
+    assert torch.allclose(loaded(state, ids), model(state, ids), atol=1e-5)
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"draft_vocab_size": 8}, "draft vocabulary of 8 tokens"),
     ({"token_conditioning": False}, "no token conditioning"),

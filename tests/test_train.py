@@ -201,15 +201,20 @@ def test_unknown_training_config_keys():
         TrainConfig.from_dict({"out": "x", "bogus": 1})
 
 
-def test_draft_vocabulary_training(setup):
+@pytest.mark.parametrize("adapter", [False, True], ids=["tied", "emb-adapter-wider"])
+def test_draft_vocabulary_training(setup, adapter):
     tmp, base, data = setup
+    width = 48 if adapter else 32  # the adapter lets the speculator be wider than the base embedding
     args = train_args(base, data, tmp / "run", **{"stage1-steps": 40, "save-every": 40, "draft-vocab-size": 24,
-                                                   "tie-base-embeddings": True, "tie-weights": True, "inner-dim": 0})
+                                                   "tie-base-embeddings": True, "tie-weights": True,
+                                                   "inner-dim": width if adapter else 0, "emb-adapter": adapter})
     assert main(args) == 0
     stored = weights(tmp / "run")
     draft = stored["speculator.draft_vocab"]
     assert draft.shape == (24,) and torch.equal(draft, draft.sort().values)
-    assert stored["speculator.head.0.weight"].shape == (24, 32)
+    assert stored["speculator.head.0.weight"].shape == (24, width)
+    if adapter:  # trained away from its identity start
+        assert not torch.equal(stored["speculator.emb_adapter.0.weight"], torch.eye(width, 32))
     log = [json.loads(line) for line in (tmp / "run" / "train_log.jsonl").read_text().splitlines()]
     steps = [e for e in log if "eval" not in e]
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.5

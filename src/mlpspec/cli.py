@@ -63,7 +63,7 @@ def cmd_info(args) -> None:
     )
     if cfg.tie_base_embeddings or cfg.draft_vocab_size:
         print(
-            f"  mlpspec extensions: tie_base_embeddings {cfg.tie_base_embeddings}, "
+            f"  mlpspec extensions: tie_base_embeddings {cfg.tie_base_embeddings}, emb_adapter {cfg.emb_adapter}, "
             f"heads score {cfg.head_size} tokens (draft vocabulary {cfg.draft_vocab_size or 'off'})"
         )
     own = sum(p.numel() for p in speculator.parameters() if p.requires_grad)
@@ -201,6 +201,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                    "or its whole next-token distribution (distill: a KL loss)",
         "resume": "continue the run in --out from its latest checkpoint",
         "token_conditioning": "drop the sampled token from every stage (a Medusa-style speculator)",
+        "emb_adapter": "with --tie-base-embeddings: read the base embedding through a learned map "
+                       "(started at the identity), which may also widen it to --inner-dim",
     }
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -9,7 +9,8 @@
 
 Both formats are plain MLP speculators: every tensor stored, every head over the whole
 vocabulary, every stage reading the sampled token. Our extensions are mapped onto that
-where the math allows it (embeddings tied to the base model are materialised) and refused
+where the math allows it (embeddings tied to the base model are materialised, through
+the emb_adapter where there is one) and refused
 where it does not (a draft vocabulary, a speculator without token conditioning): a file
 that loads but proposes different tokens would be worse than no file.
 """
@@ -58,7 +59,11 @@ def export_speculator(speculator: MLPSpeculator, out: str | Path, fmt: str,
         tie_weights=cfg.tie_weights, scale_input=cfg.scale_input, base_model_name_or_path=base_name,
     )
     exported = MLPSpeculator(plain).to(speculator.dtype)
-    missing, unexpected = exported.load_state_dict(speculator.state_dict(), strict=False)
+    state = speculator.state_dict()
+    if cfg.emb_adapter:  # emb_i = E A_i^T, multiplied out: the released format's [V, m] embeddings
+        for i in range(cfg.n_predict):
+            state[f"emb.{i}.weight"] = state[f"emb.{i}.weight"] @ state.pop(f"emb_adapter.{i}.weight").T
+    missing, unexpected = exported.load_state_dict(state, strict=False)
     if missing or unexpected:  # cannot happen for the configs check_exportable lets through
         raise MLPSpecError(f"export: tensors do not line up (missing {missing}, unexpected {unexpected})")
     out = Path(out)

@@ -68,6 +68,12 @@ class MLPSpeculatorConfig:
     # token_conditioning False drops the sampled token from every stage: a Medusa-style,
     # context-vector-only speculator of the same shape, for the paper's first claim.
     token_conditioning: bool = True
+    # emb_adapter (with tie_base_embeddings): each stage reads the frozen base embedding
+    # through a learned d -> m map, emb_i(t) = emb_adapter_i(E[t]). The base embedding's
+    # geometry serves the base model's first layer, not a speculator stage; this map lets the
+    # speculator re-aim it (and have its own width m) for m*d parameters, not V*m.
+    # Export multiplies it out into ordinary emb tensors.
+    emb_adapter: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_dim", "n_predict"):
@@ -76,7 +82,7 @@ class MLPSpeculatorConfig:
         _check_int("draft_vocab_size", self.draft_vocab_size, minimum=0)
         if self.draft_vocab_size > self.vocab_size:
             raise MLPSpecError(f"draft_vocab_size {self.draft_vocab_size} exceeds vocab_size {self.vocab_size}")
-        for name in ("tie_weights", "scale_input", "tie_base_embeddings", "token_conditioning"):
+        for name in ("tie_weights", "scale_input", "tie_base_embeddings", "token_conditioning", "emb_adapter"):
             if not isinstance(getattr(self, name), bool):
                 raise MLPSpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.top_k_tokens_per_head is None:
@@ -87,8 +93,14 @@ class MLPSpeculatorConfig:
         check_tree_shape(self.top_k_tokens_per_head, self.n_candidates, self.n_predict, self.head_size)
         if self.tie_weights and self.n_predict < 2:
             raise MLPSpecError("tie_weights needs n_predict > 1: there is nothing to tie with one head")
-        if self.tie_base_embeddings and self.inner_dim not in (0, self.emb_dim):
-            raise MLPSpecError("tie_base_embeddings needs inner_dim == emb_dim: the base embedding has that width")
+        if self.emb_adapter and not self.tie_base_embeddings:
+            raise MLPSpecError("emb_adapter maps the base model's embedding: it needs tie_base_embeddings")
+        if self.tie_base_embeddings and not self.emb_adapter and self.inner_dim not in (0, self.emb_dim):
+            raise MLPSpecError(
+                "tie_base_embeddings needs inner_dim == emb_dim (the base embedding's width), or emb_adapter"
+            )
+        if self.tie_base_embeddings and not self.draft_vocab_size and self.inner_dim not in (0, self.emb_dim):
+            raise MLPSpecError("heads tied to the base LM head read width emb_dim: inner_dim must equal it")
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise MLPSpecError("base_model_name_or_path must be a string")
 
@@ -106,7 +118,7 @@ class MLPSpeculatorConfig:
         """The released config.json fields (torch_dtype is added by the writer)."""
         out = {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **asdict(self)}
         # optional keys are written only when set, so plain checkpoints are exactly the released format
-        for key in ("base_model_name_or_path", "tie_base_embeddings", "draft_vocab_size"):
+        for key in ("base_model_name_or_path", "tie_base_embeddings", "draft_vocab_size", "emb_adapter"):
             if not out[key]:
                 del out[key]
         if out["token_conditioning"]:
@@ -178,7 +190,9 @@ class MLPSpeculator(nn.Module):
         # Base-tied emb/head get their weights from attach_base(); until then they take no memory.
         base_tied = torch.device("meta") if config.tie_base_embeddings else contextlib.nullcontext()
         with base_tied:
-            self.emb = nn.ModuleList([nn.Embedding(V, m) for _ in range(h)])
+            self.emb = nn.ModuleList([nn.Embedding(V, d if config.emb_adapter else m) for _ in range(h)])
+        if config.emb_adapter:
+            self.emb_adapter = nn.ModuleList([nn.Linear(d, m, bias=False) for _ in range(h)])
         self.proj = nn.ModuleList([nn.Linear(d if i == 0 else m, m, bias=False) for i in range(h)])
         self.ln = nn.ModuleList([RMSNormShift(m) for _ in range(h)])
         with base_tied if K == V else contextlib.nullcontext():  # a draft head is the speculator's own
@@ -201,6 +215,8 @@ class MLPSpeculator(nn.Module):
             return
         for i in range(1, self.config.n_predict):
             self.emb[i].weight = self.emb[0].weight
+            if self.config.emb_adapter:
+                self.emb_adapter[i].weight = self.emb_adapter[0].weight
             self.head[i].weight = self.head[0].weight
             self.ln[i].weight = self.ln[0].weight
             self.ln[i].bias = self.ln[0].bias
@@ -239,16 +255,19 @@ class MLPSpeculator(nn.Module):
 
     def set_draft_vocab(self, token_ids: torch.Tensor, base=None) -> None:
         """Fix which K tokens the heads score. With `base`, start each head from the base
-        model's LM head rows for those tokens: the base's own output geometry."""
+        model's LM head rows for those tokens: the base's own output geometry (in the first
+        d of m columns, the rest zero, when an emb_adapter makes the speculator wider)."""
         K = self.config.draft_vocab_size
         if not K or token_ids.shape != (K,):
             raise MLPSpecError(f"set_draft_vocab needs {K or 'a draft vocabulary of'} token ids")
         self.draft_vocab.copy_(token_ids)
         if base is not None:
-            rows = base.get_output_embeddings().weight.detach()[token_ids.to(base.device)]
+            rows = base.get_output_embeddings().weight.detach()[token_ids.to(base.device)]  # K d
+            width = min(rows.size(1), self.config.width)
             with torch.no_grad():
                 for head in self.head:
-                    head.weight.copy_(rows.to(head.weight))
+                    head.weight.zero_()
+                    head.weight[:, :width] = rows[:, :width].to(head.weight)
 
     def to_token_ids(self, head_index: torch.Tensor) -> torch.Tensor:
         """Head output index -> token id (the identity without a draft vocabulary)."""
@@ -275,6 +294,10 @@ class MLPSpeculator(nn.Module):
             elif isinstance(module, RMSNormShift):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        if self.config.emb_adapter:
+            for adapter in self.emb_adapter:
+                if not adapter.weight.is_meta:
+                    nn.init.eye_(adapter.weight)  # at m == d: the base embedding as it is, a tied speculator
 
     @property
     def dtype(self) -> torch.dtype:
@@ -286,10 +309,15 @@ class MLPSpeculator(nn.Module):
     def _input_state(self, state: torch.Tensor) -> torch.Tensor:
         return _rms(state) / math.sqrt(2) if self.config.scale_input else state
 
+    def token_embedding(self, i: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Stage i's embedding of the sampled tokens [b, n] -> [b, n, m]."""
+        emb = self.emb[i](tokens)  # b n m, or b n d through the adapter
+        return self.emb_adapter[i](emb) if self.config.emb_adapter else emb  # b n m
+
     def _stage(self, i: int, state: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         state = self.proj[i](state) * self.state_weight  # b n m
         if self.config.token_conditioning:
-            state = state + self.emb[i](tokens) * self.emb_scale  # b n m
+            state = state + self.token_embedding(i, tokens) * self.emb_scale  # b n m
         return F.gelu(self.ln[i](state))  # b n m
 
     def forward(self, state: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

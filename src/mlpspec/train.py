@@ -60,6 +60,7 @@ class TrainConfig:
     tie_base_embeddings: bool = False
     draft_vocab_size: int = 0  # 0: the heads score the whole vocabulary
     token_conditioning: bool = True  # False: a Medusa-style speculator (the context vector only)
+    emb_adapter: bool = False  # with tie_base_embeddings: a learned d -> m map on the base embedding
     init_from: str | None = None  # start from this speculator's weights (a fresh optimizer and schedule)
     # optimisation
     seq_len: int = 256
@@ -295,7 +296,7 @@ def train(cfg: TrainConfig) -> Path:
     speculator = MLPSpeculator(speculator_config_for(
         model, n_predict=h, inner_dim=cfg.inner_dim, tie_weights=cfg.tie_weights, scale_input=cfg.scale_input,
         tie_base_embeddings=cfg.tie_base_embeddings, draft_vocab_size=cfg.draft_vocab_size,
-        token_conditioning=cfg.token_conditioning,
+        token_conditioning=cfg.token_conditioning, emb_adapter=cfg.emb_adapter,
         base_model_name_or_path=cfg.base,
     ))
     if cfg.tie_base_embeddings:
