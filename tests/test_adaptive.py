@@ -177,20 +177,20 @@ def test_lookup_shapes_are_judged_by_what_each_row_matched():
     assert policy.choose(1, max_depth=6, matched=[2]) == LOOKUP
 
 
-def test_one_matching_row_in_a_batch_is_worth_its_share():
+def test_a_batch_step_is_worth_what_its_slowest_row_gains():
     LOOKUP = TreeShape((), 0, 6)
     policy = calibrated([PLAIN, LOOKUP], {1: 1.0, 2: 1.1, 7: 1.5}, batch_size=4)
     policy.update(LOOKUP, 4, [5.0], 1.5, [3])  # known: a 3-gram row gains 4 tokens
     policy.update(PLAIN, 4, [1.0], 1.0)
     policy.steps = 10**6
     policy.record(LOOKUP, 3).uses = 10**6  # no optimism left
-    # one row of four matched: (5 + 1 + 1 + 1) / 4 = 2 tokens for 1.5 s, against 1 in 1 s
-    assert policy.expected_tokens(LOOKUP, [3, 0, 0, 0]) == pytest.approx(2.0)
-    assert policy.choose(4, max_depth=6, matched=[3, 0, 0, 0]) == LOOKUP
-    # with a step that costs 1.9x plain, one matching row no longer pays
-    policy.seconds[4][LOOKUP] = 1.9
+    # one row of four matched: the other three gain nothing, and the batch ends with them
+    assert policy.expected_tokens(LOOKUP, [3, 0, 0, 0]) == pytest.approx(1.0)
     assert policy.choose(4, max_depth=6, matched=[3, 0, 0, 0]) == PLAIN
-    assert policy.choose(4, max_depth=6, matched=[3, 3, 3, 0]) == LOOKUP  # (5 * 3 + 1) / 4 = 4 per 1.9 s
+    # every row matched: 5 tokens for 1.5 s, against 1 in 1 s
+    assert policy.expected_tokens(LOOKUP, [3, 3, 3, 3]) == pytest.approx(5.0)
+    assert policy.choose(4, max_depth=6, matched=[3, 3, 3, 3]) == LOOKUP
+    assert policy.choose(4, max_depth=6, matched=[3]) == LOOKUP  # the one row still far from done matched
     # past twice a plain step a lookup shape is not offered at all, whatever its estimate
     policy.seconds[4][LOOKUP] = 2.1
     assert policy.choose(4, max_depth=6, matched=[3, 3, 3, 3]) == PLAIN

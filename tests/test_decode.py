@@ -413,3 +413,13 @@ def test_adaptive_lookup_without_a_speculator():
     policy = AdaptivePolicy(shape_menu(random_speculator(model).config))
     with pytest.raises(MLPSpecError, match="need a speculator"):
         speculative_generate(model, None, ids, mask, max_new_tokens=4, adaptive=policy)
+
+
+def test_critical_rows_are_the_active_rows_furthest_from_done():
+    from types import SimpleNamespace
+
+    # 10 tokens each at most: rows 1 and 2 have 7 left, but row 2 is finished (EOS)
+    state = SimpleNamespace(n_emitted=torch.tensor([5, 3, 3, 7]), finished=torch.tensor([False, False, True, False]))
+    assert decode.critical_rows(state, 10).tolist() == [False, True, False, False]
+    state.n_emitted = torch.tensor([4, 4, 3, 4])  # a tie: the batch waits on all three
+    assert decode.critical_rows(state, 10).tolist() == [True, True, False, True]

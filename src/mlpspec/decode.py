@@ -178,6 +178,13 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
     )
 
 
+def critical_rows(state: DecodeState, max_new_tokens: int) -> torch.Tensor:
+    """The active rows with the most tokens still to emit [b] (bool): the batch ends when
+    they are done, so a step is worth what it gains them (AdaptivePolicy.expected_tokens)."""
+    left = max_new_tokens - state.n_emitted  # b
+    return ~state.finished & (left == left[~state.finished].max())
+
+
 def look_up(state: DecodeState, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt-lookup branch [b, length] copied from the prompt and the output so far
     (tree.lookup_branch), and the n-gram size each row matched [b] (0: no match)."""
@@ -407,10 +414,12 @@ def speculative_generate(
         wanted = lookup and (policy is None or bool(policy.lookup_shapes(b)))
         branch, matched = look_up(state, lookup) if wanted else (None, torch.zeros_like(state.n_emitted))
         # what each active row's lookup matched is the policy's context: a row with no match
-        # gains nothing from the branch
-        matched = matched[~state.finished].tolist()
+        # gains nothing from the branch. The shape is chosen for the rows furthest from done
+        # (the batch ends with them), and every active row's outcome is learned from.
         if policy is not None:
-            shape = policy.choose(b, max_depth=remaining - 1, matched=matched)
+            critical = critical_rows(state, max_new_tokens)  # b
+            shape = policy.choose(b, max_depth=remaining - 1, matched=matched[critical].tolist())
+        matched = matched[~state.finished].tolist()
         tree = propose(state, speculator, shape, remaining - 1, branch)
         out = verify(model, state, tree)
         path, n_accepted, bonus = walk(tree, out.logits, choose)
