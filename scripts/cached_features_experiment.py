@@ -1,0 +1,120 @@
+"""Compare speculator variants fast, on cached base-model features (docs/RESULTS.md, "An emb
+adapter on the base embedding"): the base model runs once over the stage-2 rows and the
+held-out eval rows (hidden states and greedy choices, kept in --cache), then each variant
+trains from scratch on them with no base pass per step.
+
+    .venv/bin/python scripts/cached_features_experiment.py --stage2 runs/branch-s2/stage2 \\
+        --eval runs/eval-set/rows-24 --variant adapter --width 576 --steps 700 --log /tmp/adapter.jsonl
+
+Variants: `tied` (the base embedding as it is, as the third default) and `adapter`
+(`emb_adapter`, any --width). Both score the draft vocabulary of the shipped default and
+start their heads from the base LM head's rows for it, as `mlpspec train` does.
+"""
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from mlpspec import load_base, load_speculator, speculator_config_for
+from mlpspec.base import base_outputs
+from mlpspec.data import generated_positions, load_generations, pad_windows
+from mlpspec.model import IGNORE_INDEX, MLPSpeculator
+from mlpspec.train import SpeculatorObjective
+from mlpspec.tree import greedy_targets, teacher_forcing
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--stage2", type=Path, required=True, help="folder of stage-2 shards (training rows)")
+parser.add_argument("--eval", type=Path, required=True, help="folder of greedy eval shards")
+parser.add_argument("--cache", type=Path, default=Path("runs/cached-features"))
+parser.add_argument("--variant", choices=["tied", "adapter"], default="adapter")
+parser.add_argument("--width", type=int, default=576)
+parser.add_argument("--steps", type=int, default=700)
+parser.add_argument("--lr", type=float, default=1e-3)
+parser.add_argument("--rows-per-step", type=int, default=4)
+parser.add_argument("--eval-every", type=int, default=100)
+parser.add_argument("--log", type=Path, required=True)
+args = parser.parse_args()
+H = 4
+torch.manual_seed(0)
+model, tokenizer = load_base(dtype="bfloat16")
+
+
+def features(folder: Path) -> dict:
+    """hidden [R, n, d] bf16, ids [R, n + h], greedy targets [h, R, n] (IGNORE_INDEX where
+    the base model did not write the target token)."""
+    cached = args.cache / f"{folder.name}.pt"
+    if cached.is_file():
+        return torch.load(cached)
+    files = sorted(folder.glob("shard-*.pt"))
+    rows = load_generations(files)
+    n = max(len(r) for r in rows) - H - 1
+    windows, valid = pad_windows(rows, n + H + 1, tokenizer.pad_token_id or 0)
+    written = generated_positions(files, n + H + 1)
+    parts = {"hidden": [], "ids": [], "targets": []}
+    for s in range(0, len(rows), 16):
+        window, mask = windows[s : s + 16], valid[s : s + 16]
+        _, ids, _ = teacher_forcing(window, n, H)
+        with torch.no_grad():
+            hidden, logits = base_outputs(model, window[:, : n + H], mask[:, : n + H].long())
+        targets = greedy_targets(logits.argmax(-1), n, H)  # h b n
+        scored = torch.stack([written[s : s + 16, i + 2 : i + 2 + n] for i in range(H)])  # h b n
+        parts["hidden"].append(hidden[:, :n].to(torch.bfloat16))
+        parts["ids"].append(ids)
+        parts["targets"].append(torch.where(scored, targets, IGNORE_INDEX))
+    out = {"hidden": torch.cat(parts["hidden"]), "ids": torch.cat(parts["ids"]), "targets": torch.cat(parts["targets"], 1)}
+    args.cache.mkdir(parents=True, exist_ok=True)
+    torch.save(out, cached)
+    return out
+
+
+train, held_out = features(args.stage2), features(args.eval)
+shipped = load_speculator(dtype=torch.float32, base=model)  # for its draft vocabulary
+base = model.float()
+adapter = args.variant == "adapter"
+speculator = MLPSpeculator(speculator_config_for(
+    base, n_predict=H, tie_weights=True, tie_base_embeddings=True, draft_vocab_size=8192,
+    inner_dim=args.width if adapter else 0, emb_adapter=adapter))
+speculator.attach_base(base)
+speculator.set_draft_vocab(shipped.draft_vocab.clone(), base=base)
+objective = SpeculatorObjective(speculator)
+trainable = [p for p in speculator.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def evaluate() -> tuple[list[float], float]:
+    """Per-head accuracy and the top-1 chain's tokens/step on the held-out rows."""
+    with torch.no_grad():
+        _, hits = objective(held_out["hidden"].float(), held_out["ids"], held_out["targets"])
+    hits = hits[:, (held_out["targets"] != IGNORE_INDEX).all(0)]  # h positions
+    chain = hits.long().cumprod(0).float().mean(1)
+    return [round(float(a), 4) for a in hits.float().mean(1)], round(1 + float(chain.sum()), 4)
+
+
+rows = train["hidden"].size(0)
+generator = torch.Generator().manual_seed(0)
+order, position = torch.randperm(rows, generator=generator), 0
+start = time.perf_counter()
+with open(args.log, "w") as log:
+    for step in range(1, args.steps + 1):
+        lr = args.lr * min(1.0, step / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if position + args.rows_per_step > rows:
+            order, position = torch.randperm(rows, generator=generator), 0
+        batch = order[position : position + args.rows_per_step]
+        position += args.rows_per_step
+        loss, _ = objective(train["hidden"][batch].float(), train["ids"][batch], train["targets"][:, batch])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        if step % args.eval_every == 0:
+            accuracy, tokens_per_step = evaluate()
+            entry = {"step": step, "loss": round(float(loss.detach()), 3), "eval_accuracy": accuracy,
+                     "eval_tokens_per_step": tokens_per_step, "seconds": round(time.perf_counter() - start)}
+            print(entry, flush=True)
+            log.write(json.dumps(entry) + "\n")
