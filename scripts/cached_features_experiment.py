@@ -23,7 +23,7 @@ from mlpspec import load_base, load_speculator, speculator_config_for
 from mlpspec.base import base_outputs
 from mlpspec.data import generated_positions, load_generations, pad_windows
 from mlpspec.model import IGNORE_INDEX, MLPSpeculator
-from mlpspec.train import SpeculatorObjective
+from mlpspec.train import SpeculatorObjective, acceptance
 from mlpspec.tree import greedy_targets, teacher_forcing
 
 parser = argparse.ArgumentParser()
@@ -85,13 +85,11 @@ trainable = [p for p in speculator.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
 
-def evaluate() -> tuple[list[float], float]:
-    """Per-head accuracy and the top-1 chain's tokens/step on the held-out rows."""
+def evaluate() -> dict:
+    """Per-head accuracy, chain acceptance and the top-1 chain's tokens/step, held out."""
     with torch.no_grad():
         _, hits = objective(held_out["hidden"].float(), held_out["ids"], held_out["targets"])
-    hits = hits[:, (held_out["targets"] != IGNORE_INDEX).all(0)]  # h positions
-    chain = hits.long().cumprod(0).float().mean(1)
-    return [round(float(a), 4) for a in hits.float().mean(1)], round(1 + float(chain.sum()), 4)
+    return acceptance(hits, held_out["targets"])
 
 
 rows = train["hidden"].size(0)
@@ -113,8 +111,8 @@ with open(args.log, "w") as log:
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         if step % args.eval_every == 0:
-            accuracy, tokens_per_step = evaluate()
-            entry = {"step": step, "loss": round(float(loss.detach()), 3), "eval_accuracy": accuracy,
-                     "eval_tokens_per_step": tokens_per_step, "seconds": round(time.perf_counter() - start)}
+            result = evaluate()
+            entry = {"step": step, "loss": round(float(loss.detach()), 3), "eval_accuracy": result["accuracy"],
+                     "eval_tokens_per_step": result["tokens_per_step"], "seconds": round(time.perf_counter() - start)}
             print(entry, flush=True)
             log.write(json.dumps(entry) + "\n")

@@ -256,13 +256,16 @@ def evaluate(model, objective: SpeculatorObjective, windows: torch.Tensor, valid
     targets = _masked_targets(targets, scored, n)
     hidden = base_hidden(model, base_ids, valid[:, :n].long()).float()
     loss, hits = objective(hidden, ids, targets)
-    counted = targets[0] != IGNORE_INDEX  # b n   positions where every head has a target
-    for i in range(1, h):
-        counted &= targets[i] != IGNORE_INDEX
-    hits = hits[:, counted]  # h positions
+    return {"loss": float(loss), **acceptance(hits, targets)}
+
+
+def acceptance(hits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """From the objective's hits [h, b, n] and its targets [h, b, n], over the positions
+    where every head has a target: per-head accuracy, chain acceptance (heads 0..i all
+    right) and a top-1 chain's expected tokens per step, 1 + sum(chain)."""
+    hits = hits[:, (targets != IGNORE_INDEX).all(dim=0)]  # h positions
     chain = hits.long().cumprod(dim=0).float().mean(dim=1)  # h
     return {
-        "loss": float(loss),
         "accuracy": [round(float(a), 4) for a in hits.float().mean(dim=1)],
         "chain_acceptance": [round(float(c), 4) for c in chain],
         "tokens_per_step": round(1 + float(chain.sum()), 4),
