@@ -110,6 +110,21 @@ def test_generate_shards_resume_reproduces_the_run(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(load_generations(files), rows))
 
 
+def test_generate_shards_answers_given_prompts_each_once_first(tmp_path):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    prompts = ["w3 w4", "w5 w6 w7", "w8", "w9 w10 w11 w12", "w13 w14"]
+    kwargs = dict(batch_size=2, new_tokens=3, temperature=1.0, top_k=10, seed=1, prompts=prompts)
+    no_tokens = np.zeros(0, dtype=np.int32)  # with prompts given, the corpus is not cut
+    files = generate_shards(model, tok, no_tokens, tmp_path, range(3), **kwargs)
+    asked = [tok.decode(p) for f in files for p in torch.load(f)["prompts"]]
+    assert sorted(asked[:5]) == sorted(prompts) and asked[:5] != prompts  # all five once, in a seeded order
+    assert asked[5] == asked[0]  # then round again in the same order
+    assert all(len(c) >= 1 for f in files for c in torch.load(f)["continuations"])
+    files[2].unlink()  # a resumed run answers the same prompts in that shard
+    generate_shards(model, tok, no_tokens, tmp_path, [2], **kwargs)
+    assert [tok.decode(p) for p in torch.load(files[2])["prompts"]] == asked[4:]
+
+
 def test_pad_windows():
     windows, valid = pad_windows([torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6, 7, 8])], 4, pad=0)
     assert windows.tolist() == [[1, 2, 3, 0], [4, 5, 6, 7]]

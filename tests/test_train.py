@@ -88,6 +88,22 @@ def test_stage2_and_tied_base_embeddings(setup):
     assert config["tie_base_embeddings"] is True
 
 
+def test_stage2_answers_a_prompt_file(setup):
+    tmp, base, data = setup
+    asks = ["w1 w2 w3", "w10 w11", "w20 w21 w22 w23"]
+    (tmp / "asks.jsonl").write_text("".join(json.dumps({"prompt": a}) + "\n" for a in asks))
+    args = train_args(base, data, tmp / "run", **{"stage1-steps": 0, "stage2-steps": 4, "stage2-rows": 6,
+                                                   "generate-batch-size": 3, "stage2-new-tokens": 8,
+                                                   "stage2-prompts": tmp / "asks.jsonl"})
+    assert main(args) == 0
+    tok = tiny_tokenizer()
+    shards = sorted((tmp / "run" / "stage2").iterdir())
+    asked = [tok.decode(p) for f in shards for p in torch.load(f)["prompts"]]
+    assert sorted(asked) == sorted(asks * 2)  # each prompt answered twice over the 6 rows, nothing cut from the data
+    log = [json.loads(line) for line in (tmp / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert {e["stage"] for e in log if "stage" in e} == {2}
+
+
 def test_killed_run_resumes_to_the_same_weights(setup):
     tmp, base, data = setup
     common = {"stage1-steps": 24, "save-every": 3}
@@ -150,6 +166,7 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, fsdp):
         ({"data": "nothing-here.txt"}, "nothing-here.txt: no such file or folder"),
         ({"seq-len": 400}, "exceeds the base model's context of 256"),
         ({"text-field": "body"}, "no field 'body'"),
+        ({"stage2-prompts": "no-prompts.jsonl"}, "no-prompts.jsonl: cannot read prompt file"),
     ],
 )
 def test_bad_input_writes_nothing(setup, capsys, overrides, message):

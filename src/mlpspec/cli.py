@@ -201,6 +201,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                    "or its whole next-token distribution (distill: a KL loss)",
         "resume": "continue the run in --out from its latest checkpoint",
         "token_conditioning": "drop the sampled token from every stage (a Medusa-style speculator)",
+        "stage2_prompts": "a JSONL prompt file ({\"prompt\": ...} or {\"messages\": [...]} lines) that stage 2 "
+                          "answers, in place of prompts cut from --data",
         "emb_adapter": "with --tie-base-embeddings: read the base embedding through a learned map "
                        "(started at the identity), which may also widen it to --inner-dim",
     }

@@ -207,14 +207,17 @@ def generate_shards(
     seed: int = 0,
     progress=None,
     write: bool = True,
+    prompts: list | None = None,
 ) -> list[Path]:
-    """Stage 2's data: the base model continues prompts cut from `tokens`.
+    """Stage 2's data: the base model continues prompts cut from `tokens`, or answers
+    `prompts` (text or chat messages, as text.read_prompt_file gives) where those are given.
 
     Makes the shards numbered in `shards` (an iterable of ints) that are not on disk yet.
     Shard i holds `batch_size` rows, each a prompt and the model's continuation. Its prompts
     and sampling are seeded by (seed, i), and it is written atomically, so an interrupted
     run resumes at the first missing shard and reproduces what the whole run would have
-    made. With `chat`, prompts are decoded and wrapped in the tokenizer's chat template,
+    made. Given prompts are taken in one seeded order, row after row and shard after shard,
+    so every prompt is answered once before any is answered twice. With `chat`, prompts are decoded and wrapped in the tokenizer's chat template,
     so an instruct model is distilled on its own answers. temperature 0 is greedy. With
     write=False the shards are computed but not saved (the other ranks of a collective
     run, whose forward passes must match rank 0's).
@@ -225,18 +228,23 @@ def generate_shards(
     out = Path(out)
     files = []
     shards = list(shards)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)) if prompts else None
     for done, shard in enumerate(shards, start=1):
         file = out / f"shard-{shard:05d}.pt"
         files.append(file)
         if file.is_file():
             continue
         generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
-        starts = torch.randint(0, len(tokens) - prompt_length, (batch_size,), generator=generator)
-        pieces = [np.asarray(tokens[s : s + prompt_length], dtype=np.int64).tolist() for s in starts.tolist()]
-        if chat:
-            ids, mask = encode_prompts(tokenizer, [tokenizer.decode(p) for p in pieces], chat=True)
+        if prompts:
+            picked = [prompts[order[g % len(prompts)]] for g in range(shard * batch_size, (shard + 1) * batch_size)]
+            ids, mask = encode_prompts(tokenizer, picked, chat=chat)
         else:
-            ids, mask = torch.tensor(pieces), torch.ones(batch_size, prompt_length, dtype=torch.long)
+            starts = torch.randint(0, len(tokens) - prompt_length, (batch_size,), generator=generator)
+            pieces = [np.asarray(tokens[s : s + prompt_length], dtype=np.int64).tolist() for s in starts.tolist()]
+            if chat:
+                ids, mask = encode_prompts(tokenizer, [tokenizer.decode(p) for p in pieces], chat=True)
+            else:
+                ids, mask = torch.tensor(pieces), torch.ones(batch_size, prompt_length, dtype=torch.long)
         result = speculative_generate(
             model, None, ids, mask, max_new_tokens=new_tokens, temperature=temperature,
             top_k=top_k if temperature > 0 else None, generator=generator,

@@ -35,6 +35,7 @@ from .data import EpochOrder, Windows, generate_shards, generated_positions, loa
 from .errors import MLPSpecError
 from .fileio import atomic_folder
 from .model import IGNORE_INDEX, MLPSpeculator
+from .text import read_prompt_file
 from .tree import greedy_targets, teacher_forcing
 
 RUN_CONFIG = "train_config.json"
@@ -85,6 +86,9 @@ class TrainConfig:
     stage2_new_tokens: int = 128
     stage2_greedy: bool = False
     stage2_dir: str | None = None  # where the shards live (default OUT/stage2); share it between runs
+    # a JSONL prompt file ({"prompt": ...} or {"messages": [...]} lines): stage 2 answers
+    # these, the kind of request the speculator will serve, instead of prompts cut from --data
+    stage2_prompts: str | None = None
     generate_batch_size: int = 16
     # bookkeeping
     save_every: int = 100
@@ -216,7 +220,8 @@ def _init_from(speculator: MLPSpeculator, path: str, model) -> None:
     speculator.load_state_dict(source.state_dict(), strict=False)
 
 
-def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, chat: bool, rank: int, world: int) -> list[torch.Tensor]:
+def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, prompts, chat: bool, rank: int,
+                 world: int) -> list[torch.Tensor]:
     """Make (or find, when resuming) the base model's own continuations; each rank makes
     its share of the shards, then everyone reads all of them."""
     out = Path(cfg.stage2_dir) if cfg.stage2_dir else Path(cfg.out) / "stage2"
@@ -227,7 +232,8 @@ def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, chat: bool, rank: i
     generate_shards(model, tokenizer, tokens, out, mine, cfg.generate_batch_size,
                     cfg.stage2_prompt_length, cfg.stage2_new_tokens, temperature=0.0 if cfg.stage2_greedy else 1.0,
                     top_k=10, chat=chat, seed=cfg.seed, write=rank == 0 or not collective,
-                    progress=lambda done, total: bar.update(1 if collective else world))
+                    progress=lambda done, total: bar.update(1 if collective else world),
+                    prompts=prompts)
     bar.close()
     _barrier()
     return load_generations([out / f"shard-{i:05d}.pt" for i in range(n_shards)])
@@ -276,6 +282,7 @@ def train(cfg: TrainConfig) -> Path:
     rank, world = _distributed()
     main = rank == 0
     start_step = _check_out(cfg)
+    stage2_prompts = read_prompt_file(cfg.stage2_prompts) if cfg.stage2_prompts else None  # bad files fail now
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
 
@@ -376,7 +383,7 @@ def train(cfg: TrainConfig) -> Path:
                 length = n
             else:
                 if stage2 is None:
-                    stage2 = _stage2_data(cfg, model, tokenizer, train_tokens, chat, rank, world)
+                    stage2 = _stage2_data(cfg, model, tokenizer, train_tokens, stage2_prompts, chat, rank, world)
                     stage2_n = min(n, max(len(s) for s in stage2) - h - 1)
                     stage2_order = EpochOrder(len(stage2), cfg.seed)
                 length = stage2_n
