@@ -210,3 +210,18 @@ def test_a_tree_with_a_lookup_branch_starts_from_what_its_parts_gave():
     policy.update(TREE, 1, [2.4], 2.0)
     assert policy.expected_tokens(TREE_LOOKUP, [3]) == 3.5  # the better of the two parts
     assert policy.expected_tokens(TREE_LOOKUP, [1]) == 2.4  # for a 1-gram match only the tree is known
+
+
+def test_a_chain_step_teaches_every_shorter_chain_exactly():
+    CHAIN3 = TreeShape((1, 1, 1), 1)
+    policy = calibrated([PLAIN, CHAIN1, CHAIN2, CHAIN3, TREE], {1: 1.0, 2: 1.1, 11: 2.0}, batch_size=2)
+    # two rows: one accepted 3 of 3 candidates (4 tokens), the other 1 (2 tokens)
+    policy.update(CHAIN3, 2, [4.0, 2.0], 1.2)
+    assert policy.record(CHAIN3).tokens_per_step == pytest.approx(3.0)
+    assert policy.record(CHAIN2).tokens_per_step == pytest.approx((3 + 2) / 2)  # min(accepted, 2) + 1
+    assert policy.record(CHAIN1).tokens_per_step == pytest.approx((2 + 2) / 2)
+    assert [policy.record(s).uses for s in (CHAIN1, CHAIN2, CHAIN3)] == [1, 1, 1]
+    # a shorter chain says nothing of a longer one, and no chain speaks for a tree or plain decoding
+    policy.update(CHAIN1, 2, [2.0, 1.0], 1.1)
+    assert policy.record(CHAIN3).uses == 1 and policy.record(CHAIN1).uses == 2
+    assert policy.record(TREE).uses == 0 and policy.record(PLAIN).uses == 0

@@ -50,6 +50,11 @@ class TreeShape:
         return 1 + self.n_candidates * self.depth + self.lookup
 
     @property
+    def is_chain(self) -> bool:
+        """A top-1 chain: the speculator's single best guess at each depth, nothing else."""
+        return bool(self.top_k) and set(self.top_k) == {1} and not self.lookup
+
+    @property
     def without_lookup(self) -> "TreeShape":
         """The same speculator tree with no lookup branch (plain decoding for lookup alone)."""
         return TreeShape(self.top_k, self.n_candidates)
@@ -87,7 +92,7 @@ def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = Non
 
 @dataclass
 class ShapeRecord:
-    uses: int = 0
+    uses: int = 0  # steps learned from: the shape's own, and for chains those a deeper chain implied
     tokens_per_step: float = 0.0  # per active row, moving average
 
 
@@ -176,7 +181,7 @@ class AdaptivePolicy:
         rows mixed) took 64 steps for 64 tokens either way: the speculative steps helped the
         code rows, which then sat idle, and cost 6% more time than plain decoding."""
         values = []
-        for n in matched:
+        for n in set(matched):  # rows that matched alike are alike (a batch of 16 has a few distinct n)
             record = self.record(shape, n)
             reach = max(shape.depth, shape.lookup if n else 0)
             uses, value = record.uses, record.tokens_per_step
@@ -201,21 +206,34 @@ class AdaptivePolicy:
         """One step of `shape` took `seconds` and gave each active row row_tokens tokens;
         matched holds the n-gram size each row's lookup matched (None: no lookup)."""
         matched = matched if matched is not None else [0] * len(row_tokens)
-        groups: dict[int, tuple[ShapeRecord, list[float]]] = {}  # rows that count for one record, averaged
+        self._learn(shape, row_tokens, matched)
+        if shape.is_chain:
+            # a top-1 chain's first d tokens are the chain of depth d, so this step also says
+            # exactly what every shorter chain would have given: one step teaches them all
+            for chain in self.menu:
+                if chain.is_chain and chain.depth < shape.depth:
+                    self._learn(chain, [min(t, 1 + chain.depth) for t in row_tokens], matched)
+        bucket = self.bucket(batch_size)
+        key = (bucket, shape != PLAIN)
+        ratio = seconds / max(self.seconds[bucket][shape], 1e-9)
+        self.drift[key] = self.drift.get(key, ratio) + self.smoothing * (ratio - self.drift.get(key, ratio))
+        self.steps += 1
+
+    def _learn(self, shape: TreeShape, row_tokens: Sequence[float], matched: Sequence[int]) -> None:
+        """Fold one step's tokens per row into the shape's records (one per matched n)."""
+        by_match: dict[int, list[float]] = {}
         for n, tokens in zip(matched, row_tokens):
+            by_match.setdefault(n, []).append(tokens)
+        groups: dict[int, tuple[ShapeRecord, list[float]]] = {}  # rows that count for one record, averaged
+        for n, tokens in by_match.items():
             record = self.record(shape, n)
-            groups.setdefault(id(record), (record, []))[1].append(tokens)
+            groups.setdefault(id(record), (record, []))[1].extend(tokens)
         for record, group in groups.values():
             record.uses += 1
             # the plain mean at first, a moving one later: a noisy early estimate would let
             # the policy chase luck (the shape it picks is the one that looked best so far)
             a = max(1.0 / record.uses, self.smoothing)
             record.tokens_per_step += a * (sum(group) / len(group) - record.tokens_per_step)
-        bucket = self.bucket(batch_size)
-        key = (bucket, shape != PLAIN)
-        ratio = seconds / max(self.seconds[bucket][shape], 1e-9)
-        self.drift[key] = self.drift.get(key, ratio) + self.smoothing * (ratio - self.drift.get(key, ratio))
-        self.steps += 1
 
     def cost(self, shape: TreeShape, batch_size: int) -> float:
         bucket = self.bucket(batch_size)
