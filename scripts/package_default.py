@@ -109,6 +109,9 @@ adapter = (f", read through a learned {speculator.config.emb_dim} -> {speculator
            if speculator.config.emb_adapter else "")
 flags = " ".join(_flag(k, v) for k, v in config.items()
                  if k not in ("out", "data", "resume", "progress", "base") and v != defaults.get(k))
+stage2_source = (f"prompts cut from it, and to the chat instructions in `{config['stage2_prompts']}` "
+                 "(`scripts/make_instructions.py`: questions and small tasks written from the same corpus)"
+                 if config.get("stage2_prompts") else "prompts cut from it")
 size_mb = (target / "model.safetensors").stat().st_size / 1e6
 table = "\n".join(
     f"| {name} | {n} | {decoding} | {f.tokens_per_step:.2f} | {f.speedup:.2f}x | {a.tokens_per_step:.2f} | {a.speedup:.2f}x |"
@@ -125,7 +128,7 @@ returns it (loading the default base model too, since it shares that model's emb
 | heads | {speculator.config.n_predict}, tree {speculator.config.top_k_tokens_per_head} x {speculator.config.n_candidates} candidates |
 | extensions (not in the released format) | embedding tied to the base model's (frozen, not stored){adapter}; heads score a draft vocabulary of the {speculator.config.draft_vocab_size} most frequent training tokens (stored as `draft_vocab`), started from the base LM head's rows; stages share weights (`tie_weights`) |
 | file | {size_mb:.1f} MB, bfloat16 |
-| data | `--data default`: the Python {__import__('sys').version_info.major}.{__import__('sys').version_info.minor} standard library's source and Debian's python3.11-doc sources (about 12M tokens); stage 2 on the base model's own answers to prompts cut from it |
+| data | `--data default`: the Python {__import__('sys').version_info.major}.{__import__('sys').version_info.minor} standard library's source and Debian's python3.11-doc sources (about 12M tokens); stage 2 on the base model's own answers to {stage2_source} |
 | steps | {step}: {min(step, config['stage1_steps'])} in stage 1, {max(0, step - config['stage1_steps'])} in stage 2, {config['batch_size']} x {config['seq_len']} tokens each ({tokens_seen / 1e6:.1f}M tokens seen) |
 | wall time | {wall / 3600:.2f} h of training on this CPU ({args.wall_note}) |
 | training speed | stage 1 trains at {stage1_rate:.0f} tokens/s on this CPU against {forward_rate:.0f} tokens/s for the base model's forward pass alone ({stage1_rate / forward_rate:.2f}x; same settings, {config['batch_size']} x {config['seq_len']} tokens a step, timed by this script on an otherwise idle machine) |

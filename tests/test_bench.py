@@ -1,3 +1,5 @@
+import pytest
+
 from conftest import tiny_llama, tiny_tokenizer
 from mlpspec.bench import chat_prompts, code_prompts, compare
 from test_decode import random_speculator
@@ -38,6 +40,8 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     assert set(results) == {"hf_greedy", "hf_prompt_lookup", "ours_plain", "ours_lookup", "ours_fixed", "ours_adaptive"}
     assert set(results["ours_fixed"]) == {"1", "2"} and set(results["hf_prompt_lookup"]) == {"1"}
     assert results["hf_greedy"]["1"]["speedup"] == 1.0
+    assert len(results["ours_fixed"]["2"]["batch_tokens_per_s"]) == settings.min_batches
+    assert set(report["floor"]) == {"1", "2"}
     assert results["ours_plain"]["2"]["tokens_per_step"] == 1.0
     assert report["mismatches"] == 0 and report["near_ties"] == 0  # float32: every greedy method agrees
     assert set(report["prompt_length"]) == {"4", "8"}
@@ -49,3 +53,16 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     assert "ours_lookup" not in without["results"] and "lookup" not in without["adaptive_policy"]
     for plot in ("batch_size.png", "prompt_length.png", "accepted_length.png"):
         assert (tmp_path / plot).stat().st_size > 1000
+
+
+def test_speedup_is_the_median_of_paired_batch_ratios_and_the_floor_takes_the_best_plain_method():
+    from mlpspec.bench import adaptive_floor, paired_speedup
+
+    # batch 3 was disturbed while the method ran: it moves one ratio, not the answer
+    assert paired_speedup([20.0, 22.0, 5.0], [10.0, 10.0, 10.0]) == 2.0
+    assert paired_speedup([9.0, 12.0], [10.0, 10.0]) == pytest.approx(1.05)  # even count: the mean of the middle two
+    results = {"hf_greedy": {"1": {"speedup": 1.0}, "16": {"speedup": 1.0}},
+               "ours_plain": {"1": {"speedup": 0.98}, "16": {"speedup": 1.04}},
+               "ours_adaptive": {"1": {"speedup": 1.80}, "16": {"speedup": 1.01}}}
+    assert adaptive_floor(results) == {"1": 1.8, "16": pytest.approx(1.01 / 1.04, abs=1e-3)}
+    assert adaptive_floor({"hf_greedy": results["hf_greedy"]}) == {}
