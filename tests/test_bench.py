@@ -55,12 +55,9 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
         assert (tmp_path / plot).stat().st_size > 1000
 
 
-def test_speedup_is_the_median_of_paired_batch_ratios_and_the_floor_takes_the_best_plain_method():
-    from mlpspec.bench import adaptive_floor, paired_speedup
+def test_the_floor_divides_adaptive_by_the_best_plain_method():
+    from mlpspec.bench import adaptive_floor
 
-    # batch 3 was disturbed while the method ran: it moves one ratio, not the answer
-    assert paired_speedup([20.0, 22.0, 5.0], [10.0, 10.0, 10.0]) == 2.0
-    assert paired_speedup([9.0, 12.0], [10.0, 10.0]) == pytest.approx(1.05)  # even count: the mean of the middle two
     results = {"hf_greedy": {"1": {"speedup": 1.0}, "16": {"speedup": 1.0}},
                "ours_plain": {"1": {"speedup": 0.98}, "16": {"speedup": 1.04}},
                "ours_adaptive": {"1": {"speedup": 1.80}, "16": {"speedup": 1.01}}}
