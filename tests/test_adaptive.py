@@ -87,11 +87,12 @@ def test_measured_step_times_correct_plain_and_speculative_costs_apart():
 
 def test_speculation_must_beat_plain_decoding_by_a_margin():
     policy = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 1.5})
-    policy.update(CHAIN1, 1, [1.62], 1.5)  # 8% more tokens per second than plain: within the noise
+    policy.update(CHAIN1, 1, [2], 1.5)
+    policy.record(CHAIN1).at_least = [0.62]  # 1.62 tokens, 8% more per second than plain: within the noise
     policy.steps = 10**6  # no optimism left to spend
     policy.record(CHAIN1).uses = 10**6
     assert policy.choose(1, max_depth=1) == PLAIN
-    policy.record(CHAIN1).tokens_per_step = 1.73  # 15% more: worth it
+    policy.record(CHAIN1).at_least = [0.73]  # 15% more: worth it
     assert policy.choose(1, max_depth=1) == CHAIN1
 
 
@@ -204,10 +205,11 @@ def test_a_tree_with_a_lookup_branch_starts_from_what_its_parts_gave():
     LOOKUP, TREE_LOOKUP = TreeShape((), 0, 6), TreeShape((4, 3), 5, 6)
     policy = calibrated([PLAIN, TREE, LOOKUP, TREE_LOOKUP], {1: 1.0, 2: 1.1, 17: 2.0})
     assert policy.expected_tokens(TREE_LOOKUP, [3]) == 7.0  # nothing known: 1 + its reach
-    policy.update(LOOKUP, 1, [3.5], 1.3, [3])
+    for tokens in (3, 4):  # 3.5 on average
+        policy.update(LOOKUP, 1, [tokens], 1.3, [3])
     assert policy.expected_tokens(TREE_LOOKUP, [3]) == 3.5  # the branch alone is known
-    policy.update(TREE, 1, [2.4], 2.0)
-    policy.update(TREE, 1, [2.4], 2.0)
+    for tokens in (2, 3, 2, 3, 2):  # 2.4 on average
+        policy.update(TREE, 1, [tokens], 2.0)
     assert policy.expected_tokens(TREE_LOOKUP, [3]) == 3.5  # the better of the two parts
     assert policy.expected_tokens(TREE_LOOKUP, [1]) == 2.4  # for a 1-gram match only the tree is known
 
@@ -225,3 +227,17 @@ def test_a_chain_step_teaches_every_shorter_chain_exactly():
     policy.update(CHAIN1, 2, [2.0, 1.0], 1.1)
     assert policy.record(CHAIN3).uses == 1 and policy.record(CHAIN1).uses == 2
     assert policy.record(TREE).uses == 0 and policy.record(PLAIN).uses == 0
+
+
+def test_tied_rows_move_the_batch_end_by_the_least_any_of_them_gains():
+    policy = calibrated([PLAIN, CHAIN1, CHAIN2], {1: 1.0, 2: 1.2, 3: 1.3}, batch_size=8)
+    policy.steps = 10**6
+    for shape, at_least in ((CHAIN1, [0.7]), (CHAIN2, [0.6, 0.3])):
+        policy.record(shape).uses, policy.record(shape).at_least = 10**6, at_least
+    assert policy.expected_tokens(CHAIN1, [0]) == pytest.approx(1.7)  # one row: its mean
+    assert policy.expected_tokens(CHAIN1, [0, 0]) == pytest.approx(1 + 0.7 ** 2)  # both must accept
+    assert policy.expected_tokens(CHAIN2, [0, 0]) == pytest.approx(1 + 0.6 ** 2 + 0.3 ** 2)
+    # 1.9 tokens for 1.3 s pays for the one row furthest from done, not for 8 rows tied there
+    assert policy.choose(8, max_depth=2, matched=[0]) == CHAIN2
+    assert policy.choose(8, max_depth=2, matched=[0] * 2) == CHAIN1  # 1.49 for 1.2 s against 1.45 for 1.3 s
+    assert policy.choose(8, max_depth=2, matched=[0] * 8) == PLAIN  # 1 + 0.7^8 = 1.06 tokens for 1.2 s

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -93,7 +94,13 @@ def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = Non
 @dataclass
 class ShapeRecord:
     uses: int = 0  # steps learned from: the shape's own, and for chains those a deeper chain implied
-    tokens_per_step: float = 0.0  # per active row, moving average
+    # at_least[j - 1]: how often a row accepted j candidate tokens or more, moving average
+    at_least: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Per row: the bonus token plus the expected accepted ones."""
+        return 1.0 + sum(self.at_least)
 
 
 @dataclass
@@ -172,30 +179,40 @@ class AdaptivePolicy:
         return [s for s in self.menu if s.lookup and self.cost(s, batch_size) <= self.lookup_cost_ratio * plain]
 
     def expected_tokens(self, shape: TreeShape, matched: Sequence[int] = (0,), bonus: bool = False) -> float:
-        """Tokens per step for the slowest of the given rows: as measured once used, and
-        before that the most it could give; with `bonus`, plus the optimism bonus (UCB).
+        """How far one step of `shape` is expected to move the batch's end, given the n-gram
+        size each critical row's lookup matched (the rows furthest from done, all tied; see
+        decode.critical_rows); with `bonus`, plus the optimism bonus (UCB).
 
-        The slowest, not the mean: a batch runs until its last row is done, and a row that
-        is done early still costs its share of every step. So a step is worth what the rows
-        furthest from done gain. Judged by the mean, the bench at batch 4 (code and chat
-        rows mixed) took 64 steps for 64 tokens either way: the speculative steps helped the
-        code rows, which then sat idle, and cost 6% more time than plain decoding."""
-        values = []
-        for n in set(matched):  # rows that matched alike are alike (a batch of 16 has a few distinct n)
+        A batch runs until its last row is done, and a row done early still costs its share
+        of every step, so a step is worth what it gains the rows furthest from done: with k
+        of them tied, the least any of them gains, 1 + sum_j prod_rows P(row accepts >= j)
+        (rows independent). For one row that is its mean. Judged by the mean over all rows,
+        the bench at batch 4 (code and chat rows mixed) took 64 steps for 64 tokens either
+        way: the speculative steps helped the code rows, which then sat idle. Judged by the
+        slowest row's mean, batch 8 still paid for chains that 8 tied rows rarely all
+        accepted (0.97x plain). A shape not yet used is credited with the most it could
+        give, every row accepting its whole reach."""
+        tails, uses = [], []
+        for n, rows in Counter(matched).items():
             record = self.record(shape, n)
             reach = max(shape.depth, shape.lookup if n else 0)
-            uses, value = record.uses, record.tokens_per_step
-            if not uses:
+            at_least, used = record.at_least, record.uses
+            if not used:
                 # a tree with a lookup branch gives at least what each part gives alone; where
                 # the parts are known, that is its estimate (as if tried once), not its reach
                 # of 1 + lookup tokens, which would make every batch size pay to try it
                 parts = (TreeShape((), 0, shape.lookup), shape.without_lookup) if shape.lookup and shape.depth and n else ()
-                known = [r.tokens_per_step for r in (self.record(p, n) for p in parts) if r.uses]
-                uses, value = (1, max(known)) if known else (0, 1.0 + reach)
-            if bonus and reach and uses:
-                value += self.exploration * math.sqrt(math.log(self.steps + 1) / uses)
-            values.append(value)
-        return min(values)
+                known = [r for r in (self.record(p, n) for p in parts) if r.uses]
+                best = max(known, key=lambda r: r.tokens_per_step) if known else None
+                at_least, used = (best.at_least, 1) if best else ([1.0] * reach, 0)
+            tails.append((at_least, rows))
+            if reach and used:
+                uses.append(used)
+        width = max((len(t) for t, _ in tails), default=0)
+        value = 1.0 + sum(math.prod((t[j] if j < len(t) else 0.0) ** rows for t, rows in tails) for j in range(width))
+        if bonus and uses:
+            value += self.exploration * math.sqrt(math.log(self.steps + 1) / min(uses))
+        return value
 
     def _score(self, shape: TreeShape, batch_size: int, matched: Sequence[int]) -> float:
         score = self.expected_tokens(shape, matched, bonus=True) / max(self.cost(shape, batch_size), 1e-9)
@@ -233,7 +250,11 @@ class AdaptivePolicy:
             # the plain mean at first, a moving one later: a noisy early estimate would let
             # the policy chase luck (the shape it picks is the one that looked best so far)
             a = max(1.0 / record.uses, self.smoothing)
-            record.tokens_per_step += a * (sum(group) / len(group) - record.tokens_per_step)
+            accepted = [t - 1 for t in group]  # whole tokens in decoding; a mean (in tests) spreads as its share
+            record.at_least += [0.0] * (math.ceil(max(accepted)) - len(record.at_least))
+            for j in range(len(record.at_least)):
+                share = sum(min(max(x - j, 0.0), 1.0) for x in accepted) / len(accepted)
+                record.at_least[j] += a * (share - record.at_least[j])
 
     def cost(self, shape: TreeShape, batch_size: int) -> float:
         bucket = self.bucket(batch_size)
