@@ -241,3 +241,17 @@ def test_tied_rows_move_the_batch_end_by_the_least_any_of_them_gains():
     assert policy.choose(8, max_depth=2, matched=[0]) == CHAIN2
     assert policy.choose(8, max_depth=2, matched=[0] * 2) == CHAIN1  # 1.49 for 1.2 s against 1.45 for 1.3 s
     assert policy.choose(8, max_depth=2, matched=[0] * 8) == PLAIN  # 1 + 0.7^8 = 1.06 tokens for 1.2 s
+
+
+def test_two_unlucky_first_steps_do_not_rule_out_a_long_lookup_branch():
+    LOOKUP = TreeShape((), 0, 6)
+    policy = calibrated([PLAIN, CHAIN1, LOOKUP], {1: 1.0, 2: 1.1, 7: 1.3})
+    policy.update(CHAIN1, 1, [1.6], 1.1)
+    policy.record(CHAIN1).uses = 10**3  # well known: 1.6 tokens for 1.1 s
+    for _ in range(2):
+        policy.update(LOOKUP, 1, [1.0], 1.3, [3])  # the branch's first two copies were wrong
+    policy.steps = 100
+    # the optimism scales with what the branch could give (6 tokens), so it is tried again
+    assert policy.choose(1, max_depth=6, matched=[3]) == LOOKUP
+    policy.record(LOOKUP, 3).uses = 10**4  # after many wrong copies it is not
+    assert policy.choose(1, max_depth=6, matched=[3]) == CHAIN1
