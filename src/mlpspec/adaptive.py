@@ -5,13 +5,15 @@ A shape's worth is tokens per step divided by seconds per step. The seconds come
 cost model calibrated at start-up on the real context: the base model's forward time at a
 few tree sizes (one node, two, the largest tree) for the batch at hand, interpolated in
 between, plus the speculator's own time for each shape. The tokens come from decoding:
-each shape's tokens per step is tracked as a moving average once it has been used, and a
+for each shape, how often a row accepted at least j tokens is tracked as a moving average
+once it has been used (a top-1 chain's step also counts for every shorter chain), and a
 shape not yet used is credited with the most it could ever give, 1 + its depth (or its
-lookup branch's length). So a shape
-is tried only if it could pay at all: at a large batch, where a big tree costs more than it
-could ever return, it is never tried. After that each step takes the best estimate plus an
-optimism bonus that shrinks with use (UCB), so a shape that fell behind is retried now and
-then and a drift in acceptance is noticed.
+lookup branch's length). So a shape is tried only if it could pay at all: at a large batch,
+where a big tree costs more than it could ever return, it is never tried. A step's tokens
+are what it moves the batch's end, the least gain among the rows tied furthest from done.
+Each step takes the best estimate plus an optimism bonus that shrinks with use and scales
+with the shape's reach (UCB), so a shape that fell behind is retried now and then and a
+drift in acceptance is noticed.
 
 Costs keep the calibrated shape, monotone in tree size: per-shape averages of measured step
 times are noisy, and the policy would pick whichever shape was timed luckiest (at a batch
