@@ -114,6 +114,12 @@ class BenchSettings:
     min_batches: int = 6
 
 
+def _methods_at(methods: list[str], batch_size: int) -> list[str]:
+    """The methods that run at this batch size (transformers' prompt lookup and assisted
+    decoding take batch 1 only)."""
+    return [m for m in methods if batch_size == 1 or m not in BATCH_ONE_ONLY]
+
+
 def _new_token_count(row: list[int], prompt_length: int, eos: set[int]) -> int:
     new = row[prompt_length:]
     for i, token in enumerate(new):
@@ -162,9 +168,8 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     jobs = [(b, i) for b in settings.batch_sizes for i in range(max(settings.min_batches, len(prompts) // b))]
     for b in settings.batch_sizes:  # warm-up: every method once at every batch size
         ids, mask = encode_prompts(tokenizer, (prompts * b)[:b], chat=False)
-        for method in methods:
-            if b == 1 or method not in BATCH_ONE_ONLY:
-                _run(method, model, speculator, assistant, policy, ids, mask, 4, eos, settings.lookup)
+        for method in _methods_at(methods, b):
+            _run(method, model, speculator, assistant, policy, ids, mask, 4, eos, settings.lookup)
     for done, (b, i) in enumerate(jobs, start=1):
         batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
         ids, mask = encode_prompts(tokenizer, batch, chat=False)
@@ -172,8 +177,8 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
         # rotation kept each method right after the same one (at batch > 1, ours_adaptive
         # after ours_fixed in 5 batches of 6), and the method after the most memory-hungry
         # one is not always timed alike
-        here = [m for m in methods if b == 1 or m not in BATCH_ONE_ONLY]
-        order = [here[i] for i in torch.randperm(len(here), generator=torch.Generator().manual_seed(done)).tolist()]
+        here = _methods_at(methods, b)
+        order = [here[k] for k in torch.randperm(len(here), generator=torch.Generator().manual_seed(done)).tolist()]
         outputs = {}
         for method in order:
             outputs[method] = _run(method, model, speculator, assistant, policy, ids, mask,

@@ -217,8 +217,9 @@ def generate_shards(
     and sampling are seeded by (seed, i), and it is written atomically, so an interrupted
     run resumes at the first missing shard and reproduces what the whole run would have
     made. Given prompts are taken in one seeded order, row after row and shard after shard,
-    so every prompt is answered once before any is answered twice. With `chat`, prompts are decoded and wrapped in the tokenizer's chat template,
-    so an instruct model is distilled on its own answers. temperature 0 is greedy. With
+    so every prompt is answered once before any is answered twice. With `chat`, every
+    prompt goes through the tokenizer's chat template (those cut from `tokens` decoded
+    first), so an instruct model is distilled on its own answers. temperature 0 is greedy. With
     write=False the shards are computed but not saved (the other ranks of a collective
     run, whose forward passes must match rank 0's).
     """
