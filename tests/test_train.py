@@ -167,6 +167,9 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, fsdp):
         ({"seq-len": 400}, "exceeds the base model's context of 256"),
         ({"text-field": "body"}, "no field 'body'"),
         ({"stage2-prompts": "no-prompts.jsonl"}, "no-prompts.jsonl: cannot read prompt file"),
+        # 250 one-token words + 8 new tokens > 256, though --stage2-prompt-length 6 would fit
+        ({"stage2-prompts": "long.jsonl", "stage2-steps": 2, "stage2-new-tokens": 8},
+         "the longest prompt in --stage2-prompts (250 tokens) plus --stage2-new-tokens 8 exceeds"),
     ],
 )
 def test_bad_input_writes_nothing(setup, capsys, overrides, message):
@@ -176,6 +179,9 @@ def test_bad_input_writes_nothing(setup, capsys, overrides, message):
     if overrides.get("text-field"):
         data = tmp / "rows.jsonl"
         data.write_text('{"text": "w1 w2"}\n')
+    if overrides.get("stage2-prompts") == "long.jsonl":
+        overrides["stage2-prompts"] = tmp / "long.jsonl"
+        overrides["stage2-prompts"].write_text(json.dumps({"prompt": "w1"}) + "\n" + json.dumps({"prompt": " ".join(["w2"] * 250)}) + "\n")
     assert main(train_args(base, data, tmp / "run", **overrides)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]

@@ -35,7 +35,7 @@ from .data import EpochOrder, Windows, generate_shards, generated_positions, loa
 from .errors import MLPSpecError
 from .fileio import atomic_folder
 from .model import IGNORE_INDEX, MLPSpeculator
-from .text import read_prompt_file
+from .text import encode_prompt, read_prompt_file
 from .tree import greedy_targets, teacher_forcing
 
 RUN_CONFIG = "train_config.json"
@@ -239,6 +239,21 @@ def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, prompts, chat: bool
     return load_generations([out / f"shard-{i:05d}.pt" for i in range(n_shards)])
 
 
+def _check_stage2_context(cfg: TrainConfig, tokenizer, prompts, chat: bool, context: int) -> None:
+    """Stage 2's longest prompt plus its answer must fit the base model's context: a prompt
+    file's longest prompt as encoded, else a corpus cut with room for a chat template."""
+    if prompts:
+        longest = max(len(encode_prompt(tokenizer, prompt, chat)) for prompt in prompts)
+        where = f"the longest prompt in --stage2-prompts ({longest} tokens)"
+    else:
+        longest = cfg.stage2_prompt_length + 64
+        where = f"--stage2-prompt-length {cfg.stage2_prompt_length} (+ 64 for a chat template)"
+    if longest + cfg.stage2_new_tokens > context:
+        raise MLPSpecError(
+            f"{where} plus --stage2-new-tokens {cfg.stage2_new_tokens} exceeds the base model's context of {context}"
+        )
+
+
 def _stage2_batch(sequences, order: EpochOrder, indices, length, pad) -> tuple[torch.Tensor, torch.Tensor]:
     return pad_windows([sequences[order[g]] for g in indices], length, pad)
 
@@ -291,8 +306,9 @@ def train(cfg: TrainConfig) -> Path:
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if context is not None and cfg.seq_len + cfg.n_predict + 1 > context:
         raise MLPSpecError(f"--seq-len {cfg.seq_len} (+ n_predict + 1) exceeds the base model's context of {context}")
-    if cfg.stage2_steps and cfg.stage2_prompt_length + cfg.stage2_new_tokens + 64 > (context or 10**9):
-        raise MLPSpecError("stage-2 prompts plus --stage2-new-tokens exceed the base model's context")
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    if cfg.stage2_steps and context is not None:
+        _check_stage2_context(cfg, tokenizer, stage2_prompts, chat, context)
     # Rank 0 tokenizes (or finds the cache) first; the others then read its cache.
     if main:
         tokens = tokenized_corpus(cfg.data, tokenizer, cache_dir() / "tokens", cfg.text_field)
@@ -341,7 +357,6 @@ def train(cfg: TrainConfig) -> Path:
         objective = torch.nn.parallel.DistributedDataParallel(objective)
 
     # Stage-2 data, and held-out greedy text for evaluation: made once, kept in `out`.
-    chat = getattr(tokenizer, "chat_template", None) is not None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # A sharded base model's forward is a collective: with --fsdp-base every rank runs every
     # generation and evaluation pass in lockstep, and rank 0 alone writes.
