@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sysconfig
 import time
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -185,7 +186,8 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
                                    settings.max_new_tokens, eos, settings.lookup)
         reference = outputs["hf_greedy"][0] if "hf_greedy" in outputs else None
         for method, (sequences, seconds, stats) in outputs.items():
-            entry = raw[method].setdefault(b, {"tokens": 0, "seconds": 0.0, "steps": 0, "accepted": [], "batches": []})
+            entry = raw[method].setdefault(b, {"tokens": 0, "seconds": 0.0, "steps": 0, "accepted": [], "batches": [],
+                                               "shapes": Counter()})
             tokens = sum(_new_token_count(r, ids.size(1), set(eos)) for r in sequences.tolist())
             entry["tokens"] += tokens
             entry["seconds"] += seconds
@@ -193,6 +195,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
             if stats is not None:
                 entry["steps"] += stats.row_steps
                 entry["accepted"] += stats.accepted_lengths
+                entry["shapes"].update(stats.shapes)
             if reference is not None and method != "hf_greedy":
                 for d in find_divergences(model, ids, mask, sequences, reference, eos):
                     divergences.append({"method": method, "batch_size": b, **d.__dict__})
@@ -216,6 +219,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
                 "per_head_acceptance": [round(a, 3) for a in heads] if entry["accepted"] else None,
                 "tokens": entry["tokens"],
                 "seconds": round(entry["seconds"], 3),
+                "shapes": dict(entry["shapes"].most_common()),  # steps per tree shape, ours only
             }
     sweep = _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) if settings.prompt_lengths else {}
     near = [d for d in divergences if d["near_tie"]]
@@ -311,6 +315,10 @@ def write_report(report: dict, out: Path) -> None:
     if report.get("floor"):
         lines += ["", "Floor, ours_adaptive over the best plain method (HF greedy or ours_plain): " + ", ".join(
             f"batch {b} {f:.3f}" for b, f in report["floor"].items()) + "."]
+    if "ours_adaptive" in results:
+        lines += ["", "Steps of ours_adaptive by tree shape ([top-k per head]x candidates; lookupN: a prompt-lookup branch of N tokens):", ""]
+        lines += [f"- batch {b}: " + ", ".join(f"{shape} {n}" for shape, n in r["shapes"].items())
+                  for b, r in results["ours_adaptive"].items()]
     lines += ["", f"Greedy outputs checked against HF greedy: {report['mismatches']} mismatches, "
               f"{report['near_ties']} near ties (bf16 logits within a few ulps)."]
     for d in report["divergences"]:
