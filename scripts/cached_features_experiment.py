@@ -6,8 +6,10 @@ trains from scratch on them with no base pass per step.
     .venv/bin/python scripts/cached_features_experiment.py --stage2 runs/branch-s2/stage2 \\
         --eval runs/eval-set/rows-24 --variant adapter --width 576 --steps 700 --log /tmp/adapter.jsonl
 
-Variants: `tied` (the base embedding as it is, as the third default) and `adapter`
-(`emb_adapter`, any --width). Both score the draft vocabulary of the shipped default and
+Variants: `tied` (the base embedding as it is, as the third default), `adapter`
+(`emb_adapter`, any --width) and `deep` (the adapter speculator with a residual MLP block
+after each stage, m -> --block-width -> m, shared by the stages, its output started at zero
+so it starts as the adapter speculator). Both score the draft vocabulary of the shipped default and
 start their heads from the base LM head's rows for it, as `mlpspec train` does.
 """
 
@@ -30,7 +32,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--stage2", type=Path, required=True, help="folder of stage-2 shards (training rows)")
 parser.add_argument("--eval", type=Path, required=True, help="folder of greedy eval shards")
 parser.add_argument("--cache", type=Path, default=Path("runs/cached-features"))
-parser.add_argument("--variant", choices=["tied", "adapter"], default="adapter")
+parser.add_argument("--variant", choices=["tied", "adapter", "deep"], default="adapter")
+parser.add_argument("--block-width", type=int, default=1152)
 parser.add_argument("--width", type=int, default=576)
 parser.add_argument("--steps", type=int, default=700)
 parser.add_argument("--lr", type=float, default=1e-3)
@@ -74,8 +77,25 @@ def features(folder: Path) -> dict:
 train, held_out = features(args.stage2), features(args.eval)
 shipped = load_speculator(dtype=torch.float32, base=model)  # for its draft vocabulary
 base = model.float()
-adapter = args.variant == "adapter"
-speculator = MLPSpeculator(speculator_config_for(
+
+
+class DeepSpeculator(MLPSpeculator):
+    """Each stage's state goes on through s + W2 GELU(W1 rms(s)) before its head."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        m = config.width
+        self.block_in = torch.nn.Linear(m, args.block_width, bias=False)
+        self.block_out = torch.nn.Linear(args.block_width, m, bias=False)
+        torch.nn.init.zeros_(self.block_out.weight)
+
+    def _stage(self, i, state, tokens):
+        state = super()._stage(i, state, tokens)  # b n m
+        return state + self.block_out(torch.nn.functional.gelu(self.block_in(torch.nn.functional.rms_norm(state, state.shape[-1:]))))
+
+
+adapter = args.variant in ("adapter", "deep")
+speculator = (DeepSpeculator if args.variant == "deep" else MLPSpeculator)(speculator_config_for(
     base, n_predict=H, tie_weights=True, tie_base_embeddings=True, draft_vocab_size=8192,
     inner_dim=args.width if adapter else 0, emb_adapter=adapter))
 speculator.attach_base(base)
