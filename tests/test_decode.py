@@ -420,6 +420,8 @@ def test_critical_rows_are_the_active_rows_furthest_from_done():
 
     # 10 tokens each at most: rows 1 and 2 have 7 left, but row 2 is finished (EOS)
     state = SimpleNamespace(n_emitted=torch.tensor([5, 3, 3, 7]), finished=torch.tensor([False, False, True, False]))
-    assert decode.critical_rows(state, 10).tolist() == [False, True, False, False]
+    critical, remaining = decode.critical_rows(state, 10)
+    assert critical.tolist() == [False, True, False, False] and remaining == 7
     state.n_emitted = torch.tensor([4, 4, 3, 4])  # a tie: the batch waits on all three
-    assert decode.critical_rows(state, 10).tolist() == [True, True, False, True]
+    critical, remaining = decode.critical_rows(state, 10)
+    assert critical.tolist() == [True, True, False, True] and remaining == 6

@@ -178,11 +178,13 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
     )
 
 
-def critical_rows(state: DecodeState, max_new_tokens: int) -> torch.Tensor:
-    """The active rows with the most tokens still to emit [b] (bool): the batch ends when
-    they are done, so a step is worth what it gains them (AdaptivePolicy.expected_tokens)."""
+def critical_rows(state: DecodeState, max_new_tokens: int) -> tuple[torch.Tensor, int]:
+    """The active rows with the most tokens still to emit [b] (bool), and how many that is:
+    the batch ends when they are done, so a step is worth what it gains them
+    (AdaptivePolicy.expected_tokens), and no step needs candidates past their count."""
     left = max_new_tokens - state.n_emitted  # b
-    return ~state.finished & (left == left[~state.finished].max())
+    remaining = int(left[~state.finished].max())
+    return ~state.finished & (left == remaining), remaining
 
 
 def look_up(state: DecodeState, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,7 +410,7 @@ def speculative_generate(
         calibrate(policy, model, state, speculator)
     _stream(streamer, on_step, first)
     while not bool(state.finished.all()):
-        remaining = int((max_new_tokens - state.n_emitted)[~state.finished].max())
+        critical, remaining = critical_rows(state, max_new_tokens)  # b, int
         tick = policy.clock() if policy is not None else None
         # no lookup where the policy offers no lookup shape at this batch size (its cost)
         wanted = lookup and (policy is None or bool(policy.lookup_shapes(b)))
@@ -417,7 +419,6 @@ def speculative_generate(
         # gains nothing from the branch. The shape is chosen for the rows furthest from done
         # (the batch ends with them), and every active row's outcome is learned from.
         if policy is not None:
-            critical = critical_rows(state, max_new_tokens)  # b
             shape = policy.choose(b, max_depth=remaining - 1, matched=matched[critical].tolist())
         matched = matched[~state.finished].tolist()
         tree = propose(state, speculator, shape, remaining - 1, branch)
