@@ -243,6 +243,24 @@ def test_tied_rows_move_the_batch_end_by_the_least_any_of_them_gains():
     assert policy.choose(8, max_depth=2, matched=[0] * 8) == PLAIN  # 1 + 0.7^8 = 1.06 tokens for 1.2 s
 
 
+def test_a_row_that_trails_by_a_token_binds_the_batch_end_too():
+    LOOKUP = TreeShape((), 0, 6)
+    policy = calibrated([PLAIN, CHAIN2, LOOKUP], {1: 1.0, 2: 1.2, 7: 1.9}, batch_size=4)
+    policy.steps = 10**6
+    for shape, n, at_least in ((CHAIN2, 0, [0.6, 0.3]), (LOOKUP, 3, [1.0, 1.0, 1.0, 1.0])):
+        policy.record(shape, n).uses, policy.record(shape, n).at_least = 10**6, at_least
+    # row A furthest from done, row B one token behind: the end moves by min(g_A, 1 + g_B),
+    # g = 1 + accepted, whose mean is sum_t P(g_A >= t) P(1 + g_B >= t) = 1 + 0.6 * 1 + 0.3 * 0.6
+    assert policy.expected_tokens(CHAIN2, [0, 0], behind=[0, 1]) == pytest.approx(1.78)
+    assert policy.expected_tokens(CHAIN2, [0, 0], behind=[0, 0]) == pytest.approx(1 + 0.6 ** 2 + 0.3 ** 2)
+    assert policy.expected_tokens(CHAIN2, [0, 0], behind=[0, 2]) == pytest.approx(1.9)  # B cannot be last after it
+    # A's 3-gram copy gains 5 tokens, but B, one behind with no match, gains 1: the end moves by 2
+    # in 1.9 s, against 1.78 in 1.34 s for the chain; with B out of reach the copy pays
+    assert policy.expected_tokens(LOOKUP, [3, 0], behind=[0, 1]) == pytest.approx(2.0)
+    assert policy.choose(4, max_depth=6, matched=[3, 0], behind=[0, 1]) == CHAIN2
+    assert policy.choose(4, max_depth=6, matched=[3], behind=[0]) == LOOKUP
+
+
 def test_two_unlucky_first_steps_do_not_rule_out_a_long_lookup_branch():
     LOOKUP = TreeShape((), 0, 6)
     policy = calibrated([PLAIN, CHAIN1, LOOKUP], {1: 1.0, 2: 1.1, 7: 1.3})

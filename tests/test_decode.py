@@ -415,13 +415,16 @@ def test_adaptive_lookup_without_a_speculator():
         speculative_generate(model, None, ids, mask, max_new_tokens=4, adaptive=policy)
 
 
-def test_critical_rows_are_the_active_rows_furthest_from_done():
+def test_rows_near_the_end_are_those_a_step_could_leave_last():
     from types import SimpleNamespace
 
     # 10 tokens each at most: rows 1 and 2 have 7 left, but row 2 is finished (EOS)
     state = SimpleNamespace(n_emitted=torch.tensor([5, 3, 3, 7]), finished=torch.tensor([False, False, True, False]))
-    critical, remaining = decode.critical_rows(state, 10)
-    assert critical.tolist() == [False, True, False, False] and remaining == 7
+    near, behind, remaining = decode.rows_near_the_end(state, 10, reach=2)
+    assert remaining == 7 and behind.tolist() == [2, 0, 0, 4]
+    assert near.tolist() == [False, True, False, False]  # row 0 trails by 2: two tokens accepted would not catch it up
+    near, _, _ = decode.rows_near_the_end(state, 10, reach=3)
+    assert near.tolist() == [True, True, False, False]
     state.n_emitted = torch.tensor([4, 4, 3, 4])  # a tie: the batch waits on all three
-    critical, remaining = decode.critical_rows(state, 10)
-    assert critical.tolist() == [True, True, False, True] and remaining == 6
+    near, behind, remaining = decode.rows_near_the_end(state, 10, reach=0)  # plain decoding: the tied rows only
+    assert near.tolist() == [True, True, False, True] and remaining == 6 and behind[near].tolist() == [0, 0, 0]

@@ -10,7 +10,7 @@ once it has been used (a top-1 chain's step also counts for every shorter chain)
 shape not yet used is credited with the most it could ever give, 1 + its depth (or its
 lookup branch's length). So a shape is tried only if it could pay at all: at a large batch,
 where a big tree costs more than it could ever return, it is never tried. A step's tokens
-are what it moves the batch's end, the least gain among the rows tied furthest from done.
+are what it moves the batch's end: the least that any row near the end will then trail by.
 Each step takes the best estimate plus an optimism bonus that shrinks with use and scales
 with the shape's reach (UCB), so a shape that fell behind is retried now and then and a
 drift in acceptance is noticed.
@@ -165,14 +165,15 @@ class AdaptivePolicy:
             for shape in self.menu
         }
 
-    def choose(self, batch_size: int, max_depth: int, matched: Sequence[int] = (0,)) -> TreeShape:
+    def choose(self, batch_size: int, max_depth: int, matched: Sequence[int] = (0,),
+               behind: Sequence[int] | None = None) -> TreeShape:
         """The shape to use for the next step, among those no deeper than max_depth, given
-        the n-gram size each critical row's lookup matched (the rows furthest from done;
-        see expected_tokens). Where no such row matched, the lookup shapes would not speed
-        them: they are left out, their twins stand in for them."""
+        the n-gram size each row near the batch's end matched and how many tokens it trails
+        the row furthest from done by (see expected_tokens). Where no such row matched, the
+        lookup shapes would not speed them: they are left out, their twins stand in for them."""
         offered = self.lookup_shapes(batch_size) if any(matched) else []
         allowed = [s for s in self.menu if s.depth <= max_depth and (not s.lookup or s in offered)]
-        return max(allowed, key=lambda shape: self._score(shape, batch_size, matched))
+        return max(allowed, key=lambda shape: self._score(shape, batch_size, matched, behind))
 
     def lookup_shapes(self, batch_size: int) -> list[TreeShape]:
         """The lookup shapes on offer at this batch size (see lookup_cost_ratio); where there
@@ -180,22 +181,29 @@ class AdaptivePolicy:
         plain = self.cost(PLAIN, batch_size)
         return [s for s in self.menu if s.lookup and self.cost(s, batch_size) <= self.lookup_cost_ratio * plain]
 
-    def expected_tokens(self, shape: TreeShape, matched: Sequence[int] = (0,), bonus: bool = False) -> float:
+    def expected_tokens(self, shape: TreeShape, matched: Sequence[int] = (0,), behind: Sequence[int] | None = None,
+                        bonus: bool = False) -> float:
         """How far one step of `shape` is expected to move the batch's end, given the n-gram
-        size each critical row's lookup matched (the rows furthest from done, all tied; see
-        decode.critical_rows); with `bonus`, plus the optimism bonus (UCB).
+        size each row near the end matched and `behind`, how many fewer tokens each has left
+        than the row furthest from done (decode.rows_near_the_end; None: all tied); with
+        `bonus`, plus the optimism bonus (UCB).
 
         A batch runs until its last row is done, and a row done early still costs its share
-        of every step, so a step is worth what it gains the rows furthest from done: with k
-        of them tied, the least any of them gains, 1 + sum_j prod_rows P(row accepts >= j)
-        (rows independent). For one row that is its mean. Judged by the mean over all rows,
-        the bench at batch 4 (code and chat rows mixed) took 64 steps for 64 tokens either
-        way: the speculative steps helped the code rows, which then sat idle. Judged by the
-        slowest row's mean, batch 8 still paid for chains that 8 tied rows rarely all
-        accepted (0.97x plain). A shape not yet used is credited with the most it could
+        of every step, so a step is worth what it moves the end: with row i trailing by d_i
+        and gaining g_i = 1 + accepted_i, the end moves by min_i (d_i + g_i), whose mean is
+        sum_t prod_i P(g_i >= t - d_i) (rows independent): 1 + sum_j prod_i P(row i accepts
+        >= j - d_i), where a probability of accepting 0 or fewer is 1. For one row that is
+        its mean; with k rows tied (d = 0), the least any of them gains. Judged by the mean
+        over all rows, the bench at batch 4 (code and chat rows mixed) took 64 steps for 64
+        tokens either way: the speculative steps helped the code rows, which then sat idle.
+        Judged by the slowest row's mean, batch 8 still paid for chains that 8 tied rows
+        rarely all accepted (0.97x plain); judged by the tied rows alone, batch 4 took
+        chains and lookup copies for one row while the next trailed it by a token and
+        gained nothing (0.94x). A shape not yet used is credited with the most it could
         give, every row accepting its whole reach."""
+        behind = [0] * len(matched) if behind is None else behind
         tails, uses = [], []
-        for n, rows in Counter(matched).items():
+        for (n, lag), rows in Counter(zip(matched, behind)).items():
             record = self.record(shape, n)
             reach = max(shape.depth, shape.lookup if n else 0)
             at_least, used = record.at_least, record.uses
@@ -207,7 +215,7 @@ class AdaptivePolicy:
                 known = [r for r in (self.record(p, n) for p in parts) if r.uses]
                 best = max(known, key=lambda r: r.tokens_per_step) if known else None
                 at_least, used = (best.at_least, 1) if best else ([1.0] * reach, 0)
-            tails.append((at_least, rows))
+            tails.append(([1.0] * lag + list(at_least), rows))  # P(accepts >= j - lag)
             if reach and used:
                 uses.append((used, reach))
         width = max((len(t) for t, _ in tails), default=0)
@@ -220,8 +228,8 @@ class AdaptivePolicy:
             value += self.exploration * widest * math.sqrt(math.log(self.steps + 1) / fewest)
         return value
 
-    def _score(self, shape: TreeShape, batch_size: int, matched: Sequence[int]) -> float:
-        score = self.expected_tokens(shape, matched, bonus=True) / max(self.cost(shape, batch_size), 1e-9)
+    def _score(self, shape: TreeShape, batch_size: int, matched: Sequence[int], behind: Sequence[int] | None) -> float:
+        score = self.expected_tokens(shape, matched, behind, bonus=True) / max(self.cost(shape, batch_size), 1e-9)
         return score if shape == PLAIN else score / (1 + self.margin)
 
     def update(self, shape: TreeShape, batch_size: int, row_tokens: Sequence[float], seconds: float,

@@ -178,13 +178,17 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
     )
 
 
-def critical_rows(state: DecodeState, max_new_tokens: int) -> tuple[torch.Tensor, int]:
-    """The active rows with the most tokens still to emit [b] (bool), and how many that is:
-    the batch ends when they are done, so a step is worth what it gains them
-    (AdaptivePolicy.expected_tokens), and no step needs candidates past their count."""
+def rows_near_the_end(state: DecodeState, max_new_tokens: int, reach: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The active rows that could be the furthest from done after this step [b] (bool), how
+    many fewer tokens each has left than the row furthest from done now [b], and how many
+    that row has left. The batch ends when its last row is done, so a step is worth how far
+    it moves that end (AdaptivePolicy.expected_tokens); a row trailing by `reach` (the most
+    candidate tokens a step can accept) or more cannot be last after it, and no step needs
+    candidates past the furthest row's count."""
     left = max_new_tokens - state.n_emitted  # b
     remaining = int(left[~state.finished].max())
-    return ~state.finished & (left == remaining), remaining
+    behind = remaining - left  # b
+    return ~state.finished & (behind < max(reach, 1)), behind, remaining
 
 
 def look_up(state: DecodeState, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,16 +414,17 @@ def speculative_generate(
         calibrate(policy, model, state, speculator)
     _stream(streamer, on_step, first)
     while not bool(state.finished.all()):
-        critical, remaining = critical_rows(state, max_new_tokens)  # b, int
+        near, behind, remaining = rows_near_the_end(state, max_new_tokens, reach)  # b, b, int
         tick = policy.clock() if policy is not None else None
         # no lookup where the policy offers no lookup shape at this batch size (its cost)
         wanted = lookup and (policy is None or bool(policy.lookup_shapes(b)))
         branch, matched = look_up(state, lookup) if wanted else (None, torch.zeros_like(state.n_emitted))
         # what each active row's lookup matched is the policy's context: a row with no match
-        # gains nothing from the branch. The shape is chosen for the rows furthest from done
-        # (the batch ends with them), and every active row's outcome is learned from.
+        # gains nothing from the branch. The shape is chosen for the rows near the batch's
+        # end (it ends with them), and every active row's outcome is learned from.
         if policy is not None:
-            shape = policy.choose(b, max_depth=remaining - 1, matched=matched[critical].tolist())
+            shape = policy.choose(b, max_depth=remaining - 1, matched=matched[near].tolist(),
+                                  behind=behind[near].tolist())
         matched = matched[~state.finished].tolist()
         tree = propose(state, speculator, shape, remaining - 1, branch)
         out = verify(model, state, tree)
