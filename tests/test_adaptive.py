@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -269,7 +271,13 @@ def test_two_unlucky_first_steps_do_not_rule_out_a_long_lookup_branch():
     for _ in range(2):
         policy.update(LOOKUP, 1, [1.0], 1.3, [3])  # the branch's first two copies were wrong
     policy.steps = 100
-    # the optimism scales with what the branch could give (6 tokens), so it is tried again
+    # the optimism lifts each of the branch's 6 tails by 0.2 * sqrt(ln 101 / 2), so it is tried again
+    lift = 0.2 * (math.log(101) / 2) ** 0.5
+    assert policy.expected_tokens(LOOKUP, [3], bonus=True) == pytest.approx(1 + 6 * lift)
     assert policy.choose(1, max_depth=6, matched=[3]) == LOOKUP
+    # but not for a batch whose other row near the end matched nothing: the branch cannot move the end
+    assert policy.expected_tokens(LOOKUP, [3, 0], behind=[0, 0], bonus=True) == pytest.approx(1.0)
+    calibrated(policy.menu, {1: 1.0, 2: 1.1, 7: 1.3}, batch_size=2, policy=policy)
+    assert policy.choose(2, max_depth=6, matched=[3, 0], behind=[0, 0]) == CHAIN1
     policy.record(LOOKUP, 3).uses = 10**4  # after many wrong copies it is not
     assert policy.choose(1, max_depth=6, matched=[3]) == CHAIN1

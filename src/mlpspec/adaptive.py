@@ -11,9 +11,9 @@ shape not yet used is credited with the most it could ever give, 1 + its depth (
 lookup branch's length). So a shape is tried only if it could pay at all: at a large batch,
 where a big tree costs more than it could ever return, it is never tried. A step's tokens
 are what it moves the batch's end: the least that any row near the end will then trail by.
-Each step takes the best estimate plus an optimism bonus that shrinks with use and scales
-with the shape's reach (UCB), so a shape that fell behind is retried now and then and a
-drift in acceptance is noticed.
+Each step takes the best estimate with each row's acceptance tails raised by an optimism
+bonus that shrinks with use (UCB), so a shape that fell behind is retried now and then and
+a drift in acceptance is noticed.
 
 Costs keep the calibrated shape, monotone in tree size: per-shape averages of measured step
 times are noisy, and the policy would pick whichever shape was timed luckiest (at a batch
@@ -113,7 +113,7 @@ class AdaptivePolicy:
 
     menu: list[TreeShape]
     smoothing: float = 0.03  # weight of the newest observation in the moving averages
-    exploration: float = 0.2  # size of the optimism bonus, per token of a shape's reach
+    exploration: float = 0.2  # size of the optimism bonus on each acceptance tail P(accepts >= j)
     margin: float = 0.10  # speculate only where the estimate beats plain decoding by this much
     rounds: int = 3  # calibration rounds
     # a lookup shape is offered only where its step costs at most this many plain steps: a
@@ -186,7 +186,7 @@ class AdaptivePolicy:
         """How far one step of `shape` is expected to move the batch's end, given the n-gram
         size each row near the end matched and `behind`, how many fewer tokens each has left
         than the row furthest from done (decode.rows_near_the_end; None: all tied); with
-        `bonus`, plus the optimism bonus (UCB).
+        `bonus`, each row's acceptance tails raised by the optimism bonus (UCB).
 
         A batch runs until its last row is done, and a row done early still costs its share
         of every step, so a step is worth what it moves the end: with row i trailing by d_i
@@ -202,7 +202,7 @@ class AdaptivePolicy:
         gained nothing (0.94x). A shape not yet used is credited with the most it could
         give, every row accepting its whole reach."""
         behind = [0] * len(matched) if behind is None else behind
-        tails, uses = [], []
+        tails = []
         for (n, lag), rows in Counter(zip(matched, behind)).items():
             record = self.record(shape, n)
             reach = max(shape.depth, shape.lookup if n else 0)
@@ -215,18 +215,19 @@ class AdaptivePolicy:
                 known = [r for r in (self.record(p, n) for p in parts) if r.uses]
                 best = max(known, key=lambda r: r.tokens_per_step) if known else None
                 at_least, used = (best.at_least, 1) if best else ([1.0] * reach, 0)
+            if bonus and used and reach:
+                # UCB: each of the row's acceptance tails is raised by a bonus that shrinks with
+                # use. At batch 1 this adds up to `reach` bonuses (UCB1's range: a lookup branch
+                # of 10 that two unlucky first copies put at 1 token/step was never retried at
+                # 0.2 tokens of optimism, and code fell from 2.36x to 1.50x on that luck); at
+                # batch > 1 the optimism goes through the rows' product, so a shape that cannot
+                # help a row near the end is not explored for the others (bench --quick: 0.91x
+                # at batch 4 with one bonus added to the batch's value)
+                lift = self.exploration * math.sqrt(math.log(self.steps + 1) / used)
+                at_least = [min(1.0, p + lift) for p in list(at_least) + [0.0] * (reach - len(at_least))]
             tails.append(([1.0] * lag + list(at_least), rows))  # P(accepts >= j - lag)
-            if reach and used:
-                uses.append((used, reach))
         width = max((len(t) for t, _ in tails), default=0)
-        value = 1.0 + sum(math.prod((t[j] if j < len(t) else 0.0) ** rows for t, rows in tails) for j in range(width))
-        if bonus and uses:
-            # UCB's bonus scales with the range of the outcome, here 0 to reach tokens: a lookup
-            # branch of 10 that two unlucky first steps put at 1 token/step was never retried
-            # at 0.2 tokens of optimism, and code decoding fell from 2.36x to 1.50x on that luck
-            fewest, widest = min(u for u, _ in uses), max(r for _, r in uses)
-            value += self.exploration * widest * math.sqrt(math.log(self.steps + 1) / fewest)
-        return value
+        return 1.0 + sum(math.prod((t[j] if j < len(t) else 0.0) ** rows for t, rows in tails) for j in range(width))
 
     def _score(self, shape: TreeShape, batch_size: int, matched: Sequence[int], behind: Sequence[int] | None) -> float:
         score = self.expected_tokens(shape, matched, behind, bonus=True) / max(self.cost(shape, batch_size), 1e-9)
