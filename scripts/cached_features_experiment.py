@@ -9,8 +9,8 @@ trains from scratch on them with no base pass per step.
 Variants: `tied` (the base embedding as it is, as the third default), `adapter`
 (`emb_adapter`, any --width) and `deep` (the adapter speculator with a residual MLP block
 after each stage, m -> --block-width -> m, shared by the stages, its output started at zero
-so it starts as the adapter speculator). Both score the draft vocabulary of the shipped default and
-start their heads from the base LM head's rows for it, as `mlpspec train` does.
+so it starts as the adapter speculator). All three score the draft vocabulary of the shipped
+default and start their heads from the base LM head's rows for it, as `mlpspec train` does.
 """
 
 import argparse
@@ -91,7 +91,8 @@ class DeepSpeculator(MLPSpeculator):
 
     def _stage(self, i, state, tokens):
         state = super()._stage(i, state, tokens)  # b n m
-        return state + self.block_out(torch.nn.functional.gelu(self.block_in(torch.nn.functional.rms_norm(state, state.shape[-1:]))))
+        inner = torch.nn.functional.gelu(self.block_in(torch.nn.functional.rms_norm(state, state.shape[-1:])))  # b n w
+        return state + self.block_out(inner)  # b n m
 
 
 adapter = args.variant in ("adapter", "deep")

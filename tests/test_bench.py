@@ -45,7 +45,8 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     assert results["ours_plain"]["2"]["tokens_per_step"] == 1.0
     # steps per tree shape: our plain loop takes none, the fixed tree always the configured one
     assert list(results["ours_plain"]["2"]["shapes"]) == ["plain"] and results["hf_greedy"]["2"]["shapes"] == {}
-    assert list(results["ours_fixed"]["1"]["shapes"]) == ["[4, 3, 2]x5"] and list(results["ours_lookup"]["1"]["shapes"]) == ["lookup10"]
+    assert list(results["ours_fixed"]["1"]["shapes"]) == ["[4, 3, 2]x5"]
+    assert list(results["ours_lookup"]["1"]["shapes"]) == ["lookup10"]
     assert sum(results["ours_adaptive"]["2"]["shapes"].values()) >= settings.max_new_tokens * settings.min_batches / 6
     assert report["mismatches"] == 0 and report["near_ties"] == 0  # float32: every greedy method agrees
     assert set(report["prompt_length"]) == {"4", "8"}
