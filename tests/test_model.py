@@ -278,8 +278,9 @@ def test_draft_vocabulary_maps_head_indices_to_token_ids():
     assert [tuple(c) for c in candidates[0].tolist()] == [e[0] for e in expected]
     with pytest.raises(MLPSpecError, match="top_k_tokens_per_head\\[0\\] must be an integer in 1..4"):
         model.propose(state, last, [5, 1], 1)
-    with pytest.raises(MLPSpecError, match="exceeds vocab_size"):
-        MLPSpeculatorConfig(vocab_size=11, emb_dim=12, draft_vocab_size=12)
+    for too_many in (12, 11):  # 11 of 11 would leave the base-tied head unattached
+        with pytest.raises(MLPSpecError, match="must be below vocab_size 11"):
+            MLPSpeculatorConfig(vocab_size=11, emb_dim=12, draft_vocab_size=too_many)
 
 
 def test_a_shorter_top_k_runs_fewer_stages():

@@ -248,6 +248,7 @@ def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLP
         tree = build_tree(state.pending, children) if q > 1 else root_only(state.pending)
         tick = policy.clock()
         verify(model, state, tree)
+        _wait(state.pending.device)
         seconds = policy.clock() - tick
         state.cache.keep(L, nothing)
         return seconds
@@ -256,9 +257,17 @@ def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLP
         tick = policy.clock()
         branch = look_up(state, shape.lookup)[0] if shape.lookup else None
         propose(state, speculator, shape, max(shape.depth, shape.lookup), branch)
+        _wait(state.pending.device)
         return policy.clock() - tick
 
     policy.calibrate(b, forward_seconds, propose_seconds)
+
+
+def _wait(device: torch.device) -> None:
+    """Let the work queued on an accelerator finish, so that a host clock times it. Decoding
+    steps need none: each reads its result back to the host before the policy's clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def compact(state: DecodeState) -> None:

@@ -80,8 +80,9 @@ class MLPSpeculatorConfig:
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("inner_dim", self.inner_dim, minimum=0)
         _check_int("draft_vocab_size", self.draft_vocab_size, minimum=0)
-        if self.draft_vocab_size > self.vocab_size:
-            raise MLPSpecError(f"draft_vocab_size {self.draft_vocab_size} exceeds vocab_size {self.vocab_size}")
+        if self.draft_vocab_size >= self.vocab_size:  # a draft vocabulary of every token is none: 0 says so
+            raise MLPSpecError(f"draft_vocab_size {self.draft_vocab_size} must be below vocab_size "
+                               f"{self.vocab_size} (0: the heads score the whole vocabulary)")
         for name in ("tie_weights", "scale_input", "tie_base_embeddings", "token_conditioning", "emb_adapter"):
             if not isinstance(getattr(self, name), bool):
                 raise MLPSpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
