@@ -9,7 +9,9 @@ trains from scratch on them with no base pass per step.
 Variants: `tied` (the base embedding as it is, as the third default), `adapter`
 (`emb_adapter`, any --width) and `deep` (the adapter speculator with a residual MLP block
 after each stage, m -> --block-width -> m, shared by the stages, its output started at zero
-so it starts as the adapter speculator). All three score the draft vocabulary of the shipped
+so it starts as the adapter speculator) and `context` (the adapter speculator whose first
+stage also reads the base state one position earlier, through a d -> d map started at zero:
+h_t + W h_(t-1); a decoder would keep that state too). All four score the draft vocabulary of the shipped
 default and start their heads from the base LM head's rows for it, as `mlpspec train` does.
 """
 
@@ -32,7 +34,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--stage2", type=Path, required=True, help="folder of stage-2 shards (training rows)")
 parser.add_argument("--eval", type=Path, required=True, help="folder of greedy eval shards")
 parser.add_argument("--cache", type=Path, default=Path("runs/cached-features"))
-parser.add_argument("--variant", choices=["tied", "adapter", "deep"], default="adapter")
+parser.add_argument("--variant", choices=["tied", "adapter", "deep", "context"], default="adapter")
 parser.add_argument("--block-width", type=int, default=1152)
 parser.add_argument("--width", type=int, default=576)
 parser.add_argument("--steps", type=int, default=700)
@@ -95,8 +97,22 @@ class DeepSpeculator(MLPSpeculator):
         return state + self.block_out(inner)  # b n m
 
 
-adapter = args.variant in ("adapter", "deep")
-speculator = (DeepSpeculator if args.variant == "deep" else MLPSpeculator)(speculator_config_for(
+class ContextSpeculator(MLPSpeculator):
+    """The first stage reads h_t + W h_(t-1): the state one position earlier as well."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.previous = torch.nn.Linear(config.emb_dim, config.emb_dim, bias=False)
+        torch.nn.init.zeros_(self.previous.weight)
+
+    def _input_state(self, state):
+        earlier = torch.nn.functional.pad(state[:, :-1], (0, 0, 1, 0))  # b n d   h_(t-1), zero before the row
+        return super()._input_state(state + self.previous(earlier))  # b n d
+
+
+adapter = args.variant in ("adapter", "deep", "context")
+variants = {"deep": DeepSpeculator, "context": ContextSpeculator}
+speculator = variants.get(args.variant, MLPSpeculator)(speculator_config_for(
     base, n_predict=H, tie_weights=True, tie_base_embeddings=True, draft_vocab_size=8192,
     inner_dim=args.width if adapter else 0, emb_adapter=adapter))
 speculator.attach_base(base)
