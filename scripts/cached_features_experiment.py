@@ -11,7 +11,10 @@ Variants: `tied` (the base embedding as it is, as the third default), `adapter`
 after each stage, m -> --block-width -> m, shared by the stages, its output started at zero
 so it starts as the adapter speculator) and `context` (the adapter speculator whose first
 stage also reads the base state one position earlier, through a d -> d map started at zero:
-h_t + W h_(t-1); a decoder would keep that state too). All four score the draft vocabulary of the shipped
+h_t + W h_(t-1); a decoder would keep that state too) and `attend` (the first stage also
+reads one attention head over the last --window base states, h_t + O attn(h_t, h_(t-w+1..t)),
+with a learned bias per distance and O started at zero: a cheap look at EAGLE's edge). All
+five score the draft vocabulary of the shipped
 default and start their heads from the base LM head's rows for it, as `mlpspec train` does.
 """
 
@@ -34,9 +37,10 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--stage2", type=Path, required=True, help="folder of stage-2 shards (training rows)")
 parser.add_argument("--eval", type=Path, required=True, help="folder of greedy eval shards")
 parser.add_argument("--cache", type=Path, default=Path("runs/cached-features"))
-parser.add_argument("--variant", choices=["tied", "adapter", "deep", "context"], default="adapter")
+parser.add_argument("--variant", choices=["tied", "adapter", "deep", "context", "attend"], default="adapter")
 parser.add_argument("--block-width", type=int, default=1152)
 parser.add_argument("--width", type=int, default=576)
+parser.add_argument("--window", type=int, default=32, help="attend: how many base states the head reads")
 parser.add_argument("--steps", type=int, default=700)
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--rows-per-step", type=int, default=4)
@@ -110,8 +114,29 @@ class ContextSpeculator(MLPSpeculator):
         return super()._input_state(state + self.previous(earlier))  # b n d
 
 
-adapter = args.variant in ("adapter", "deep", "context")
-variants = {"deep": DeepSpeculator, "context": ContextSpeculator}
+class AttendSpeculator(MLPSpeculator):
+    """The first stage reads h_t + O attn(h_t, the last --window states): one head of width 128."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        d, a = config.emb_dim, 128
+        self.query, self.key, self.value = (torch.nn.Linear(d, a, bias=False) for _ in range(3))
+        self.out = torch.nn.Linear(a, d, bias=False)
+        torch.nn.init.zeros_(self.out.weight)
+        self.distance_bias = torch.nn.Parameter(torch.zeros(args.window))
+
+    def _input_state(self, state):
+        n = state.size(1)
+        distance = torch.arange(n).view(n, 1) - torch.arange(n).view(1, n)  # n n   t - s
+        seen = (distance >= 0) & (distance < args.window)  # n n
+        bias = self.distance_bias[distance.clamp(0, args.window - 1)].masked_fill(~seen, float("-inf"))  # n n
+        q, k, v = self.query(state), self.key(state), self.value(state)  # b n a
+        weights = (q @ k.transpose(1, 2) / q.size(-1) ** 0.5 + bias).softmax(-1)  # b n n
+        return super()._input_state(state + self.out(weights @ v))  # b n d
+
+
+adapter = args.variant in ("adapter", "deep", "context", "attend")
+variants = {"deep": DeepSpeculator, "context": ContextSpeculator, "attend": AttendSpeculator}
 speculator = variants.get(args.variant, MLPSpeculator)(speculator_config_for(
     base, n_predict=H, tie_weights=True, tie_base_embeddings=True, draft_vocab_size=8192,
     inner_dim=args.width if adapter else 0, emb_adapter=adapter))
