@@ -41,6 +41,32 @@ def test_load_base_from_a_folder(tiny_llama_folder):
     assert bf16.dtype == torch.bfloat16
 
 
+def test_tree_attention_reads_grouped_heads_in_place_with_the_same_numbers(tiny_llama_folder, monkeypatch):
+    from mlpspec.decode import make_chooser, prefill, verify
+    from mlpspec.tree import build_tree
+
+    model, _ = load_base(tiny_llama_folder)  # 4 query heads over 2 key/value heads
+    assert model.config._attn_implementation == base.TREE_ATTENTION
+    ids = torch.randint(3, TINY_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, :4] = False  # a padded row
+    candidates = torch.randint(3, TINY_VOCAB, (2, 3, 2), generator=torch.Generator().manual_seed(1))
+    delegated = []  # query lengths of the passes handed to transformers' own sdpa
+    spy = base.sdpa_attention_forward
+    monkeypatch.setattr(base, "sdpa_attention_forward", lambda module, query, *a, **k: (
+        delegated.append(query.shape[2]), spy(module, query, *a, **k))[1])
+
+    def tree_logits(implementation: str) -> torch.Tensor:
+        model.set_attn_implementation(implementation)
+        delegated.clear()
+        state = prefill(model, ids, valid, 24, make_chooser(0.0, None, None, None), 1, 2)
+        return verify(model, state, build_tree(state.pending, candidates)).logits
+
+    ours = tree_logits(base.TREE_ATTENTION)
+    assert delegated == [12, 12]  # the prefill in each of the 2 layers (a boolean mask), not the tree passes
+    assert torch.equal(ours, tree_logits("sdpa"))
+
+
 def test_load_base_errors(tmp_path):
     with pytest.raises(MLPSpecError, match="could not load base model"):
         load_base(tmp_path / "missing")

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .errors import MLPSpecError
 from .fileio import atomic_folder
@@ -86,9 +89,40 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+TREE_ATTENTION = "mlpspec_sdpa"
+
+
+def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                        **kwargs):
+    """transformers' sdpa attention, except for a masked pass over several new tokens with
+    grouped key/value heads: a tree verification. There transformers copies every cached key
+    and value once per query head (repeat_kv), each layer and step, which costs more than the
+    attention itself once the context is long or the batch large; this reads the shared heads
+    in place (`enable_gqa`), the same arithmetic. Single-token steps (transformers packs the
+    query heads instead), unmasked passes and everything else go to transformers as they are.
+    query [b, heads, q, dh]; key, value [b, kv_heads, S, dh]; attention_mask [b, 1, q, S]."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    plain = (groups == 1 or query.shape[2] == 1 or attention_mask is None or attention_mask.dtype == torch.bool
+             or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None)
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                         enable_gqa=True)  # b heads q dh
+    return out.transpose(1, 2).contiguous(), None  # b q heads dh
+
+
+# Public extension points of transformers: a model loaded with attn_implementation=TREE_ATTENTION
+# uses the function above, with the sdpa mask format.
+AttentionInterface.register(TREE_ATTENTION, tree_sdpa_attention)
+AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
+
+
 def load_base(name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32):
     """Return (model, tokenizer) for a hub id or a local folder; None gives the
-    embedded default, SmolLM2-135M-Instruct."""
+    embedded default, SmolLM2-135M-Instruct. Models whose attention transformers lets us
+    choose get `tree_sdpa_attention`, which makes tree verification cheaper and changes
+    nothing else."""
     dtype = resolve_dtype(dtype)
     path = default_base_folder() if name_or_path is None else name_or_path
     try:
@@ -96,6 +130,8 @@ def load_base(name_or_path: str | Path | None = None, dtype: torch.dtype | str =
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:  # missing folder, unreachable hub, no weights: all OSError in transformers
         raise MLPSpecError(f"could not load base model {str(path)!r}: {' '.join(str(e).split())}") from None
+    if model.config._attn_implementation == "sdpa" and model._supports_attention_backend:
+        model.set_attn_implementation(TREE_ATTENTION)  # on our own freshly loaded model, through the public API
     return model.eval(), tokenizer
 
 
