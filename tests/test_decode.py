@@ -82,6 +82,19 @@ def test_oracle_reaches_n_predict_plus_one_tokens_per_step(n_predict):
     assert out.stats.tokens_per_step == pytest.approx(max_new / 7)
 
 
+def test_a_shorter_top_k_runs_fewer_stages_and_stays_lossless():
+    model = tiny_llama(seed=1)
+    ids, mask = left_padded([5, 11, 8], seed=1)
+    max_new = 1 + 6 * 3  # the prefill's token, then six steps of 2 candidate tokens + 1
+    expected = hf_greedy(model, ids, mask, max_new, eos=None)
+    oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=4)
+    out = speculative_generate(model, oracle, ids, mask, max_new_tokens=max_new, eos_token_id=[],
+                               top_k_tokens_per_head=[1, 1], n_candidates=1)
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.stats.steps == 7 and out.stats.accepted_lengths == [2] * 18
+    assert out.stats.per_head_acceptance == [1.0, 1.0]  # the two stages run, not the speculator's four
+
+
 def test_ragged_acceptance_with_eos_mid_step_and_compaction(monkeypatch):
     model = tiny_llama(seed=2)
     ids, mask = left_padded([3, 10, 6, 7], seed=2)
@@ -240,7 +253,8 @@ def test_sampling_is_reproducible_with_a_generator():
         (dict(temperature=-0.5), "temperature must be >= 0"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_k=0), "top_k must be an integer >= 1"),
-        (dict(top_k_tokens_per_head=[2, 2]), "has 2 entries but the speculator has 3 heads"),
+        (dict(top_k_tokens_per_head=[2, 2, 2, 2]), "has 4 entries but the speculator has 3 heads"),
+        (dict(top_k_tokens_per_head=[]), "has 0 entries but the speculator has 3 heads"),
         (dict(n_candidates=50), r"n_candidates must be an integer in 1..24"),
         (dict(streamer=object()), "single prompt"),
         (dict(lookup=-1), "lookup must be an integer >= 0"),

@@ -26,7 +26,7 @@ from .adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
 from .base import check_pair, run_base
 from .cache import TreeCache
 from .errors import MLPSpecError
-from .model import MLPSpeculator, check_tree_shape
+from .model import MLPSpeculator, check_proposal_shape
 from .tree import (
     NO_TOKEN,
     Tree,
@@ -367,6 +367,10 @@ def speculative_generate(
     rule can accept a fixed child c with probability above p_target(c), which this one
     attains: for deterministic drafts it accepts the most.
 
+    top_k_tokens_per_head / n_candidates set the fixed tree (the speculator's config by
+    default); a list shorter than the speculator's heads runs only that many stages, e.g.
+    [1, 1] for a two-token chain.
+
     lookup=N adds a prompt-lookup branch of up to N tokens to every tree: a continuation
     copied from where the latest tokens occurred before in the prompt or the output
     (tree.lookup_branch). It works without a speculator too.
@@ -396,8 +400,8 @@ def speculative_generate(
         cfg = speculator.config
         top_k_tokens_per_head = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
         n_candidates = cfg.n_candidates if n_candidates is None else n_candidates
-        check_tree_shape(top_k_tokens_per_head, n_candidates, cfg.n_predict, cfg.head_size)
-        h = cfg.n_predict
+        check_proposal_shape(top_k_tokens_per_head, n_candidates, cfg.n_predict, cfg.head_size)
+        h = len(top_k_tokens_per_head)  # the stages this call runs at most
         shape = TreeShape(tuple(top_k_tokens_per_head), n_candidates, lookup)
     if adaptive is True:
         policy = AdaptivePolicy(shape_menu(cfg, top_k_tokens_per_head, n_candidates, lookup)) if shape != PLAIN else None

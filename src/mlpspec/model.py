@@ -166,6 +166,17 @@ def check_tree_shape(top_k: list[int], n_candidates: int, n_predict: int, vocab_
         )
 
 
+def check_proposal_shape(top_k: list[int], n_candidates: int, n_predict: int, head_size: int) -> None:
+    """Validate a tree to propose: one top-k for each of the first 1..n_predict stages (fewer
+    entries run fewer stages), and no more candidates than leaves."""
+    if not 1 <= len(top_k) <= n_predict:
+        raise MLPSpecError(
+            f"top_k_tokens_per_head has {len(top_k)} entries but the speculator has {n_predict} heads "
+            f"(give 1 to {n_predict}: fewer entries run fewer stages)"
+        )
+    check_tree_shape(top_k, n_candidates, len(top_k), head_size)
+
+
 def _rms(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -368,11 +379,7 @@ class MLPSpeculator(nn.Module):
         cfg = self.config
         top_k = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
         k = cfg.n_candidates if n_candidates is None else n_candidates
-        if not 1 <= len(top_k) <= cfg.n_predict:
-            raise MLPSpecError(
-                f"top_k_tokens_per_head has {len(top_k)} entries but the speculator has {cfg.n_predict} heads"
-            )
-        check_tree_shape(top_k, k, len(top_k), cfg.head_size)  # fewer entries run fewer stages
+        check_proposal_shape(top_k, k, cfg.n_predict, cfg.head_size)
         self._check_state(state, ndim=3)
         b = state.size(0)
         _check_ids(last_token, "last_token")
