@@ -8,8 +8,8 @@ model with random weights, ragged prompts at batch 1 and 4, and our loop plain, 
 fixed tree, with the lookup branch, and adaptive. The speculator has random weights too,
 so it rarely guesses right; random models fall into loops, which the lookup branch then
 copies many tokens at a time, so multi-token acceptance and the cache's bookkeeping are
-exercised too. Prints the first divergence, if any, with the logit gap there, and writes
-DIR/exactness.json.
+exercised too. Prints each row's first divergence, if any, with the logit gap there
+(equality.find_divergences, as the bench reports them), and writes DIR/exactness.json.
 """
 
 from __future__ import annotations
@@ -23,26 +23,11 @@ import torch
 from gpu_verify_cost import llama_1b_config, speculator_for
 
 
-def first_divergence(expected: torch.Tensor, got: torch.Tensor) -> tuple[int, int] | None:
-    """(row, position) of the first token where two [b, T] outputs differ, or None."""
-    width = min(expected.size(1), got.size(1))
-    differ = (expected[:, :width] != got[:, :width]).nonzero()
-    if len(differ):
-        return tuple(int(i) for i in differ[0])
-    return None if expected.size(1) == got.size(1) else (0, width)
-
-
-def logit_gap(model, sequence: torch.Tensor, position: int) -> float:
-    """The base model's top-1 minus top-2 logit where it chose sequence[position]."""
-    logits = model(sequence[None, :position]).logits[0, -1].float()  # V
-    top = logits.topk(2).values
-    return float(top[0] - top[1])
-
-
 def main() -> None:
     from transformers import LlamaForCausalLM
 
     from mlpspec.decode import speculative_generate
+    from mlpspec.equality import find_divergences
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -80,17 +65,13 @@ def main() -> None:
                                       min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
             for method, (spec, kwargs) in methods.items():
                 out = speculative_generate(model, spec, ids, mask, max_new_tokens=args.new_tokens, **kwargs)
-                where = first_divergence(expected, out.sequences)
-                entry = {"tokens_per_step": round(out.stats.tokens_per_step, 3), "equal": where is None}
-                if where is not None:
-                    failures += 1
-                    row, position = where
-                    keep = torch.cat([mask[row].bool(), torch.ones(args.new_tokens, dtype=torch.bool, device=device)])
-                    valid = expected[row][keep]  # the row without its padding
-                    entry.update(row=row, position=position,
-                                 logit_gap=logit_gap(model, valid, position - (P - lengths[row])))
+                found = find_divergences(model, ids, mask, out.sequences, expected)
+                equal = not found and out.sequences.shape == expected.shape  # find_divergences allows a prefix
+                entry = {"tokens_per_step": round(out.stats.tokens_per_step, 3), "equal": equal,
+                         "divergences": [d.__dict__ for d in found]}
+                failures += not equal
                 report[f"{method}@b{b}"] = entry
-                print(f"b={b} {method:18s} {'equal' if where is None else f'DIFFERS at {where}'}"
+                print(f"b={b} {method:18s} {'equal' if equal else f'DIFFERS: {found[:1] or list(out.sequences.shape)}'}"
                       f"  ({entry['tokens_per_step']:.2f} tokens/step)", flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
