@@ -118,7 +118,7 @@ def forward_curve(model, timer: Timer, batch_sizes, nodes, context: int, reps: i
     """Seconds per base forward over q tree nodes after `context` committed tokens, [b][q]:
     wall time, or with `kernels` the device's kernel time."""
     from mlpspec.decode import make_chooser, prefill, verify
-    from mlpspec.tree import build_tree, root_only
+    from mlpspec.tree import flat_tree
 
     curve = {}
     for b in batch_sizes:
@@ -128,8 +128,7 @@ def forward_curve(model, timer: Timer, batch_sizes, nodes, context: int, reps: i
         nothing = torch.empty(b, 0, dtype=torch.long, device=model.device)
         curve[b] = {}
         for q in nodes:
-            children = torch.arange(1, q, device=model.device).view(1, q - 1, 1).expand(b, -1, -1)  # b q-1 1
-            tree = build_tree(state.pending, children) if q > 1 else root_only(state.pending)
+            tree = flat_tree(state.pending, q)
 
             def one_pass():
                 verify(model, state, tree)

@@ -5,6 +5,7 @@ import torch
 
 from mlpspec.tree import (
     build_tree,
+    flat_tree,
     prompt_positions,
     root_only,
     tree_attention_mask,
@@ -183,3 +184,12 @@ def test_lookup_branch_copies_what_followed_the_last_occurrence():
     # a run of one token continues as the run: the copy overlaps itself
     branch, matched = lookup_branch(torch.tensor([[8, 2, 2, 2]]), torch.tensor([4]), 5)
     assert (branch.tolist(), matched.tolist()) == ([[2, 2, 2, 2, 2]], [2])
+
+
+def test_flat_tree_is_the_root_with_q_minus_one_children():
+    tree = flat_tree(torch.tensor([7, 8]), 3)
+    assert tree.tokens.tolist() == [[7, 0, 1], [8, 0, 1]]
+    assert tree.parent.tolist() == [[-1, 0, 0]] * 2 and tree.depth.tolist() == [[0, 1, 1]] * 2
+    # each child sees the root and itself, not its sibling
+    assert tree.ancestors[0].tolist() == [[True, False, False], [True, True, False], [True, False, True]]
+    assert flat_tree(torch.tensor([7, 8]), 1).tokens.tolist() == [[7], [8]]

@@ -31,6 +31,7 @@ from .tree import (
     NO_TOKEN,
     Tree,
     build_tree,
+    flat_tree,
     lookup_branch,
     prompt_positions,
     root_only,
@@ -243,9 +244,7 @@ def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLP
     nothing = torch.empty(b, 0, dtype=torch.long, device=state.pending.device)
 
     def forward_seconds(q: int) -> float:
-        # a root with q - 1 distinct children: a tree of q nodes one level deep
-        children = torch.arange(q - 1, device=state.pending.device).view(1, q - 1, 1).expand(b, -1, -1)  # b q-1 1
-        tree = build_tree(state.pending, children) if q > 1 else root_only(state.pending)
+        tree = flat_tree(state.pending, q)
         tick = policy.clock()
         verify(model, state, tree)
         _wait(state.pending.device)

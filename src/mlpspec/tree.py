@@ -130,6 +130,15 @@ def root_only(root: torch.Tensor) -> Tree:
     )
 
 
+def flat_tree(root: torch.Tensor, q: int) -> Tree:
+    """A tree of q nodes one level deep: the root with q - 1 distinct children. What timing
+    a verification of q nodes needs (the calibration), whatever the tokens."""
+    if q == 1:
+        return root_only(root)
+    children = torch.arange(q - 1, device=root.device).view(1, q - 1, 1).expand(root.size(0), -1, -1)  # b q-1 1
+    return build_tree(root, children)
+
+
 def tree_attention_mask(tree: Tree, context_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The 4D additive mask for scoring the tree after a committed context.
 
