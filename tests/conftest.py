@@ -1,6 +1,8 @@
 """Tiny models built in the tests: a Llama-type and a GPT-2-type causal LM, with a
 word-level tokenizer, so nothing is downloaded and every test runs in seconds."""
 
+import math
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -47,10 +49,11 @@ def tiny_tokenizer(vocab: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
 
 class OracleSpeculator(torch.nn.Module):
     """Proposes the base model's true greedy continuation as its first candidate (for the
-    rows in `right`), and random ones otherwise. It finds where decoding stands by
-    matching the given hidden state against the reference run's hidden states."""
+    rows in `right`; with wrong_every, some of its tokens are wrong), and random ones
+    otherwise. It finds where decoding stands by matching the given hidden state against
+    the reference run's hidden states."""
 
-    def __init__(self, model, sequences, prompt_valid, n_predict=3, right=None, seed=0):
+    def __init__(self, model, sequences, prompt_valid, n_predict=3, right=None, seed=0, wrong_every=0):
         super().__init__()
         self.config = speculator_config_for(model, n_predict=n_predict)
         self.dtype = model.dtype
@@ -62,16 +65,22 @@ class OracleSpeculator(torch.nn.Module):
         self.sequences = sequences
         self.right = torch.ones(len(sequences), dtype=torch.bool) if right is None else right
         self.generator = torch.Generator().manual_seed(seed)
+        self.wrong_every = wrong_every  # > 0: the truth's token j at position p is wrong where (p + 2j) % it == 0
 
-    def propose(self, state, last_token, top_k, n_candidates):
-        b, h = state.size(0), len(top_k)  # as many stages as asked for
-        candidates = torch.randint(3, self.config.vocab_size, (b, n_candidates, h), generator=self.generator)
+    def expand(self, state, last_token, top_k):
+        """Every leaf, as MLPSpeculator.expand: the truth (or a random guess) is path 0,
+        the top-1 chain, and scores best; the other paths are random."""
+        b, h, n = state.size(0), len(top_k), math.prod(top_k)  # as many stages as asked for
+        paths = torch.randint(3, self.config.vocab_size, (b, n, h), generator=self.generator)
         for r in range(b):
             if self.right[r]:
                 p = int((self.hidden[r] - state[r, 0]).norm(dim=-1).argmin())  # state that made last_token
-                truth = self.sequences[r, p + 2 : p + 2 + h]
-                candidates[r, 0, : len(truth)] = truth
-        return candidates, torch.zeros(b, n_candidates)
+                truth = self.sequences[r, p + 2 : p + 2 + h].clone()
+                if self.wrong_every:  # a fixed function of where decoding stands, so reruns agree
+                    wrong = (p + 2 * torch.arange(len(truth))) % self.wrong_every == 0
+                    truth = torch.where(wrong, 3 + (truth - 2) % (self.config.vocab_size - 3), truth)
+                paths[r, 0, : len(truth)] = truth
+        return paths, -torch.arange(n, dtype=torch.float).expand(b, n)
 
 
 @pytest.fixture

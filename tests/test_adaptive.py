@@ -1,4 +1,5 @@
 import math
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from conftest import OracleSpeculator, tiny_llama
 from mlpspec import MLPSpeculatorConfig
 from mlpspec.adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
 from mlpspec.decode import speculative_generate
+from mlpspec.tree import lookup_branch
 from test_decode import hf_greedy, left_padded, random_speculator
 
 
@@ -21,9 +23,9 @@ def test_shape_menu():
     ]
     assert [s.max_nodes for s in menu] == [1, 2, 3, 4, 5, 11, 16]
     with_lookup = shape_menu(cfg, lookup=8)
-    assert with_lookup == menu + [TreeShape((), 0, 8), TreeShape((4, 3, 2), 5, 8)]
-    assert [s.max_nodes for s in with_lookup[len(menu):]] == [9, 24]
-    assert [str(s) for s in with_lookup[-2:]] == ["lookup8", "[4, 3, 2]x5+lookup8"]
+    assert with_lookup == menu + [TreeShape((), 0, 8), TreeShape((1, 1, 1), 1, 8), TreeShape((4, 3, 2), 5, 8)]
+    assert [s.max_nodes for s in with_lookup[len(menu):]] == [9, 12, 24]
+    assert [str(s) for s in with_lookup[-3:]] == ["lookup8", "[1, 1, 1]x1+lookup8", "[4, 3, 2]x5+lookup8"]
     assert shape_menu(None, lookup=8) == [PLAIN, TreeShape((), 0, 8)]
 
 
@@ -109,9 +111,9 @@ def fake_costs(monkeypatch):
         return verify(model, state, tree)
 
     def timed_propose(state, speculator, shape, depth, branch=None):
-        tree = propose(state, speculator, shape, depth, branch)
+        tree, parts = propose(state, speculator, shape, depth, branch)
         clock["now"] += 0.3 if tree.size > 1 else 0.0
-        return tree
+        return tree, parts
 
     monkeypatch.setattr(decode, "verify", timed_verify)
     monkeypatch.setattr(decode, "propose", timed_propose)
@@ -281,3 +283,68 @@ def test_two_unlucky_first_steps_do_not_rule_out_a_long_lookup_branch():
     assert policy.choose(2, max_depth=6, matched=[3, 0], behind=[0, 0]) == CHAIN1
     policy.record(LOOKUP, 3).uses = 10**4  # after many wrong copies it is not
     assert policy.choose(1, max_depth=6, matched=[3]) == CHAIN1
+
+
+@dataclass
+class Always(AdaptivePolicy):
+    """Runs one shape every step, and logs what it learns."""
+
+    shape: TreeShape = PLAIN
+    log: list = field(default_factory=list)
+
+    def choose(self, batch_size, max_depth, matched=(0,), behind=None):
+        return self.shape
+
+    def learn(self, shape, row_tokens, matched=None):
+        self.log.append((shape, list(row_tokens)))
+        super().learn(shape, row_tokens, matched)
+
+
+def test_hindsight_learns_what_running_each_other_shape_would_have_given(fake_costs):
+    """Run one tree every step; the chain, the lookup branch alone, and the chain and the
+    tree with the branch beside them, learned in hindsight, must each give at every step
+    exactly what a decode that runs that shape from the same point gives on its first step
+    (a shape with a branch speaks only for rows whose lookup matched)."""
+    model = tiny_llama(seed=4)
+    ids, mask = left_padded([6], seed=4)
+    max_new = 30
+    expected = hf_greedy(model, ids, mask, max_new, eos=None)
+    oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=3, wrong_every=5)
+    tree, chain, lookup = TreeShape((2, 2, 2), 3), TreeShape((1, 1, 1), 1), TreeShape((), 0, 4)
+    chain_lookup, tree_lookup = TreeShape((1, 1, 1), 1, 4), TreeShape((2, 2, 2), 3, 4)
+    policy = Always([PLAIN, chain, tree, lookup, chain_lookup, tree_lookup], clock=fake_costs, shape=tree)
+    sizes = []
+    out = speculative_generate(model, oracle, ids, mask, max_new_tokens=max_new, eos_token_id=[], adaptive=policy,
+                               on_step=lambda emitted: sizes.append(int((emitted >= 0).sum())))
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.stats.shapes == {str(tree): len(sizes) - 1}  # the tree ran on every step, nothing else
+
+    P = ids.size(1)
+    wanted = {chain: [], lookup: [], chain_lookup: [], tree_lookup: []}
+    for e in torch.tensor(sizes[:-1]).cumsum(0).tolist():  # tokens emitted before each step
+        if max_new - e - 1 < 1:  # a step with room for no candidate teaches nothing
+            continue
+        prefix = expected[:, : P + e - 1]  # the pending token is the one a prefill of this picks
+        run = dict(max_new_tokens=max_new - e + 1, eos_token_id=[])
+        matched = int(lookup_branch(expected[:, : P + e], torch.tensor([P + e]), 4)[1])
+        first_step = [
+            (chain, speculative_generate(model, oracle, prefix, top_k_tokens_per_head=[1, 1, 1], n_candidates=1, **run)),
+            (lookup, speculative_generate(model, None, prefix, lookup=4, **run)),
+            (chain_lookup, speculative_generate(model, oracle, prefix, top_k_tokens_per_head=[1, 1, 1], n_candidates=1,
+                                                lookup=4, **run)),
+            (tree_lookup, speculative_generate(model, oracle, prefix, top_k_tokens_per_head=[2, 2, 2], n_candidates=3,
+                                               lookup=4, **run)),
+        ]
+        for shape, alone in first_step:
+            # near the end a step is cut to the tokens left: its chain is a shorter chain's
+            whole = max_new - e - 1 >= chain.depth
+            if (shape is chain and whole) or (shape is not chain and matched):
+                wanted[shape].append(1 + int(alone.stats.accepted[0][0]))
+    learned = {shape: [] for shape in wanted}
+    for shape, tokens in policy.log:
+        if shape in learned:
+            learned[shape] += tokens
+    for shape in wanted:
+        assert sorted(learned[shape]) == sorted(wanted[shape]), shape
+    assert len(wanted[chain]) >= 8 and len(set(wanted[chain])) >= 3  # a chain of varied luck
+    assert wanted[lookup] and max(wanted[lookup]) > 1  # the branch matched and copied right

@@ -163,6 +163,19 @@ def test_propose_matches_brute_force(tie, scale):
         assert scores[b].tolist() == pytest.approx([score for _, score in expected[b]], abs=1e-5)
 
 
+def test_expand_lists_every_leaf_with_the_top1_chain_first():
+    model = make(vocab_size=7, n_predict=3, seed=5)
+    state, last = torch.randn(3, 1, 12), torch.tensor([[1], [2], [6]])
+    paths, scores = model.expand(state, last, [3, 2, 2])  # b N D, b N
+    assert paths.shape == (3, 12, 3) and scores.shape == (3, 12)
+    chain, _ = model.propose(state, last, [1, 1, 1], 1)
+    assert paths[:, 0].tolist() == chain[:, 0].tolist()
+    best, best_scores = model.propose(state, last, [3, 2, 2], 5)
+    for b in range(3):  # propose keeps expand's best five
+        order = sorted(range(12), key=lambda i: -float(scores[b, i]))[:5]
+        assert best[b].tolist() == paths[b, order].tolist()
+
+
 def test_propose_full_tree_and_defaults():
     model = make(vocab_size=7, n_predict=3, top_k_tokens_per_head=[2, 2, 1], n_candidates=4)
     state, last = torch.randn(1, 1, 12), torch.tensor([[0]])

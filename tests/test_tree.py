@@ -6,6 +6,7 @@ import torch
 from mlpspec.tree import (
     build_tree,
     flat_tree,
+    hindsight_accepted,
     prompt_positions,
     root_only,
     tree_attention_mask,
@@ -193,3 +194,16 @@ def test_flat_tree_is_the_root_with_q_minus_one_children():
     # each child sees the root and itself, not its sibling
     assert tree.ancestors[0].tolist() == [[True, False, False], [True, True, False], [True, False, True]]
     assert flat_tree(torch.tensor([7, 8]), 1).tokens.tolist() == [[7], [8]]
+
+
+def test_hindsight_accepted_by_hand():
+    N = -1  # NO_TOKEN: the candidate ended
+    candidates = torch.tensor([
+        [[A, B, C], [A, D, N]],  # emitted a b e: the first shares a b, the second a
+        [[A, B, C], [E, N, N]],  # emitted a b c, but only a b known yet (the row stopped)
+        [[N, N, N], [F, F, F]],  # an empty candidate matches nothing; the other matches all
+        [[B, A, A], [C, A, A]],  # no first token right: nothing accepted
+    ])
+    emitted = torch.tensor([[A, B, E], [A, B, C], [F, F, F], [A, A, A]])
+    known = torch.tensor([3, 2, 3, 3])
+    assert hindsight_accepted(candidates, emitted, known).tolist() == [2, 2, 3, 0]

@@ -75,8 +75,9 @@ PLAIN = TreeShape((), 0)
 def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = None, n_candidates: int | None = None,
                lookup: int = 0) -> list[TreeShape]:
     """Plain decoding, top-1 chains of every depth, and the configured tree cut to every depth.
-    With `lookup`, also the prompt-lookup branch alone and beside the whole tree: few shapes,
-    since each is tracked per matched n-gram size and every one must be tried to be known."""
+    With `lookup`, also the prompt-lookup branch alone, beside the deepest chain and beside
+    the whole tree: few shapes, since each is tracked per matched n-gram size (the decoder
+    learns most of them in hindsight, but a tree must be run to be known)."""
     menu = [PLAIN]
     trees = []
     if config is not None:
@@ -89,7 +90,10 @@ def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = Non
                 trees.append(shape)
         menu += trees
     if lookup:
-        menu += [TreeShape((), 0, lookup)] + [TreeShape(t.top_k, t.n_candidates, lookup) for t in trees[-1:]]
+        menu.append(TreeShape((), 0, lookup))
+        if config is not None:
+            beside = [TreeShape((1,) * len(top_k), 1)] + trees[-1:]  # the deepest chain, the whole tree
+            menu += [TreeShape(s.top_k, s.n_candidates, lookup) for s in beside]
     return menu
 
 
@@ -136,9 +140,14 @@ class AdaptivePolicy:
         more often than a 1-gram one); for a row with no match its lookup branch is empty, so
         the row counts for the shape's twin without the branch. The speculator's own shapes
         do not depend on n."""
+        return self.records.setdefault(self.key(shape, matched), ShapeRecord())
+
+    @staticmethod
+    def key(shape: TreeShape, matched: int = 0) -> tuple[TreeShape, int]:
+        """The record a row with that match counts for (see record)."""
         if shape.lookup and not matched:
             shape = shape.without_lookup
-        return self.records.setdefault((shape, matched if shape.lookup else 0), ShapeRecord())
+        return shape, matched if shape.lookup else 0
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -237,6 +246,16 @@ class AdaptivePolicy:
                matched: Sequence[int] | None = None) -> None:
         """One step of `shape` took `seconds` and gave each active row row_tokens tokens;
         matched holds the n-gram size each row's lookup matched (None: no lookup)."""
+        self.learn(shape, row_tokens, matched)
+        bucket = self.bucket(batch_size)
+        key = (bucket, shape != PLAIN)
+        ratio = seconds / max(self.seconds[bucket][shape], 1e-9)
+        self.drift[key] = self.drift.get(key, ratio) + self.smoothing * (ratio - self.drift.get(key, ratio))
+        self.steps += 1
+
+    def learn(self, shape: TreeShape, row_tokens: Sequence[float], matched: Sequence[int] | None = None) -> None:
+        """What one step of `shape` gave (or, learned in hindsight, would have given) each
+        row: row_tokens tokens, where its lookup matched an n-gram of matched tokens."""
         matched = matched if matched is not None else [0] * len(row_tokens)
         self._learn(shape, row_tokens, matched)
         if shape.is_chain:
@@ -245,11 +264,6 @@ class AdaptivePolicy:
             for chain in self.menu:
                 if chain.is_chain and chain.depth < shape.depth:
                     self._learn(chain, [min(t, 1 + chain.depth) for t in row_tokens], matched)
-        bucket = self.bucket(batch_size)
-        key = (bucket, shape != PLAIN)
-        ratio = seconds / max(self.seconds[bucket][shape], 1e-9)
-        self.drift[key] = self.drift.get(key, ratio) + self.smoothing * (ratio - self.drift.get(key, ratio))
-        self.steps += 1
 
     def _learn(self, shape: TreeShape, row_tokens: Sequence[float], matched: Sequence[int]) -> None:
         """Fold one step's tokens per row into the shape's records (one per matched n)."""

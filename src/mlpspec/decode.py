@@ -9,6 +9,11 @@ Each step is five small functions over one `DecodeState`:
     accept    walk the trie with the base model's own choices
     commit    keep the accepted path in the KV cache, emit its tokens plus one bonus token
 
+With an adaptive policy, each step also queues the other trees its parts make (the top-1
+chain the speculator grew, the lookup branch alone, the tree with the branch added or
+taken away), and once their tokens have been emitted the policy learns what they would
+have accepted (learn_in_hindsight), without spending a step on them.
+
 Plain decoding runs through the same loop with a tree that is only the root, which makes
 it the honest in-process baseline.
 """
@@ -26,12 +31,13 @@ from .adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
 from .base import check_pair, run_base
 from .cache import TreeCache
 from .errors import MLPSpecError
-from .model import MLPSpeculator, check_proposal_shape
+from .model import MLPSpeculator, best_paths, check_proposal_shape
 from .tree import (
     NO_TOKEN,
     Tree,
     build_tree,
     flat_tree,
+    hindsight_accepted,
     lookup_branch,
     prompt_positions,
     root_only,
@@ -111,6 +117,25 @@ class DecodeState:
     n_emitted: torch.Tensor  # b
     finished: torch.Tensor  # b   bool
     stats: DecodeStats
+    hindsight: list[Hindsight] = field(default_factory=list)  # trees not run, judged once their tokens are out
+
+
+class Draft(NamedTuple):
+    """What one step proposed, part by part."""
+
+    speculator: torch.Tensor | None  # b k D   the speculator's best candidates (None: no stage ran)
+    chain: torch.Tensor | None  # b 1 D   its top-1 chain, which need not be among them
+    lookup: torch.Tensor | None  # b 1 L   the lookup branch, whether or not this step's tree has it
+
+
+class Hindsight(NamedTuple):
+    """A tree a step could have checked instead, waiting for the tokens that judge it."""
+
+    shape: TreeShape
+    candidates: torch.Tensor  # b k L
+    start: torch.Tensor  # b   where in DecodeState.tokens the guessed tokens go
+    rows: torch.Tensor  # r   the rows it speaks for
+    matched: list[int]  # r   the n-gram size each of them matched
 
 
 class GenerateOutput(NamedTuple):
@@ -199,26 +224,88 @@ def look_up(state: DecodeState, length: int) -> tuple[torch.Tensor, torch.Tensor
     return lookup_branch(context, state.prompt.size(1) + state.n_emitted, length)
 
 
-def propose(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int,
-            branch: torch.Tensor | None = None) -> Tree:
-    """The candidates for this step, merged into a tree under the pending token: the
-    speculator's, and when the shape has one, the lookup branch [b, >= shape.lookup] (from
-    look_up). Both are cut to `depth` tokens when fewer remain to be generated."""
-    parts = []  # b k D, one per source
+def draft(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int,
+          branch: torch.Tensor | None = None) -> Draft:
+    """The parts of this step's candidates: the speculator's tree (with the top-1 chain it
+    grew on its way) and the lookup branch [b, >= shape.lookup] from look_up, each cut to
+    `depth` tokens when fewer remain to be generated."""
+    candidates = chain = None
     if speculator is not None and min(depth, shape.depth):
         top_k = list(shape.top_k[:depth])
-        candidates, _ = speculator.propose(
-            state.hidden.unsqueeze(1).to(speculator.dtype), state.pending.unsqueeze(1), top_k,
-            min(shape.n_candidates, math.prod(top_k)),
-        )  # b k D
-        parts.append(candidates)
-    if shape.lookup and depth > 0:
-        parts.append(branch[:, : min(shape.lookup, depth)].unsqueeze(1))  # b 1 L
-    if not parts:
-        return root_only(state.pending)
+        paths, scores = speculator.expand(
+            state.hidden.unsqueeze(1).to(speculator.dtype), state.pending.unsqueeze(1), top_k
+        )  # b N D, b N
+        candidates, _ = best_paths(paths, scores, min(shape.n_candidates, paths.size(1)))  # b k D
+        chain = paths[:, :1]  # b 1 D
+    lookup = branch[:, :depth].unsqueeze(1) if branch is not None and depth > 0 else None  # b 1 L
+    return Draft(candidates, chain, lookup)
+
+
+def propose(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int,
+            branch: torch.Tensor | None = None) -> tuple[Tree, Draft]:
+    """The candidates for this step (see draft), merged into a tree under the pending token:
+    the speculator's, and the lookup branch when the shape has one."""
+    parts = draft(state, speculator, shape, depth, branch)
+    chosen = [parts.speculator, parts.lookup[..., : shape.lookup] if shape.lookup and parts.lookup is not None else None]
+    chosen = [part for part in chosen if part is not None]
+    if not chosen:
+        return root_only(state.pending), parts
+    return build_tree(state.pending, _side_by_side(chosen)), parts
+
+
+def _side_by_side(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Candidate sets [b, k_i, D_i] as one [b, sum k_i, max D_i], shorter ones padded with NO_TOKEN."""
     width = max(part.size(2) for part in parts)
-    parts = [torch.nn.functional.pad(part, (0, width - part.size(2)), value=NO_TOKEN) for part in parts]
-    return build_tree(state.pending, torch.cat(parts, dim=1))
+    return torch.cat([torch.nn.functional.pad(part, (0, width - part.size(2)), value=NO_TOKEN) for part in parts], dim=1)
+
+
+def foresee(policy: AdaptivePolicy, shape: TreeShape, parts: Draft, start: torch.Tensor, active: torch.Tensor,
+            matched: torch.Tensor) -> list[Hindsight]:
+    """The other shapes on the policy's menu that this step's parts make, for rows active
+    [b] that had emitted start [b] tokens and whose lookup matched [b]: the top-1 chain,
+    the lookup branch alone, and the chain or this tree with the branch beside it or taken
+    away. A row speaks once for each record, and not for plain decoding's: a row that
+    matched nothing counts for a shape with a branch as for its twin without one (and for
+    the branch alone as for no speculation at all)."""
+    grown = {}  # speculator shape -> its candidates [b, k, D]
+    if parts.speculator is not None:
+        grown[shape.without_lookup] = parts.speculator
+    if parts.chain is not None:
+        grown.setdefault(TreeShape((1,) * parts.chain.size(2), 1), parts.chain)
+    rows_n = [(r, n) for r, (n, on) in enumerate(zip(matched.tolist(), active.tolist())) if on]
+    taught = {r: {policy.key(shape, n), (PLAIN, 0)} for r, n in rows_n}  # records each row has spoken for
+    waiting = []
+    for other in policy.menu:
+        if other.lookup and parts.lookup is not None and (not other.top_k or other.without_lookup in grown):
+            branch = parts.lookup[..., : other.lookup]  # b 1 L
+            candidates = _side_by_side([grown[other.without_lookup], branch]) if other.top_k else branch
+        elif not other.lookup and other in grown:
+            candidates = grown[other]
+        else:
+            continue
+        rows = [(r, n) for r, n in rows_n if policy.key(other, n) not in taught[r]]
+        for r, n in rows:
+            taught[r].add(policy.key(other, n))
+        if rows:
+            index = torch.tensor([r for r, _ in rows], device=start.device)
+            waiting.append(Hindsight(other, candidates, start, index, [n for _, n in rows]))
+    return waiting
+
+
+def learn_in_hindsight(policy: AdaptivePolicy, state: DecodeState) -> None:
+    """Judge every waiting tree whose rows have emitted all the tokens it guessed (or
+    stopped), and tell the policy what it would have accepted (tree.hindsight_accepted)."""
+    waiting = []
+    for seen in state.hindsight:
+        L = seen.candidates.size(2)
+        known = (state.n_emitted - seen.start).clamp(0, L)  # b
+        if not bool(((known >= L) | state.finished)[seen.rows].all()):
+            waiting.append(seen)
+            continue
+        slots = seen.start.unsqueeze(1) + torch.arange(L, device=known.device)  # b L
+        accepted = hindsight_accepted(seen.candidates, state.tokens.gather(1, slots), known)  # b
+        policy.learn(seen.shape, (accepted[seen.rows] + 1).tolist(), seen.matched)
+    state.hindsight = waiting
 
 
 def verify(model, state: DecodeState, tree: Tree):
@@ -437,11 +524,10 @@ def speculative_generate(
         if policy is not None:
             shape = policy.choose(b, max_depth=remaining - 1, matched=matched[near].tolist(),
                                   behind=behind[near].tolist())
-        matched = matched[~state.finished].tolist()
-        tree = propose(state, speculator, shape, remaining - 1, branch)
+        before, active = state.n_emitted.clone(), ~state.finished  # b, b
+        tree, parts = propose(state, speculator, shape, remaining - 1, branch)
         out = verify(model, state, tree)
         path, n_accepted, bonus = walk(tree, out.logits, choose)
-        active = ~state.finished
         emitted = commit(state, tree, out.hidden, path, n_accepted, bonus, eos, max_new_tokens)
         state.stats.steps += 1
         state.stats.row_steps += int(active.sum())
@@ -450,7 +536,9 @@ def speculative_generate(
             state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
         state.stats.shapes[str(shape)] = state.stats.shapes.get(str(shape), 0) + 1
         if policy is not None:
-            policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick, matched)
+            policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick, matched[active].tolist())
+            state.hindsight += foresee(policy, shape, parts, before, active, matched)
+            learn_in_hindsight(policy, state)
         _stream(streamer, on_step, emitted)
     if streamer is not None:
         streamer.end()

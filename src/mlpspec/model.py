@@ -177,6 +177,12 @@ def check_proposal_shape(top_k: list[int], n_candidates: int, n_predict: int, he
     check_tree_shape(top_k, n_candidates, len(top_k), head_size)
 
 
+def best_paths(paths: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best-scoring of paths [b, N, D] with scores [b, N]: ([b, k, D], [b, k]), best first."""
+    best_scores, best = scores.topk(k, dim=1)  # b k
+    return paths.gather(1, best.unsqueeze(-1).expand(-1, -1, paths.size(2))), best_scores  # b k D
+
+
 def _rms(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -380,6 +386,15 @@ class MLPSpeculator(nn.Module):
         top_k = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
         k = cfg.n_candidates if n_candidates is None else n_candidates
         check_proposal_shape(top_k, k, cfg.n_predict, cfg.head_size)
+        return best_paths(*self.expand(state, last_token, top_k), k)
+
+    def expand(self, state: torch.Tensor, last_token: torch.Tensor, top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every leaf of the tree that propose grows: paths [b, N, D] and their scores [b, N],
+        N = prod(top_k), in expansion order. Each stage lists a branch's children best first,
+        so path 0 is the top-1 chain, whichever leaves score best (the decoder learns from it
+        in hindsight)."""
+        cfg = self.config
+        check_proposal_shape(top_k, math.prod(top_k), cfg.n_predict, cfg.head_size)
         self._check_state(state, ndim=3)
         b = state.size(0)
         _check_ids(last_token, "last_token")
@@ -391,7 +406,7 @@ class MLPSpeculator(nn.Module):
 
         state = self._input_state(state)  # b 1 d
         tokens = last_token  # b 1
-        candidates = torch.empty(b, 1, 0, dtype=torch.long, device=state.device)  # b 1 0
+        paths = torch.empty(b, 1, 0, dtype=torch.long, device=state.device)  # b 1 0
         scores = torch.zeros(b, 1, device=state.device)  # b 1
         for i, t in enumerate(top_k):
             state = self._stage(i, state, tokens)  # b k m
@@ -399,15 +414,13 @@ class MLPSpeculator(nn.Module):
             top_logprobs, top_index = logprobs.topk(t, dim=-1)  # b k t
             top_ids = self.to_token_ids(top_index)  # b k t
             # every branch grows t children; flatten (branch, child) into the branch axis
-            candidates = torch.cat(
-                [candidates.unsqueeze(2).expand(-1, -1, t, -1), top_ids.unsqueeze(-1)], dim=-1
+            paths = torch.cat(
+                [paths.unsqueeze(2).expand(-1, -1, t, -1), top_ids.unsqueeze(-1)], dim=-1
             ).flatten(1, 2)  # b k*t i+1
             scores = (scores.unsqueeze(2) + top_logprobs).flatten(1, 2)  # b k*t
             state = state.unsqueeze(2).expand(-1, -1, t, -1).flatten(1, 2)  # b k*t m
             tokens = top_ids.flatten(1)  # b k*t
-        best_scores, best = scores.topk(k, dim=1)  # b k
-        best_candidates = candidates.gather(1, best.unsqueeze(-1).expand(-1, -1, len(top_k)))  # b k D
-        return best_candidates, best_scores
+        return paths, scores
 
     def _check_state(self, state: torch.Tensor, ndim: int) -> None:
         if not isinstance(state, torch.Tensor) or not state.is_floating_point():

@@ -195,6 +195,23 @@ def walk(tree: Tree, logits: torch.Tensor, choose) -> tuple[torch.Tensor, torch.
     return torch.stack(path, dim=1)[:, : int(n_accepted.max()) + 1], n_accepted, bonus
 
 
+def hindsight_accepted(candidates: torch.Tensor, emitted: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """What a tree of these candidates would have accepted, judged once the tokens it
+    guessed have been emitted: the longest run of leading tokens that any candidate
+    [b, k, L] shares with the tokens emitted after the step's pending token [b, L], of
+    which the first known [b] are real (a row that stopped earlier has fewer).
+
+    The walk accepts the path that carries the base model's own choices, and a lossless
+    decoder emits those choices whatever tree it checked (when sampling, the same draws:
+    the emitted tokens are one draw, so this is one draw of what that tree accepts). So
+    one step teaches what every tree made of its candidates would have done. [b]
+    """
+    L = candidates.size(2)
+    real = torch.arange(L, device=candidates.device) < known.unsqueeze(1)  # b L
+    match = (candidates == emitted.unsqueeze(1)) & real.unsqueeze(1)  # b k L   NO_TOKEN never matches
+    return match.long().cumprod(dim=-1).sum(dim=-1).amax(dim=1)  # b
+
+
 def teacher_forcing(window: torch.Tensor, n: int, n_predict: int):
     """Split training windows [b, n + h + 1] into the reference recipe's three views.
 
