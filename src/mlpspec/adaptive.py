@@ -6,8 +6,9 @@ cost model calibrated at start-up on the real context: the base model's forward 
 few tree sizes (one node, two, the largest tree) for the batch at hand, interpolated in
 between, plus the speculator's own time for each shape. The tokens come from decoding:
 for each shape, how often a row accepted at least j tokens is tracked as a moving average
-once it has been used (a top-1 chain's step also counts for every shorter chain), and a
-shape not yet used is credited with the most it could ever give, 1 + its depth (or its
+once it has been used (a top-1 chain's step also counts for every shorter chain, and the
+decoder reports in hindsight what the other trees a step's parts make would have accepted:
+decode.foresee), and a shape not yet used is credited with the most it could ever give, 1 + its depth (or its
 lookup branch's length). So a shape is tried only if it could pay at all: at a large batch,
 where a big tree costs more than it could ever return, it is never tried. A step's tokens
 are what it moves the batch's end: the least that any row near the end will then trail by.
