@@ -13,8 +13,11 @@ so it starts as the adapter speculator) and `context` (the adapter speculator wh
 stage also reads the base state one position earlier, through a d -> d map started at zero:
 h_t + W h_(t-1); a decoder would keep that state too) and `attend` (the first stage also
 reads one attention head over the last --window base states, h_t + O attn(h_t, h_(t-w+1..t)),
-with a learned bias per distance and O started at zero: a cheap look at EAGLE's edge). All
-five score the draft vocabulary of the shipped
+with a learned bias per distance and O started at zero: a cheap look at EAGLE's edge) and
+`bigram` (the adapter speculator whose token embedding also gets a free learned vector per
+token, hashed into --buckets rows, started at zero: what follows a rare token need not be
+linear in the base model's embedding of it). All
+six score the draft vocabulary of the shipped
 default and start their heads from the base LM head's rows for it, as `mlpspec train` does.
 """
 
@@ -37,10 +40,11 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--stage2", type=Path, required=True, help="folder of stage-2 shards (training rows)")
 parser.add_argument("--eval", type=Path, required=True, help="folder of greedy eval shards")
 parser.add_argument("--cache", type=Path, default=Path("runs/cached-features"))
-parser.add_argument("--variant", choices=["tied", "adapter", "deep", "context", "attend"], default="adapter")
+parser.add_argument("--variant", choices=["tied", "adapter", "deep", "context", "attend", "bigram"], default="adapter")
 parser.add_argument("--block-width", type=int, default=1152)
 parser.add_argument("--width", type=int, default=576)
 parser.add_argument("--window", type=int, default=32, help="attend: how many base states the head reads")
+parser.add_argument("--buckets", type=int, default=8192, help="bigram: rows of the hashed token table")
 parser.add_argument("--steps", type=int, default=700)
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--rows-per-step", type=int, default=4)
@@ -135,8 +139,21 @@ class AttendSpeculator(MLPSpeculator):
         return super()._input_state(state + self.out(weights @ v))  # b n d
 
 
-adapter = args.variant in ("adapter", "deep", "context", "attend")
-variants = {"deep": DeepSpeculator, "context": ContextSpeculator, "attend": AttendSpeculator}
+class BigramSpeculator(MLPSpeculator):
+    """Each stage's token embedding plus a learned row for the token (id mod --buckets)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.table = torch.nn.Embedding(args.buckets, config.width)
+        torch.nn.init.zeros_(self.table.weight)
+
+    def token_embedding(self, i, tokens):
+        return super().token_embedding(i, tokens) + self.table(tokens % args.buckets)  # b n m
+
+
+adapter = args.variant in ("adapter", "deep", "context", "attend", "bigram")
+variants = {"deep": DeepSpeculator, "context": ContextSpeculator, "attend": AttendSpeculator,
+            "bigram": BigramSpeculator}
 speculator = variants.get(args.variant, MLPSpeculator)(speculator_config_for(
     base, n_predict=H, tie_weights=True, tie_base_embeddings=True, draft_vocab_size=8192,
     inner_dim=args.width if adapter else 0, emb_adapter=adapter))
