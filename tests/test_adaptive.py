@@ -53,6 +53,16 @@ def test_calibration_interpolates_forward_time_between_tree_sizes():
     assert policy.seconds[1] == pytest.approx({PLAIN: 1.0, CHAIN1: 1.2, CHAIN2: 1.3, TREE: 2.1})
 
 
+def test_costs_follow_the_tree_sizes_that_steps_report():
+    policy = calibrated([PLAIN, CHAIN1, TREE], {1: 1.0, 2: 1.2, 11: 2.1})
+    assert policy.cost(TREE, 1) == pytest.approx(2.1)  # its largest tree, 11 nodes, until told
+    for nodes, seconds in ((4, 1.4), (6, 1.6), (5, 1.5)):  # candidates that shared prefixes
+        policy.update(TREE, 1, [2.0], seconds, nodes=nodes)
+    assert policy.seconds[1][TREE] == pytest.approx(1.5)  # 1.2 + 3/9 of the way to 2.1
+    assert policy.cost(CHAIN1, 1) == pytest.approx(1.2 * policy.drift[(1, True)])
+    assert policy.drift[(1, True)] == pytest.approx(1.0, abs=0.01)  # each step timed as its own size predicts
+
+
 def test_policy_tries_what_could_pay_then_takes_the_best_per_second():
     policy = calibrated([PLAIN, CHAIN1, CHAIN2, TREE], {1: 1.0, 2: 1.2, 11: 2.8})
     # optimistic (1 + depth) tokens per calibrated second: CHAIN2 3/1.38, CHAIN1 2/1.2, TREE 3/2.8

@@ -18,7 +18,9 @@ a drift in acceptance is noticed.
 
 Costs keep the calibrated shape, monotone in tree size: per-shape averages of measured step
 times are noisy, and the policy would pick whichever shape was timed luckiest (at a batch
-where speculation only breaks even, that cost 10% in the bench). What calibration cannot
+where speculation only breaks even, that cost 10% in the bench). What a shape's steps do
+report is their tree's size, which is steadier: candidates that share prefixes make fewer
+nodes than the most the shape allows, and a shape's cost is read at its mean size. What calibration cannot
 see (a speculative step's bookkeeping: keeping the accepted path, compacting the cache; a
 context that grew) comes in as two correction factors per batch size, measured over all
 plain steps and over all speculative steps, which pool many steps and stay steady. For the
@@ -130,6 +132,9 @@ class AdaptivePolicy:
     records: dict[tuple[TreeShape, int], ShapeRecord] = field(default_factory=dict)  # (shape, context)
     seconds: dict[int, dict[TreeShape, float]] = field(default_factory=dict)  # bucket -> shape -> s/step
     drift: dict[tuple[int, bool], float] = field(default_factory=dict)  # (bucket, speculative) -> measured/calibrated
+    forward: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # bucket -> tree sizes, s
+    propose_seconds: dict[int, dict[TreeShape, float]] = field(default_factory=dict)  # bucket -> shape -> s
+    nodes: dict[tuple[int, TreeShape], tuple[int, float]] = field(default_factory=dict)  # -> (steps, mean tree size)
     steps: int = 0
 
     def __post_init__(self):
@@ -164,16 +169,23 @@ class AdaptivePolicy:
         """Set every shape's cost at this batch size: forward_seconds(q) times the base
         model's forward over q tree nodes (measured at 1, 2 and the largest tree, linear in
         between), and propose_seconds(shape) the speculator's (and the lookup's) work for
-        that shape."""
+        that shape. A shape's tree is taken at its largest until steps report its real size
+        (candidates share prefixes: the [4, 3, 2] x 5 tree of 16 nodes averaged 12.6 at batch
+        1, and the calibrated cost overstated its steps by 14%)."""
         largest = max(s.max_nodes for s in self.menu)
         points = sorted({1, min(2, largest), largest})
         # the best of a few rounds, each timing every size once: a busy spell on a shared
         # machine then slows one round of all sizes, not one size of all rounds
         measured = [min(times) for times in zip(*[[forward_seconds(q) for q in points] for _ in range(self.rounds)])]
-        self.seconds[self.bucket(batch_size)] = {
-            shape: float(np.interp(shape.max_nodes, points, measured)) + (propose_seconds(shape) if shape != PLAIN else 0.0)
-            for shape in self.menu
-        }
+        bucket = self.bucket(batch_size)
+        self.forward[bucket] = (points, measured)
+        self.propose_seconds[bucket] = {shape: propose_seconds(shape) if shape != PLAIN else 0.0 for shape in self.menu}
+        self.seconds[bucket] = {shape: self._seconds(bucket, shape, shape.max_nodes) for shape in self.menu}
+
+    def _seconds(self, bucket: int, shape: TreeShape, nodes: float) -> float:
+        """The calibrated time of a step of `shape` whose tree has `nodes` nodes."""
+        points, measured = self.forward[bucket]
+        return float(np.interp(nodes, points, measured)) + self.propose_seconds[bucket][shape]
 
     def choose(self, batch_size: int, max_depth: int, matched: Sequence[int] = (0,),
                behind: Sequence[int] | None = None) -> TreeShape:
@@ -244,14 +256,21 @@ class AdaptivePolicy:
         return score if shape == PLAIN else score / (1 + self.margin)
 
     def update(self, shape: TreeShape, batch_size: int, row_tokens: Sequence[float], seconds: float,
-               matched: Sequence[int] | None = None) -> None:
+               matched: Sequence[int] | None = None, nodes: int | None = None) -> None:
         """One step of `shape` took `seconds` and gave each active row row_tokens tokens;
-        matched holds the n-gram size each row's lookup matched (None: no lookup)."""
+        matched holds the n-gram size each row's lookup matched (None: no lookup), and nodes
+        the size of the tree it verified (None: as calibrated)."""
         self.learn(shape, row_tokens, matched)
         bucket = self.bucket(batch_size)
         key = (bucket, shape != PLAIN)
-        ratio = seconds / max(self.seconds[bucket][shape], 1e-9)
+        expected = self.seconds[bucket][shape] if nodes is None else self._seconds(bucket, shape, nodes)
+        ratio = seconds / max(expected, 1e-9)
         self.drift[key] = self.drift.get(key, ratio) + self.smoothing * (ratio - self.drift.get(key, ratio))
+        if nodes is not None and shape != PLAIN:
+            count, mean = self.nodes.get((bucket, shape), (0, 0.0))
+            mean += max(1.0 / (count + 1), self.smoothing) * (nodes - mean)
+            self.nodes[(bucket, shape)] = (count + 1, mean)
+            self.seconds[bucket][shape] = self._seconds(bucket, shape, mean)
         self.steps += 1
 
     def learn(self, shape: TreeShape, row_tokens: Sequence[float], matched: Sequence[int] | None = None) -> None:

@@ -536,7 +536,8 @@ def speculative_generate(
             state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
         state.stats.shapes[str(shape)] = state.stats.shapes.get(str(shape), 0) + 1
         if policy is not None:
-            policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick, matched[active].tolist())
+            policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick, matched[active].tolist(),
+                          tree.size)
             state.hindsight += foresee(policy, shape, parts, before, active, matched)
             learn_in_hindsight(policy, state)
         _stream(streamer, on_step, emitted)
