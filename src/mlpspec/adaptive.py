@@ -1,31 +1,31 @@
-"""Adaptive speculation: each step, the tree shape (or none at all) that should give the
-most tokens per second, on this hardware, at this batch size, for this text.
+"""Adaptive speculation: each step, the tree shape (or none at all) that should give the most
+tokens per second, on this hardware, at this batch size, for this text.
 
 A shape's worth is tokens per step divided by seconds per step. The seconds come from a
 cost model calibrated at start-up on the real context: the base model's forward time at a
 few tree sizes (one node, two, the largest tree) for the batch at hand, interpolated in
-between, plus the speculator's own time for each shape. The tokens come from decoding:
-for each shape, how often a row accepted at least j tokens is tracked as a moving average
-once it has been used (a top-1 chain's step also counts for every shorter chain, and the
-decoder reports in hindsight what the other trees a step's parts make would have accepted:
-decode.foresee), and a shape not yet used is credited with the most it could ever give, 1 + its depth (or its
-lookup branch's length). So a shape is tried only if it could pay at all: at a large batch,
-where a big tree costs more than it could ever return, it is never tried. A step's tokens
-are what it moves the batch's end: the least that any row near the end will then trail by.
-Each step takes the best estimate with each row's acceptance tails raised by an optimism
-bonus that shrinks with use (UCB), so a shape that fell behind is retried now and then and
-a drift in acceptance is noticed.
+between, plus the speculator's own time for each shape. The tokens come from decoding: for
+each shape, how often a row accepted at least j tokens is tracked as a moving average once
+it has been used (a top-1 chain's step also counts for every shorter chain, and the decoder
+reports in hindsight what the other trees a step's parts make would have accepted:
+decode.foresee), and a shape not yet used is credited with the most it could ever give, 1 +
+its depth (or its lookup branch's length). So a shape is tried only if it could pay at all:
+at a large batch, where a big tree costs more than it could ever return, it is never tried.
+A step's tokens are what it moves the batch's end: the least that any row near the end will
+then trail by. Each step takes the best estimate with each row's acceptance tails raised by
+an optimism bonus that shrinks with use (UCB), so a shape that fell behind is retried now
+and then and a drift in acceptance is noticed.
 
 Costs keep the calibrated shape, monotone in tree size: per-shape averages of measured step
 times are noisy, and the policy would pick whichever shape was timed luckiest (at a batch
 where speculation only breaks even, that cost 10% in the bench). What a shape's steps do
 report is their tree's size, which is steadier: candidates that share prefixes make fewer
-nodes than the most the shape allows, and a shape's cost is read at its mean size. What calibration cannot
-see (a speculative step's bookkeeping: keeping the accepted path, compacting the cache; a
-context that grew) comes in as two correction factors per batch size, measured over all
-plain steps and over all speculative steps, which pool many steps and stay steady. For the
-same reason speculation must beat plain decoding by a margin. Every shape is lossless, so the choice
-changes only the speed.
+nodes than the most the shape allows, and a shape's cost is read at its mean size. What
+calibration cannot see (a speculative step's bookkeeping: keeping the accepted path,
+compacting the cache; a context that grew) comes in as two correction factors per batch
+size, measured over all plain steps and over all speculative steps, which pool many steps
+and stay steady. For the same reason speculation must beat plain decoding by a margin.
+Every shape is lossless, so the choice changes only the speed.
 """
 
 from __future__ import annotations
