@@ -1,7 +1,7 @@
 """Tiny models built in the tests: a Llama-type and a GPT-2-type causal LM, with a
 word-level tokenizer, so nothing is downloaded and every test runs in seconds."""
 
-import math
+import itertools
 
 import pytest
 import torch
@@ -48,12 +48,16 @@ def tiny_tokenizer(vocab: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
 
 
 class OracleSpeculator(torch.nn.Module):
-    """Proposes the base model's true greedy continuation as its first candidate (for the
-    rows in `right`; with wrong_every, some of its tokens are wrong), and random ones
-    otherwise. It finds where decoding stands by matching the given hidden state against
-    the reference run's hidden states."""
+    """A speculator that knows the base model's greedy continuation: child 0 at every stage
+    carries the true next token (for the rows in `right`), so path 0, the top-1 chain, is
+    the truth. Where wrong(p, j) holds for stage j at position p, child 0 is wrong and child 1
+    carries the truth instead. Every other token is a fixed function of where
+    decoding stands and of the path to it, so the tree cut to fewer stages is a prefix of
+    the whole one, as in MLPSpeculator.expand, and reruns from the same point agree. It
+    finds where decoding stands by matching the given hidden state against the reference
+    run's hidden states."""
 
-    def __init__(self, model, sequences, prompt_valid, n_predict=3, right=None, seed=0, wrong_every=0):
+    def __init__(self, model, sequences, prompt_valid, n_predict=3, right=None, seed=0, wrong=None):
         super().__init__()
         self.config = speculator_config_for(model, n_predict=n_predict)
         self.dtype = model.dtype
@@ -64,23 +68,25 @@ class OracleSpeculator(torch.nn.Module):
         ).hidden  # b T d
         self.sequences = sequences
         self.right = torch.ones(len(sequences), dtype=torch.bool) if right is None else right
-        self.generator = torch.Generator().manual_seed(seed)
-        self.wrong_every = wrong_every  # > 0: the truth's token j at position p is wrong where (p + 2j) % it == 0
+        self.seed = seed
+        self.wrong = wrong or (lambda p, j: False)
 
     def expand(self, state, last_token, top_k):
-        """Every leaf, as MLPSpeculator.expand: the truth (or a random guess) is path 0,
-        the top-1 chain, and scores best; the other paths are random."""
-        b, h, n = state.size(0), len(top_k), math.prod(top_k)  # as many stages as asked for
-        paths = torch.randint(3, self.config.vocab_size, (b, n, h), generator=self.generator)
+        """Every leaf, as MLPSpeculator.expand; a child's log-prob is minus its rank."""
+        b, h, V = state.size(0), len(top_k), self.config.vocab_size
+        choices = list(itertools.product(*[range(t) for t in top_k]))  # N paths of h child ranks
+        paths = torch.empty(b, len(choices), h, dtype=torch.long)
         for r in range(b):
-            if self.right[r]:
-                p = int((self.hidden[r] - state[r, 0]).norm(dim=-1).argmin())  # state that made last_token
-                truth = self.sequences[r, p + 2 : p + 2 + h].clone()
-                if self.wrong_every:  # a fixed function of where decoding stands, so reruns agree
-                    wrong = (p + 2 * torch.arange(len(truth))) % self.wrong_every == 0
-                    truth = torch.where(wrong, 3 + (truth - 2) % (self.config.vocab_size - 3), truth)
-                paths[r, 0, : len(truth)] = truth
-        return paths, -torch.arange(n, dtype=torch.float).expand(b, n)
+            p = int((self.hidden[r] - state[r, 0]).norm(dim=-1).argmin())  # the state that made last_token
+            truth = self.sequences[r, p + 2 : p + 2 + h].tolist()
+            for n, path in enumerate(choices):
+                on_truth = bool(self.right[r])
+                for j, child in enumerate(path):
+                    carrier = 1 if self.wrong(p, j) else 0
+                    on_truth = on_truth and j < len(truth) and child == carrier
+                    paths[r, n, j] = truth[j] if on_truth else 3 + hash((self.seed, p, path[: j + 1])) % (V - 3)
+        ranks = torch.tensor(choices, dtype=torch.float).cumsum(dim=-1)  # N h
+        return paths, (-ranks).expand(b, -1, -1)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mlpspec import MLPSpecError, MLPSpeculator, MLPSpeculatorConfig
+from mlpspec.model import best_paths, prefix_paths
 from reference_impl import ReferenceSpeculator
 
 
@@ -166,14 +167,19 @@ def test_propose_matches_brute_force(tie, scale):
 def test_expand_lists_every_leaf_with_the_top1_chain_first():
     model = make(vocab_size=7, n_predict=3, seed=5)
     state, last = torch.randn(3, 1, 12), torch.tensor([[1], [2], [6]])
-    paths, scores = model.expand(state, last, [3, 2, 2])  # b N D, b N
-    assert paths.shape == (3, 12, 3) and scores.shape == (3, 12)
+    paths, scores = model.expand(state, last, [3, 2, 2])  # b N D, b N D
+    assert paths.shape == (3, 12, 3) and scores.shape == (3, 12, 3)
     chain, _ = model.propose(state, last, [1, 1, 1], 1)
     assert paths[:, 0].tolist() == chain[:, 0].tolist()
     best, best_scores = model.propose(state, last, [3, 2, 2], 5)
     for b in range(3):  # propose keeps expand's best five
-        order = sorted(range(12), key=lambda i: -float(scores[b, i]))[:5]
+        order = sorted(range(12), key=lambda i: -float(scores[b, i, -1]))[:5]
         assert best[b].tolist() == paths[b, order].tolist()
+    for depth, n in ((1, 3), (2, 4)):  # the tree cut to fewer stages, as propose grows it
+        cut, cut_scores = best_paths(*prefix_paths(paths, scores, [3, 2, 2], depth), n)
+        alone, alone_scores = model.propose(state, last, [3, 2, 2][:depth], n)
+        assert cut.tolist() == alone.tolist()
+        torch.testing.assert_close(cut_scores, alone_scores)
 
 
 def test_propose_full_tree_and_defaults():

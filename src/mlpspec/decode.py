@@ -31,7 +31,7 @@ from .adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
 from .base import check_pair, run_base
 from .cache import TreeCache
 from .errors import MLPSpecError
-from .model import MLPSpeculator, best_paths, check_proposal_shape
+from .model import MLPSpeculator, best_paths, check_proposal_shape, prefix_paths
 from .tree import (
     NO_TOKEN,
     Tree,
@@ -124,7 +124,8 @@ class Draft(NamedTuple):
     """What one step proposed, part by part."""
 
     speculator: torch.Tensor | None  # b k D   the speculator's best candidates (None: no stage ran)
-    chain: torch.Tensor | None  # b 1 D   its top-1 chain, which need not be among them
+    expansion: tuple[torch.Tensor, torch.Tensor] | None  # every leaf it grew, MLPSpeculator.expand's
+    top_k: tuple[int, ...]  # the stages it ran
     lookup: torch.Tensor | None  # b 1 L   the lookup branch, whether or not this step's tree has it
 
 
@@ -226,19 +227,19 @@ def look_up(state: DecodeState, length: int) -> tuple[torch.Tensor, torch.Tensor
 
 def draft(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int,
           branch: torch.Tensor | None = None) -> Draft:
-    """The parts of this step's candidates: the speculator's tree (with the top-1 chain it
-    grew on its way) and the lookup branch [b, >= shape.lookup] from look_up, each cut to
+    """The parts of this step's candidates: the speculator's tree (with every leaf it grew
+    on its way) and the lookup branch [b, >= shape.lookup] from look_up, each cut to
     `depth` tokens when fewer remain to be generated."""
-    candidates = chain = None
-    if speculator is not None and min(depth, shape.depth):
-        top_k = list(shape.top_k[:depth])
-        paths, scores = speculator.expand(
-            state.hidden.unsqueeze(1).to(speculator.dtype), state.pending.unsqueeze(1), top_k
-        )  # b N D, b N
-        candidates, _ = best_paths(paths, scores, min(shape.n_candidates, paths.size(1)))  # b k D
-        chain = paths[:, :1]  # b 1 D
+    candidates = expansion = None
+    top_k = tuple(shape.top_k[:depth])
+    if speculator is not None and top_k:
+        expansion = speculator.expand(
+            state.hidden.unsqueeze(1).to(speculator.dtype), state.pending.unsqueeze(1), list(top_k)
+        )  # b N D, b N D
+        paths, scores = expansion
+        candidates, _ = best_paths(paths, scores[..., -1], min(shape.n_candidates, paths.size(1)))  # b k D
     lookup = branch[:, :depth].unsqueeze(1) if branch is not None and depth > 0 else None  # b 1 L
-    return Draft(candidates, chain, lookup)
+    return Draft(candidates, expansion, top_k, lookup)
 
 
 def propose(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int,
@@ -263,15 +264,23 @@ def foresee(policy: AdaptivePolicy, shape: TreeShape, parts: Draft, start: torch
             matched: torch.Tensor) -> list[Hindsight]:
     """The other shapes on the policy's menu that this step's parts make, for rows active
     [b] that had emitted start [b] tokens and whose lookup matched [b]: the top-1 chain,
-    the lookup branch alone, and the chain or this tree with the branch beside it or taken
-    away. A row speaks once for each record, and not for plain decoding's: a row that
-    matched nothing counts for a shape with a branch as for its twin without one (and for
-    the branch alone as for no speculation at all)."""
+    this tree cut to fewer stages, the lookup branch alone, and the chain or this tree with
+    the branch beside it or taken away. A row speaks once for each record, and not for plain
+    decoding's: a row that matched nothing counts for a shape with a branch as for its twin
+    without one (and for the branch alone as for no speculation at all)."""
     grown = {}  # speculator shape -> its candidates [b, k, D]
-    if parts.speculator is not None:
+    if parts.expansion is not None:
+        paths, scores = parts.expansion  # b N D, b N D
+        top_k, D = list(parts.top_k), len(parts.top_k)  # near the end, fewer stages than the shape has
         grown[shape.without_lookup] = parts.speculator
-    if parts.chain is not None:
-        grown.setdefault(TreeShape((1,) * parts.chain.size(2), 1), parts.chain)
+        # the chain (a chain's step already teaches the shorter ones) and the tree's cuts, each
+        # keyed as its own step would be, which near the end is cut the same way
+        grown.setdefault(TreeShape((1,) * shape.depth, 1), paths[:, :1])  # b 1 D
+        for other in policy.menu:
+            if other.is_chain or other.lookup or other in grown or other.top_k != shape.top_k[: other.depth]:
+                continue
+            cut, cut_scores = prefix_paths(paths, scores, top_k, min(other.depth, D))  # b N_d d, b N_d
+            grown[other] = best_paths(cut, cut_scores, min(other.n_candidates, cut.size(1)))[0]
     rows_n = [(r, n) for r, (n, on) in enumerate(zip(matched.tolist(), active.tolist())) if on]
     taught = {r: {policy.key(shape, n), (PLAIN, 0)} for r, n in rows_n}  # records each row has spoken for
     waiting = []

@@ -183,6 +183,14 @@ def best_paths(paths: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch
     return paths.gather(1, best.unsqueeze(-1).expand(-1, -1, paths.size(2))), best_scores  # b k D
 
 
+def prefix_paths(paths: torch.Tensor, scores: torch.Tensor, top_k: list[int], depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLPSpeculator.expand's leaves as the tree of its first `depth` stages would have them:
+    ([b, N_d, depth] paths, [b, N_d] scores), N_d = prod(top_k[:depth]). Every path of that
+    tree heads a run of prod(top_k[depth:]) leaves in expansion order."""
+    stride = math.prod(top_k[depth:])
+    return paths[:, ::stride, :depth], scores[:, ::stride, depth - 1]
+
+
 def _rms(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -386,13 +394,15 @@ class MLPSpeculator(nn.Module):
         top_k = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
         k = cfg.n_candidates if n_candidates is None else n_candidates
         check_proposal_shape(top_k, k, cfg.n_predict, cfg.head_size)
-        return best_paths(*self.expand(state, last_token, top_k), k)
+        paths, scores = self.expand(state, last_token, top_k)  # b N D, b N D
+        return best_paths(paths, scores[..., -1], k)
 
     def expand(self, state: torch.Tensor, last_token: torch.Tensor, top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every leaf of the tree that propose grows: paths [b, N, D] and their scores [b, N],
-        N = prod(top_k), in expansion order. Each stage lists a branch's children best first,
-        so path 0 is the top-1 chain, whichever leaves score best (the decoder learns from it
-        in hindsight)."""
+        """Every leaf of the tree that propose grows: paths [b, N, D] and their scores after
+        each stage [b, N, D] (summed log-probs), N = prod(top_k), in expansion order. Each
+        stage lists a branch's children best first, so path 0 is the top-1 chain, whichever
+        leaves score best, and the tree cut to fewer stages is in here too (prefix_paths):
+        the decoder learns from both in hindsight."""
         cfg = self.config
         check_proposal_shape(top_k, math.prod(top_k), cfg.n_predict, cfg.head_size)
         self._check_state(state, ndim=3)
@@ -407,7 +417,8 @@ class MLPSpeculator(nn.Module):
         state = self._input_state(state)  # b 1 d
         tokens = last_token  # b 1
         paths = torch.empty(b, 1, 0, dtype=torch.long, device=state.device)  # b 1 0
-        scores = torch.zeros(b, 1, device=state.device)  # b 1
+        scores = torch.zeros(b, 1, 0, device=state.device)  # b 1 0   after each stage so far
+        total = torch.zeros(b, 1, 1, device=state.device)  # b 1 1   after the last stage
         for i, t in enumerate(top_k):
             state = self._stage(i, state, tokens)  # b k m
             logprobs = F.log_softmax(self.head[i](state), dim=-1)  # b k K
@@ -417,7 +428,11 @@ class MLPSpeculator(nn.Module):
             paths = torch.cat(
                 [paths.unsqueeze(2).expand(-1, -1, t, -1), top_ids.unsqueeze(-1)], dim=-1
             ).flatten(1, 2)  # b k*t i+1
-            scores = (scores.unsqueeze(2) + top_logprobs).flatten(1, 2)  # b k*t
+            total = total + top_logprobs  # b k t
+            scores = torch.cat(
+                [scores.unsqueeze(2).expand(-1, -1, t, -1), total.unsqueeze(-1)], dim=-1
+            ).flatten(1, 2)  # b k*t i+1
+            total = total.flatten(1, 2).unsqueeze(-1)  # b k*t 1
             state = state.unsqueeze(2).expand(-1, -1, t, -1).flatten(1, 2)  # b k*t m
             tokens = top_ids.flatten(1)  # b k*t
         return paths, scores
