@@ -80,7 +80,7 @@ def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = Non
     """Plain decoding, top-1 chains of every depth, and the configured tree cut to every depth.
     With `lookup`, also the prompt-lookup branch alone, beside the deepest chain and beside
     the whole tree: few shapes, since each is tracked per matched n-gram size (the decoder
-    learns most of them in hindsight, but a tree must be run to be known)."""
+    learns the others in hindsight from any step of the whole tree)."""
     menu = [PLAIN]
     trees = []
     if config is not None:

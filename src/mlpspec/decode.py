@@ -10,9 +10,10 @@ Each step is five small functions over one `DecodeState`:
     commit    keep the accepted path in the KV cache, emit its tokens plus one bonus token
 
 With an adaptive policy, each step also queues the other trees its parts make (the top-1
-chain the speculator grew, the lookup branch alone, the chain or the tree with the branch
-beside it or taken away), and once their tokens have been emitted the policy learns what
-they would have accepted (learn_in_hindsight), without spending a step on them.
+chain the speculator grew, the tree cut to fewer stages, the lookup branch alone, the chain
+or the tree with the branch beside it or taken away), and once their tokens have been
+emitted the policy learns what they would have accepted (learn_in_hindsight), without
+spending a step on them.
 
 Plain decoding runs through the same loop with a tree that is only the root, which makes
 it the honest in-process baseline.
