@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mlpspec import load_base, load_speculator
 from mlpspec.base import base_outputs, cache_dir
@@ -30,6 +31,7 @@ from mlpspec.bench import chat_prompts, code_prompts
 from mlpspec.data import load_generations, split_heldout, tokenized_corpus
 from mlpspec.decode import speculative_generate
 from mlpspec.text import encode_prompt, read_prompt_file
+from mlpspec.tree import NO_TOKEN, hindsight_accepted
 
 parser = argparse.ArgumentParser()
 parser.add_argument("prompts", help="chat, code, or a prompt file (.jsonl)")
@@ -47,8 +49,9 @@ named = {"chat": lambda: chat_prompts()[:12], "code": lambda: code_prompts(12)}
 prompts = named[args.prompts]() if args.prompts in named else read_prompt_file(args.prompts)
 prompts = [encode_prompt(tokenizer, p, chat=False) for p in prompts]
 
-# The base model's greedy answers, and at each answer position the speculator's guesses.
-answers, hits, confidence, chains, trees = [], [], [], [], []
+# The base model's greedy answers, and at each answer position the speculator's guesses
+# with the tokens that judge them (tree.hindsight_accepted, as the decoder judges in hindsight).
+answers, hits, confidence, guesses = [], [], [], []
 with torch.inference_mode():
     for ids in prompts:
         out = speculative_generate(model, None, torch.tensor([ids]), max_new_tokens=args.new_tokens)
@@ -61,8 +64,9 @@ with torch.inference_mode():
         hits.append(chain[:, 0, 0] == seq[at + 2])
         confidence.append(torch.softmax(logits[0, at + 1].float(), dim=-1).amax(dim=-1))  # n
         answers.append(seq[len(ids):].numpy())
-        chains.append((seq.tolist(), at.tolist(), chain.tolist()))
-        trees.append(tree.tolist())
+        emitted = F.pad(seq, (0, depth))[(at + 2).unsqueeze(1) + torch.arange(depth)]  # n D
+        known = (len(seq) - (at + 2)).clamp(max=depth)  # n
+        guesses.append((seq.tolist(), at.tolist(), chain, tree, emitted, known))
 hits, confidence = torch.cat(hits).float(), torch.cat(confidence)
 
 print(f"head-1 accuracy {hits.mean():.3f} over {len(hits)} positions; by the base model's top-1 probability:")
@@ -115,34 +119,25 @@ trigrams, bigrams = ngram_table(rows, 2), ngram_table(rows, 1)
 
 
 def ngram_chain(a: int, b: int) -> list[int]:
+    """The trigram table's guess of the next `depth` tokens after a, b (NO_TOKEN once it has none)."""
     guess = []
     for _ in range(depth):
-        c = trigrams.get(a * V + b, bigrams.get(b, -1))
-        if c < 0:
+        c = trigrams.get(a * V + b, bigrams.get(b, NO_TOKEN))
+        if c == NO_TOKEN:
             break
         guess.append(c)
         a, b = b, c
-    return guess
-
-
-def accepted(candidate: list[int], seq: list[int], t: int) -> int:
-    n = 0
-    while n < len(candidate) and t + 2 + n < len(seq) and candidate[n] == seq[t + 2 + n]:
-        n += 1
-    return n
+    return guess + [NO_TOKEN] * (depth - len(guess))
 
 
 scores = {"chain": [], "chain | n-gram": [], "tree": [], "tree | n-gram": []}
-for (seq, positions, chain), tree in zip(chains, trees):
-    for i, t in enumerate(positions):
-        from_ngram = accepted(ngram_chain(seq[t], seq[t + 1]), seq, t)
-        from_chain = accepted(chain[i][0], seq, t)
-        from_tree = max(accepted(c, seq, t) for c in tree[i])
-        for name, value in [("chain", from_chain), ("chain | n-gram", max(from_chain, from_ngram)),
-                            ("tree", from_tree), ("tree | n-gram", max(from_tree, from_ngram))]:
-            scores[name].append(value)
+for seq, positions, chain, tree, emitted, known in guesses:
+    ngram = torch.tensor([ngram_chain(seq[t], seq[t + 1]) for t in positions]).unsqueeze(1)  # n 1 D
+    for name, candidates in [("chain", chain), ("chain | n-gram", torch.cat([chain, ngram], dim=1)),
+                             ("tree", tree), ("tree | n-gram", torch.cat([tree, ngram], dim=1))]:
+        scores[name].append(hindsight_accepted(candidates, emitted, known))  # n
 print(f"teacher-forced tokens/step ({len(trigrams)} trigram contexts): "
-      + ", ".join(f"{name} {1 + np.mean(v):.3f}" for name, v in scores.items()))
+      + ", ".join(f"{name} {1 + torch.cat(v).float().mean():.3f}" for name, v in scores.items()))
 
 if args.trees:
     shapes = [None, ([1] * depth, 1), (None, None), ([8, 4, 2, 2], 16), ([8, 6, 4, 3], 32), ([12, 8, 6, 4], 64)]
