@@ -248,8 +248,9 @@ def propose(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeSha
     """The candidates for this step (see draft), merged into a tree under the pending token:
     the speculator's, and the lookup branch when the shape has one."""
     parts = draft(state, speculator, shape, depth, branch)
-    chosen = [parts.speculator, parts.lookup[..., : shape.lookup] if shape.lookup and parts.lookup is not None else None]
-    chosen = [part for part in chosen if part is not None]
+    chosen = [] if parts.speculator is None else [parts.speculator]
+    if shape.lookup and parts.lookup is not None:
+        chosen.append(parts.lookup[..., : shape.lookup])
     if not chosen:
         return root_only(state.pending), parts
     return build_tree(state.pending, _side_by_side(chosen)), parts
@@ -269,6 +270,8 @@ def foresee(policy: AdaptivePolicy, shape: TreeShape, parts: Draft, start: torch
     the branch beside it or taken away. A row speaks once for each record, and not for plain
     decoding's: a row that matched nothing counts for a shape with a branch as for its twin
     without one (and for the branch alone as for no speculation at all)."""
+    if parts.expansion is None and parts.lookup is None:
+        return []  # a plain step makes no other tree: the usual step at large batches
     grown = {}  # speculator shape -> its candidates [b, k, D]
     if parts.expansion is not None:
         paths, scores = parts.expansion  # b N D, b N D
