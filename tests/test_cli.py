@@ -3,7 +3,7 @@ import torch
 
 from mlpspec import MLPSpeculator, speculator_config_for
 from mlpspec.cli import main
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_tokenizer
 
 
 def test_info_prints_both_configs(tiny_llama_folder, tmp_path, capsys):
@@ -93,3 +93,21 @@ def test_generate_bad_input_is_one_line(tiny_llama_folder, capsys, extra, messag
     assert main(["generate", "--base", str(tiny_llama_folder), *extra]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err.strip().splitlines()[-1])
+
+
+def test_prompts_writes_the_base_models_own_requests(tiny_llama_folder, tmp_path, capsys):
+    from test_text import CHAT_TEMPLATE
+
+    from mlpspec.text import read_prompt_file
+
+    args = ["prompts", "--base", str(tiny_llama_folder), "--out", str(tmp_path / "p.jsonl"), "--n", "3"]
+    assert main(args) == 2  # the tiny tokenizer has no chat template
+    assert "no chat template" in capsys.readouterr().err and not (tmp_path / "p.jsonl").exists()
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(tiny_llama_folder)
+    assert main(args) == 0
+    prompts = read_prompt_file(tmp_path / "p.jsonl")
+    assert len({m[0]["content"] for m in prompts}) == len(prompts) == 3
+    assert main(args) == 2  # never over a file that exists
+    assert "exists" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from mlpspec.data import (
     load_texts,
     pad_windows,
     resolve_data,
+    self_written_prompts,
     split_heldout,
     tokenized_corpus,
 )
@@ -140,3 +141,43 @@ def test_generated_positions_mark_what_the_base_model_wrote(tmp_path):
     windows, valid = pad_windows(load_generations([file]), 5, pad=0)
     assert windows.tolist() == [[1, 2, 6, 7, 8], [3, 4, 5, 9, 0]]
     assert generated_positions([file], 5).int().tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 0]]
+
+
+def test_self_written_prompts_are_the_models_finished_requests():
+    from test_text import CHAT_TEMPLATE
+
+    from mlpspec.decode import speculative_generate
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    kwargs = dict(batch_size=8, max_tokens=12, seed=3)
+    prompts = self_written_prompts(model, tok, 4, **kwargs)
+    # what the model wrote after "<s> user " in the first batches, with the same seeds
+    opening = torch.tensor([[1, 3]] * 8)
+    finished, cut = [], 0
+    for batch in range(8):
+        out = speculative_generate(model, None, opening, torch.ones_like(opening), max_new_tokens=12, temperature=1.0,
+                                   generator=torch.Generator().manual_seed(3 * 1_000_003 + batch))
+        for r in range(8):
+            new = out.sequences[r, 2 : 2 + int(out.stats.emitted[r])].tolist()
+            if new[-1] == 2 and len(new) > 1:
+                finished.append(tok.decode(new[:-1], skip_special_tokens=True))
+            else:
+                cut += 1
+    assert cut > 0  # some were cut off at 12 tokens, and dropped
+    distinct = list(dict.fromkeys(t for t in finished if t))
+    assert [m[0]["content"] for m in prompts] == distinct[:4]
+    assert all(m[0]["role"] == "user" and len(m) == 1 for m in prompts)
+    assert self_written_prompts(model, tok, 4, **kwargs) == prompts  # seeded
+    assert self_written_prompts(model, tok, 4, **(kwargs | {"seed": 4})) != prompts
+
+
+def test_self_written_prompts_need_finished_requests():
+    from test_text import CHAT_TEMPLATE
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    with pytest.raises(MLPSpecError, match="no chat template"):
+        self_written_prompts(model, tok, 2)
+    tok.chat_template = CHAT_TEMPLATE
+    with pytest.raises(MLPSpecError, match="finished only 0 distinct requests of 2 asked within 1 tokens"):
+        self_written_prompts(model, tok, 2, max_tokens=1)  # one token: never a request and its end

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_tokenizer
 from mlpspec import MLPSpecError
-from mlpspec.text import decode_new_tokens, encode_prompts, read_prompt_file
+from mlpspec.text import decode_new_tokens, encode_prompts, read_prompt_file, user_turn_opening, write_prompt_file
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
@@ -20,6 +20,23 @@ def test_read_prompt_file(tmp_path):
         + json.dumps({"messages": [{"role": "user", "content": "w3"}]}) + "\n"
     )
     assert read_prompt_file(path) == ["w1 w2", [{"role": "user", "content": "w3"}]]
+
+
+def test_write_prompt_file_reads_back(tmp_path):
+    prompts = ["w1 w2", [{"role": "system", "content": "w3"}, {"role": "user", "content": "w4"}]]
+    write_prompt_file(tmp_path / "p.jsonl", prompts)
+    assert read_prompt_file(tmp_path / "p.jsonl") == prompts
+
+
+def test_user_turn_opening():
+    tok = tiny_tokenizer()
+    with pytest.raises(MLPSpecError, match="no chat template"):
+        user_turn_opening(tok)
+    tok.chat_template = CHAT_TEMPLATE
+    assert user_turn_opening(tok) == [1, 3]  # "<s> user ", 'user' unknown to the tiny vocabulary
+    tok.chat_template = "{% for m in messages %}<s> {{ m['content'] | lower }} {% endfor %}"
+    with pytest.raises(MLPSpecError, match="does not copy the user's message verbatim"):
+        user_turn_opening(tok)
 
 
 @pytest.mark.parametrize(

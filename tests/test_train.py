@@ -104,6 +104,25 @@ def test_stage2_answers_a_prompt_file(setup):
     assert {e["stage"] for e in log if "stage" in e} == {2}
 
 
+def test_stage2_answers_requests_the_base_model_wrote(setup):
+    from test_text import CHAT_TEMPLATE
+
+    from mlpspec.text import encode_prompt, read_prompt_file
+
+    tmp, base, data = setup
+    tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(base)
+    args = train_args(base, data, tmp / "run", **{"stage1-steps": 0, "stage2-steps": 4, "stage2-rows": 6,
+                                                   "generate-batch-size": 3, "stage2-new-tokens": 8,
+                                                   "stage2-prompts": "self"})
+    assert main(args) == 0
+    written = read_prompt_file(tmp / "run" / "stage2" / "self-prompts.jsonl")
+    assert len({m[0]["content"] for m in written}) == len(written) == 6  # one distinct request per row
+    asked = [p.tolist() for f in sorted((tmp / "run" / "stage2").glob("shard-*.pt")) for p in torch.load(f)["prompts"]]
+    assert sorted(asked) == sorted(encode_prompt(tok, m, chat=True) for m in written)
+
+
 def test_killed_run_resumes_to_the_same_weights(setup):
     tmp, base, data = setup
     common = {"stage1-steps": 24, "save-every": 3}
@@ -167,6 +186,7 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, fsdp):
         ({"seq-len": 400}, "exceeds the base model's context of 256"),
         ({"text-field": "body"}, "no field 'body'"),
         ({"stage2-prompts": "no-prompts.jsonl"}, "no-prompts.jsonl: cannot read prompt file"),
+        ({"stage2-prompts": "self", "stage2-steps": 2}, "no chat template, so the model cannot write"),
         # 250 one-token words + 8 new tokens > 256, though --stage2-prompt-length 6 would fit
         ({"stage2-prompts": "long.jsonl", "stage2-steps": 2, "stage2-new-tokens": 8},
          "the longest prompt in --stage2-prompts (250 tokens) plus --stage2-new-tokens 8 exceeds"),

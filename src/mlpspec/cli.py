@@ -156,6 +156,24 @@ def cmd_bench(args) -> None:
     print(f"results.json, report.md and plots in {args.out}")
 
 
+def cmd_prompts(args) -> None:
+    from tqdm import tqdm
+
+    from .base import load_base
+    from .data import self_written_prompts
+    from .text import write_prompt_file
+
+    if Path(args.out).exists():
+        raise MLPSpecError(f"{args.out} exists; give a new file")
+    model, tokenizer = load_base(args.base, dtype=args.dtype)
+    bar = tqdm(total=args.n, desc="prompts", unit="prompt")
+    prompts = self_written_prompts(model, tokenizer, args.n, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                                   seed=args.seed, progress=lambda kept, n: bar.update(kept - bar.n))
+    bar.close()
+    write_prompt_file(args.out, prompts)
+    print(f"{len(prompts)} prompts written by the base model -> {args.out}")
+
+
 def cmd_export(args) -> None:
     import torch
 
@@ -202,7 +220,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         "resume": "continue the run in --out from its latest checkpoint",
         "token_conditioning": "drop the sampled token from every stage (a Medusa-style speculator)",
         "stage2_prompts": "a JSONL prompt file ({\"prompt\": ...} or {\"messages\": [...]} lines) that stage 2 "
-                          "answers, in place of prompts cut from --data",
+                          "answers, in place of prompts cut from --data; 'self': chat prompts the base model "
+                          "writes itself (see `mlpspec prompts`)",
         "emb_adapter": "with --tie-base-embeddings: read the base embedding through a learned map "
                        "(started at the identity), which may also widen it to --inner-dim",
     }
@@ -229,6 +248,13 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
@@ -301,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: the embedded default)")
     ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ex.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("prompts", help="have the base model write chat prompts itself, for --stage2-prompts")
+    pr.add_argument("--out", required=True, help="a new JSONL prompt file")
+    pr.add_argument("--n", type=_positive, required=True, help="how many distinct prompts")
+    pr.add_argument("--base", help="HF model id or folder (default: embedded SmolLM2-135M-Instruct)")
+    pr.add_argument("--max-tokens", type=_positive, default=64, help="longest prompt; longer ones are dropped")
+    pr.add_argument("--batch-size", type=_positive, default=16)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    pr.set_defaults(func=cmd_prompts)
 
     tr = sub.add_parser("train", help="train a speculator for a base model (stage 1 on text, stage 2 on its own output)")
     _add_train_options(tr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +261,42 @@ def generate_shards(
         if progress is not None:
             progress(done, len(shards))
     return files
+
+
+def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tokens: int = 64, seed: int = 0,
+                         temperature: float = 1.0, progress=None) -> list[list[dict]]:
+    """n chat prompts written by the base model itself: it samples from its chat template's
+    opening of a user turn alone (text.user_turn_opening), so the requests are of the kind
+    it was tuned on, and stage 2 then distils its answers to them. Only requests the model
+    ended itself within `max_tokens` are kept, each once: a cut one would teach answers to
+    half a question. Batch i is seeded by (seed, i), so a call gives the same prompts again.
+    progress(kept, n) after every batch."""
+    from .decode import eos_tokens, speculative_generate
+    from .text import user_turn_opening
+
+    opening = torch.tensor([user_turn_opening(tokenizer)] * batch_size)  # b P
+    eos = eos_tokens(model, None, opening.device)
+    kept, seen = [], set()
+    for batch in range(max(8, 4 * math.ceil(n / batch_size))):  # a bounded number of tries
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + batch)
+        result = speculative_generate(model, None, opening, torch.ones_like(opening), max_new_tokens=max_tokens,
+                                      temperature=temperature, generator=generator)
+        for r in range(batch_size):
+            new = result.sequences[r, opening.size(1) : opening.size(1) + int(result.stats.emitted[r])]
+            if len(new) < 2 or not bool(torch.isin(new[-1], eos)):
+                continue  # empty, or cut off at max_tokens
+            text = tokenizer.decode(new[:-1], skip_special_tokens=True).strip()
+            if text and text not in seen:
+                seen.add(text)
+                kept.append([{"role": "user", "content": text}])
+        if progress is not None:
+            progress(min(len(kept), n), n)
+        if len(kept) >= n:
+            return kept[:n]
+    raise MLPSpecError(
+        f"the base model finished only {len(kept)} distinct requests of {n} asked within {max_tokens} tokens; "
+        "give a prompt file instead"
+    )
 
 
 def load_generations(files: list[Path]) -> list[torch.Tensor]:

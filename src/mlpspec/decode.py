@@ -487,7 +487,7 @@ def speculative_generate(
     """
     prompt_valid = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     _check_sampling(temperature, top_k, top_p)
-    eos = _eos_tokens(model, eos_token_id, input_ids.device)
+    eos = eos_tokens(model, eos_token_id, input_ids.device)
     b, P = input_ids.shape
     if streamer is not None and b != 1:
         raise MLPSpecError("streaming works for a single prompt only")
@@ -584,7 +584,7 @@ def _sequences(model, input_ids, state: DecodeState, eos: torch.Tensor) -> torch
     return torch.cat([input_ids, new], dim=1)
 
 
-def _eos_tokens(model, eos_token_id, device) -> torch.Tensor:
+def eos_tokens(model, eos_token_id, device) -> torch.Tensor:
     if eos_token_id is None:
         eos_token_id = model.generation_config.eos_token_id
     if eos_token_id is None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import MLPSpecError
+from .fileio import atomic_write
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
@@ -33,6 +34,25 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     if not prompts:
         raise MLPSpecError(f"{path}: no prompts in this file")
     return prompts
+
+
+def write_prompt_file(path: str | Path, prompts: list[Prompt]) -> None:
+    """The file read_prompt_file reads back, written whole or not at all."""
+    lines = [json.dumps({"prompt": p} if isinstance(p, str) else {"messages": p}) + "\n" for p in prompts]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(lines)))
+
+
+def user_turn_opening(tokenizer) -> list[int]:
+    """The chat template's tokens before the text of a first user message. An instruct
+    model given these alone writes a request itself, of the kind it was tuned to answer
+    (Magpie, Xu et al. 2024, arXiv 2406.08464)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise MLPSpecError("this tokenizer has no chat template, so the model cannot write its own chat prompts")
+    marker = "MLPSPEC_USER_MESSAGE"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    if marker not in text:
+        raise MLPSpecError("this chat template does not copy the user's message verbatim; give a prompt file instead")
+    return tokenizer(text[: text.index(marker)], add_special_tokens=False).input_ids
 
 
 def _prompt_from_row(row, where: str) -> Prompt:

@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .base import base_hidden, base_outputs, cache_dir, load_base, speculator_config_for
-from .data import EpochOrder, Windows, generate_shards, generated_positions, load_generations, pad_windows, split_heldout, tokenized_corpus
+from .data import (EpochOrder, Windows, generate_shards, generated_positions, load_generations, pad_windows,
+                   self_written_prompts, split_heldout, tokenized_corpus)
 from .errors import MLPSpecError
 from .fileio import atomic_folder
 from .model import IGNORE_INDEX, MLPSpeculator
-from .text import encode_prompt, read_prompt_file
+from .text import encode_prompt, read_prompt_file, user_turn_opening, write_prompt_file
 from .tree import greedy_targets, teacher_forcing
 
 RUN_CONFIG = "train_config.json"
@@ -44,6 +45,8 @@ CHECKPOINTS = "checkpoints"
 # What may change between a run and its resumption without making it a different run
 # (a run folder may be moved or copied, so `out` is one of them).
 CHOICES = {"dtype": ("float32", "bfloat16"), "targets": ("text", "base", "distill")}
+SELF_WRITTEN = "self"  # --stage2-prompts self
+SELF_WRITTEN_TOKENS = 64  # the longest request the base model may write itself
 RESUMABLE_FIELDS = {"out", "resume", "save_every", "log_every", "stage2_steps", "stage1_steps", "progress", "stage2_dir"}
 
 
@@ -88,6 +91,7 @@ class TrainConfig:
     stage2_dir: str | None = None  # where the shards live (default OUT/stage2); share it between runs
     # a JSONL prompt file ({"prompt": ...} or {"messages": [...]} lines): stage 2 answers
     # these, the kind of request the speculator will serve, instead of prompts cut from --data
+    # "self": chat prompts the base model writes itself (data.self_written_prompts)
     stage2_prompts: str | None = None
     generate_batch_size: int = 16
     # bookkeeping
@@ -227,6 +231,8 @@ def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, prompts, chat: bool
     out = Path(cfg.stage2_dir) if cfg.stage2_dir else Path(cfg.out) / "stage2"
     n_shards = math.ceil(cfg.stage2_rows / cfg.generate_batch_size)
     collective = cfg.fsdp_base and world > 1  # see train(): all ranks make every shard together
+    if cfg.stage2_prompts == SELF_WRITTEN:
+        prompts = _self_written(cfg, model, tokenizer, out / "self-prompts.jsonl", rank, collective)
     mine = range(n_shards) if collective else range(rank, n_shards, world)
     bar = tqdm(total=n_shards, desc="stage 2 data", disable=not (rank == 0 and cfg.progress))
     generate_shards(model, tokenizer, tokens, out, mine, cfg.generate_batch_size,
@@ -239,10 +245,27 @@ def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, prompts, chat: bool
     return load_generations([out / f"shard-{i:05d}.pt" for i in range(n_shards)])
 
 
+def _self_written(cfg: TrainConfig, model, tokenizer, file: Path, rank: int, collective: bool) -> list:
+    """--stage2-prompts self: one request per stage-2 row, written by the base model and
+    kept in `file`, so a resumed run answers the same ones."""
+    if not file.is_file() and (rank == 0 or collective):
+        bar = tqdm(total=cfg.stage2_rows, desc="stage 2 prompts", disable=not (rank == 0 and cfg.progress))
+        prompts = self_written_prompts(model, tokenizer, cfg.stage2_rows, cfg.generate_batch_size, SELF_WRITTEN_TOKENS,
+                                       seed=cfg.seed, progress=lambda kept, n: bar.update(kept - bar.n))
+        bar.close()
+        if rank == 0:
+            write_prompt_file(file, prompts)
+    _barrier()
+    return read_prompt_file(file)
+
+
 def _check_stage2_context(cfg: TrainConfig, tokenizer, prompts, chat: bool, context: int) -> None:
     """Stage 2's longest prompt plus its answer must fit the base model's context: a prompt
     file's longest prompt as encoded, else a corpus cut with room for a chat template."""
-    if prompts:
+    if cfg.stage2_prompts == SELF_WRITTEN:
+        longest = len(encode_prompt(tokenizer, "", chat)) + SELF_WRITTEN_TOKENS
+        where = f"a prompt the base model writes itself (up to {SELF_WRITTEN_TOKENS} tokens and the template)"
+    elif prompts:
         longest = max(len(encode_prompt(tokenizer, prompt, chat)) for prompt in prompts)
         where = f"the longest prompt in --stage2-prompts ({longest} tokens)"
     else:
@@ -297,7 +320,8 @@ def train(cfg: TrainConfig) -> Path:
     rank, world = _distributed()
     main = rank == 0
     start_step = _check_out(cfg)
-    stage2_prompts = read_prompt_file(cfg.stage2_prompts) if cfg.stage2_prompts else None  # bad files fail now
+    given = cfg.stage2_prompts not in (None, SELF_WRITTEN)
+    stage2_prompts = read_prompt_file(cfg.stage2_prompts) if given else None  # bad files fail now
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
 
@@ -307,6 +331,8 @@ def train(cfg: TrainConfig) -> Path:
     if context is not None and cfg.seq_len + cfg.n_predict + 1 > context:
         raise MLPSpecError(f"--seq-len {cfg.seq_len} (+ n_predict + 1) exceeds the base model's context of {context}")
     chat = getattr(tokenizer, "chat_template", None) is not None
+    if cfg.stage2_steps and cfg.stage2_prompts == SELF_WRITTEN:
+        user_turn_opening(tokenizer)  # a base model without a chat template cannot write requests: fail now
     if cfg.stage2_steps and context is not None:
         _check_stage2_context(cfg, tokenizer, stage2_prompts, chat, context)
     # Rank 0 tokenizes (or finds the cache) first; the others then read its cache.
