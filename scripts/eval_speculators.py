@@ -1,8 +1,11 @@
 """Score speculators on one held-out set, larger than a training run's own eval: the
 base model's greedy answers to prompts cut from the held-out slice of `--data default`
-(the same slice every training run holds out), scoring only the tokens it wrote.
+(the same slice every training run holds out), scoring only the tokens it wrote. With
+`--prompts chat` or `--prompts code` (the bench's per-kind prompt sets) or a prompt file,
+the answers are to those prompts instead.
 
     .venv/bin/python scripts/eval_speculators.py runs/a runs/b/checkpoints/step-800 --rows 24
+    .venv/bin/python scripts/eval_speculators.py runs/a runs/b --prompts chat
 """
 
 import argparse
@@ -12,20 +15,30 @@ import torch
 
 from mlpspec import load_base, load_speculator
 from mlpspec.base import cache_dir
+from mlpspec.bench import chat_prompts, code_prompts
 from mlpspec.data import generate_shards, generated_positions, load_generations, pad_windows, split_heldout, tokenized_corpus
+from mlpspec.text import read_prompt_file
 from mlpspec.train import SpeculatorObjective, evaluate
 
 parser = argparse.ArgumentParser()
 parser.add_argument("speculators", nargs="+", type=Path)
 parser.add_argument("--rows", type=int, default=24)
 parser.add_argument("--new-tokens", type=int, default=64)
+parser.add_argument("--prompts", help="chat, code (the bench's 12 of each) or a prompt file; default: held-out corpus cuts")
 parser.add_argument("--cache", type=Path, default=Path("runs/eval-set"), help="where the eval rows are kept")
 args = parser.parse_args()
 
 model, tokenizer = load_base(dtype="bfloat16")
-_, heldout = split_heldout(tokenized_corpus(["default"], tokenizer, cache_dir() / "tokens"))
-files = generate_shards(model, tokenizer, heldout, args.cache / f"rows-{args.rows}", [0], args.rows, 64,
-                        args.new_tokens, temperature=0.0, chat=True, seed=1)
+if args.prompts:
+    prompts = {"chat": lambda: chat_prompts()[:12], "code": lambda: code_prompts(12)}.get(
+        args.prompts, lambda: read_prompt_file(args.prompts))()
+    folder = args.cache / f"{Path(args.prompts).stem}-{len(prompts)}"
+    files = generate_shards(model, tokenizer, None, folder, [0], len(prompts), new_tokens=args.new_tokens,
+                            temperature=0.0, prompts=prompts)  # messages get the chat template
+else:
+    _, heldout = split_heldout(tokenized_corpus(["default"], tokenizer, cache_dir() / "tokens"))
+    files = generate_shards(model, tokenizer, heldout, args.cache / f"rows-{args.rows}", [0], args.rows, 64,
+                            args.new_tokens, temperature=0.0, chat=True, seed=1)
 rows = load_generations(files)
 for path in args.speculators:
     speculator = load_speculator(path, dtype=torch.float32, base=model)

@@ -121,6 +121,12 @@ def test_stage2_answers_requests_the_base_model_wrote(setup):
     assert len({m[0]["content"] for m in written}) == len(written) == 6  # one distinct request per row
     asked = [p.tolist() for f in sorted((tmp / "run" / "stage2").glob("shard-*.pt")) for p in torch.load(f)["prompts"]]
     assert sorted(asked) == sorted(encode_prompt(tok, m, chat=True) for m in written)
+    # two processes share the sampling and write the same requests
+    two = [a if a != str(tmp / "run") else str(tmp / "two") for a in map(str, args)]
+    proc = subprocess.run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29519", "-m", "mlpspec",
+                           *two], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert read_prompt_file(tmp / "two" / "stage2" / "self-prompts.jsonl") == written
 
 
 def test_killed_run_resumes_to_the_same_weights(setup):

@@ -264,28 +264,35 @@ def generate_shards(
 
 
 def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tokens: int = 64, seed: int = 0,
-                         temperature: float = 1.0, progress=None) -> list[list[dict]]:
+                         temperature: float = 1.0, progress=None, rank: int = 0, world: int = 1) -> list[list[dict]]:
     """n chat prompts written by the base model itself: it samples from its chat template's
     opening of a user turn alone (text.user_turn_opening), so the requests are of the kind
     it was tuned on, and stage 2 then distils its answers to them. Only requests the model
     ended itself within `max_tokens` are kept, each once: a cut one would teach answers to
-    half a question. Batch i is seeded by (seed, i), so a call gives the same prompts again.
-    progress(kept, n) after every batch."""
+    half a question. Batch i is seeded by (seed, i), and the prompts are the first n kept
+    in batch order, so a call gives the same prompts again, with any `world`: there rank r
+    of an initialised torch.distributed group samples batches r, r + world, ... and the
+    ranks share what they kept. progress(kept, n) after every round of batches."""
     from .decode import eos_tokens, speculative_generate
     from .text import user_turn_opening
 
     opening = torch.tensor([user_turn_opening(tokenizer)] * batch_size)  # b P
     eos = eos_tokens(model, None, opening.device)
     kept, seen = [], set()
-    for batch in range(max(8, 4 * math.ceil(n / batch_size))):  # a bounded number of tries
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + batch)
+    for first in range(0, max(8, 4 * math.ceil(n / batch_size)), world):  # a bounded number of tries
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + first + rank)
         result = speculative_generate(model, None, opening, torch.ones_like(opening), max_new_tokens=max_tokens,
                                       temperature=temperature, generator=generator)
+        mine = []
         for r in range(batch_size):
             new = result.sequences[r, opening.size(1) : opening.size(1) + int(result.stats.emitted[r])]
-            if len(new) < 2 or not bool(torch.isin(new[-1], eos)):
-                continue  # empty, or cut off at max_tokens
-            text = tokenizer.decode(new[:-1], skip_special_tokens=True).strip()
+            if len(new) >= 2 and bool(torch.isin(new[-1], eos)):  # not empty, and not cut off at max_tokens
+                mine.append(tokenizer.decode(new[:-1], skip_special_tokens=True).strip())
+        every = [mine]
+        if world > 1:
+            every = [None] * world
+            torch.distributed.all_gather_object(every, mine)
+        for text in (t for requests in every for t in requests):
             if text and text not in seen:
                 seen.add(text)
                 kept.append([{"role": "user", "content": text}])

@@ -232,7 +232,7 @@ def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, prompts, chat: bool
     n_shards = math.ceil(cfg.stage2_rows / cfg.generate_batch_size)
     collective = cfg.fsdp_base and world > 1  # see train(): all ranks make every shard together
     if cfg.stage2_prompts == SELF_WRITTEN:
-        prompts = _self_written(cfg, model, tokenizer, out / "self-prompts.jsonl", rank, collective)
+        prompts = _self_written(cfg, model, tokenizer, out / "self-prompts.jsonl", rank, world, collective)
     mine = range(n_shards) if collective else range(rank, n_shards, world)
     bar = tqdm(total=n_shards, desc="stage 2 data", disable=not (rank == 0 and cfg.progress))
     generate_shards(model, tokenizer, tokens, out, mine, cfg.generate_batch_size,
@@ -245,13 +245,15 @@ def _stage2_data(cfg: TrainConfig, model, tokenizer, tokens, prompts, chat: bool
     return load_generations([out / f"shard-{i:05d}.pt" for i in range(n_shards)])
 
 
-def _self_written(cfg: TrainConfig, model, tokenizer, file: Path, rank: int, collective: bool) -> list:
+def _self_written(cfg: TrainConfig, model, tokenizer, file: Path, rank: int, world: int, collective: bool) -> list:
     """--stage2-prompts self: one request per stage-2 row, written by the base model and
-    kept in `file`, so a resumed run answers the same ones."""
-    if not file.is_file() and (rank == 0 or collective):
+    kept in `file`, so a resumed run answers the same ones. The ranks share the sampling;
+    with a sharded base (collective) every rank samples every batch with the others."""
+    if not file.is_file():
         bar = tqdm(total=cfg.stage2_rows, desc="stage 2 prompts", disable=not (rank == 0 and cfg.progress))
         prompts = self_written_prompts(model, tokenizer, cfg.stage2_rows, cfg.generate_batch_size, SELF_WRITTEN_TOKENS,
-                                       seed=cfg.seed, progress=lambda kept, n: bar.update(kept - bar.n))
+                                       seed=cfg.seed, progress=lambda kept, n: bar.update(kept - bar.n),
+                                       rank=0 if collective else rank, world=1 if collective else world)
         bar.close()
         if rank == 0:
             write_prompt_file(file, prompts)
