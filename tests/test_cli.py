@@ -109,5 +109,6 @@ def test_prompts_writes_the_base_models_own_requests(tiny_llama_folder, tmp_path
     assert main(args) == 0
     prompts = read_prompt_file(tmp_path / "p.jsonl")
     assert len({m[0]["content"] for m in prompts}) == len(prompts) == 3
+    assert not (tmp_path / "p.jsonl.parts").exists()  # the batches kept for a resume go once the file is whole
     assert main(args) == 2  # never over a file that exists
     assert "exists" in capsys.readouterr().err

@@ -181,3 +181,22 @@ def test_self_written_prompts_need_finished_requests():
     tok.chat_template = CHAT_TEMPLATE
     with pytest.raises(MLPSpecError, match="finished only 0 distinct requests of 2 asked within 1 tokens"):
         self_written_prompts(model, tok, 2, max_tokens=1)  # one token: never a request and its end
+
+
+def test_self_written_prompts_resume_from_their_batches(tmp_path):
+    from test_text import CHAT_TEMPLATE
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    kwargs = dict(batch_size=8, max_tokens=12, seed=3)
+    prompts = self_written_prompts(model, tok, 4, **kwargs)
+    assert self_written_prompts(model, tok, 4, cache=tmp_path / "parts", **kwargs) == prompts
+    batches = sorted((tmp_path / "parts").glob("batch-*.json"))
+    assert len(batches) >= 2
+    batches[-1].unlink()  # as if killed before the last batch was written: made again, the same
+    assert self_written_prompts(model, tok, 4, cache=tmp_path / "parts", **kwargs) == prompts
+    batches[0].write_text(json.dumps(["w9 w9 w9"]))  # a batch on disk is read, not sampled again
+    again = self_written_prompts(model, tok, 4, cache=tmp_path / "parts", **kwargs)
+    assert again[0][0]["content"] == "w9 w9 w9"
+    with pytest.raises(MLPSpecError, match="holds requests sampled with other settings"):
+        self_written_prompts(model, tok, 4, cache=tmp_path / "parts", **(kwargs | {"seed": 4}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -167,10 +168,12 @@ def cmd_prompts(args) -> None:
         raise MLPSpecError(f"{args.out} exists; give a new file")
     model, tokenizer = load_base(args.base, dtype=args.dtype)
     bar = tqdm(total=args.n, desc="prompts", unit="prompt")
+    parts = Path(args.out).with_name(Path(args.out).name + ".parts")  # the batches so far: a killed run resumes
     prompts = self_written_prompts(model, tokenizer, args.n, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                                   seed=args.seed, progress=lambda kept, n: bar.update(kept - bar.n))
+                                   seed=args.seed, progress=lambda kept, n: bar.update(kept - bar.n), cache=parts)
     bar.close()
     write_prompt_file(args.out, prompts)
+    shutil.rmtree(parts)
     print(f"{len(prompts)} prompts written by the base model -> {args.out}")
 
 

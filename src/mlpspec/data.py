@@ -264,7 +264,8 @@ def generate_shards(
 
 
 def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tokens: int = 64, seed: int = 0,
-                         temperature: float = 1.0, progress=None, rank: int = 0, world: int = 1) -> list[list[dict]]:
+                         temperature: float = 1.0, progress=None, rank: int = 0, world: int = 1,
+                         cache: Path | None = None) -> list[list[dict]]:
     """n chat prompts written by the base model itself: it samples from its chat template's
     opening of a user turn alone (text.user_turn_opening), so the requests are of the kind
     it was tuned on, and stage 2 then distils its answers to them. Only requests the model
@@ -272,22 +273,26 @@ def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tok
     half a question. Batch i is seeded by (seed, i), and the prompts are the first n kept
     in batch order, so a call gives the same prompts again, with any `world`: there rank r
     of an initialised torch.distributed group samples batches r, r + world, ... and the
-    ranks share what they kept. progress(kept, n) after every round of batches."""
-    from .decode import eos_tokens, speculative_generate
+    ranks share what they kept. With a `cache` folder every batch's requests are kept there
+    as they are made, so a call killed midway resumes at the first batch not on disk.
+    progress(kept, n) after every round of batches."""
     from .text import user_turn_opening
 
-    opening = torch.tensor([user_turn_opening(tokenizer)] * batch_size)  # b P
-    eos = eos_tokens(model, None, opening.device)
+    opening = user_turn_opening(tokenizer)
+    if cache is not None:
+        _claim_cache(Path(cache), {"opening": opening, "batch_size": batch_size, "max_tokens": max_tokens,
+                                   "seed": seed, "temperature": temperature})
     kept, seen = [], set()
     for first in range(0, max(8, 4 * math.ceil(n / batch_size)), world):  # a bounded number of tries
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + first + rank)
-        result = speculative_generate(model, None, opening, torch.ones_like(opening), max_new_tokens=max_tokens,
-                                      temperature=temperature, generator=generator)
-        mine = []
-        for r in range(batch_size):
-            new = result.sequences[r, opening.size(1) : opening.size(1) + int(result.stats.emitted[r])]
-            if len(new) >= 2 and bool(torch.isin(new[-1], eos)):  # not empty, and not cut off at max_tokens
-                mine.append(tokenizer.decode(new[:-1], skip_special_tokens=True).strip())
+        batch = first + rank
+        part = Path(cache) / f"batch-{batch:05d}.json" if cache is not None else None
+        if part is not None and part.is_file():
+            mine = json.loads(part.read_text())
+        else:
+            mine = _finished_requests(model, tokenizer, opening, batch_size, max_tokens, temperature,
+                                      torch.Generator().manual_seed(seed * 1_000_003 + batch))
+            if part is not None:
+                atomic_write(part, lambda tmp: Path(tmp).write_text(json.dumps(mine)))
         every = [mine]
         if world > 1:
             every = [None] * world
@@ -304,6 +309,32 @@ def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tok
         f"the base model finished only {len(kept)} distinct requests of {n} asked within {max_tokens} tokens; "
         "give a prompt file instead"
     )
+
+
+def _finished_requests(model, tokenizer, opening: list[int], batch_size: int, max_tokens: int, temperature: float,
+                       generator: torch.Generator) -> list[str]:
+    """One sampled batch of requests after `opening`: the text of those the model ended
+    itself (not empty, and not cut off at max_tokens)."""
+    from .decode import eos_tokens, speculative_generate
+
+    ids = torch.tensor([opening] * batch_size)  # b P
+    eos = eos_tokens(model, None, ids.device)
+    result = speculative_generate(model, None, ids, torch.ones_like(ids), max_new_tokens=max_tokens,
+                                  temperature=temperature, generator=generator)
+    finished = []
+    for r in range(batch_size):
+        new = result.sequences[r, len(opening) : len(opening) + int(result.stats.emitted[r])]
+        if len(new) >= 2 and bool(torch.isin(new[-1], eos)):
+            finished.append(tokenizer.decode(new[:-1], skip_special_tokens=True).strip())
+    return finished
+
+
+def _claim_cache(cache: Path, settings: dict) -> None:
+    """A batch cache holds batches of one sampling setting: record it, or refuse another."""
+    file = cache / "settings.json"
+    if file.is_file() and json.loads(file.read_text()) != settings:
+        raise MLPSpecError(f"{cache} holds requests sampled with other settings; remove it or sample as before")
+    atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
 
 
 def load_generations(files: list[Path]) -> list[torch.Tensor]:

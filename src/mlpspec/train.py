@@ -253,10 +253,12 @@ def _self_written(cfg: TrainConfig, model, tokenizer, file: Path, rank: int, wor
         bar = tqdm(total=cfg.stage2_rows, desc="stage 2 prompts", disable=not (rank == 0 and cfg.progress))
         prompts = self_written_prompts(model, tokenizer, cfg.stage2_rows, cfg.generate_batch_size, SELF_WRITTEN_TOKENS,
                                        seed=cfg.seed, progress=lambda kept, n: bar.update(kept - bar.n),
-                                       rank=0 if collective else rank, world=1 if collective else world)
+                                       rank=0 if collective else rank, world=1 if collective else world,
+                                       cache=file.with_suffix(".parts"))
         bar.close()
         if rank == 0:
             write_prompt_file(file, prompts)
+            shutil.rmtree(file.with_suffix(".parts"))
     _barrier()
     return read_prompt_file(file)
 
