@@ -15,9 +15,8 @@ import torch
 
 from mlpspec import load_base, load_speculator
 from mlpspec.base import cache_dir
-from mlpspec.bench import chat_prompts, code_prompts
+from mlpspec.bench import named_prompts
 from mlpspec.data import generate_shards, generated_positions, load_generations, pad_windows, split_heldout, tokenized_corpus
-from mlpspec.text import read_prompt_file
 from mlpspec.train import SpeculatorObjective, evaluate
 
 parser = argparse.ArgumentParser()
@@ -30,8 +29,7 @@ args = parser.parse_args()
 
 model, tokenizer = load_base(dtype="bfloat16")
 if args.prompts:
-    prompts = {"chat": lambda: chat_prompts()[:12], "code": lambda: code_prompts(12)}.get(
-        args.prompts, lambda: read_prompt_file(args.prompts))()
+    prompts = named_prompts(args.prompts)
     folder = args.cache / f"{Path(args.prompts).stem}-{len(prompts)}"
     files = generate_shards(model, tokenizer, None, folder, [0], len(prompts), new_tokens=args.new_tokens,
                             temperature=0.0, prompts=prompts)  # messages get the chat template

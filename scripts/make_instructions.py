@@ -16,13 +16,13 @@ left out, and no instruction may equal one of the bench's chat prompts.
 
 import argparse
 import ast
-import json
 import random
 import re
 from pathlib import Path
 
 from mlpspec.bench import chat_prompts
 from mlpspec.data import default_corpus_files
+from mlpspec.text import write_prompt_file
 
 # imperative docstring openings, as the third person a task sentence needs
 VERBS = {"return": "returns", "convert": "converts", "compute": "computes", "create": "creates",
@@ -111,10 +111,7 @@ def main() -> None:
         print(f"{kind}: {len(share)} of {len(found)}")
         chosen += share
     random.shuffle(chosen)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as f:
-        for text in chosen:
-            f.write(json.dumps({"messages": [{"role": "user", "content": text}]}) + "\n")
+    write_prompt_file(args.out, [[{"role": "user", "content": text}] for text in chosen])
     print(f"{len(chosen)} instructions -> {args.out}")
 
 

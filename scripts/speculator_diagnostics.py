@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from mlpspec import load_base, load_speculator
 from mlpspec.base import base_outputs, cache_dir
-from mlpspec.bench import chat_prompts, code_prompts
+from mlpspec.bench import named_prompts
 from mlpspec.data import load_generations, split_heldout, tokenized_corpus
 from mlpspec.decode import speculative_generate
-from mlpspec.text import encode_prompt, read_prompt_file
+from mlpspec.text import encode_prompt
 from mlpspec.tree import NO_TOKEN, hindsight_accepted
 
 parser = argparse.ArgumentParser()
@@ -45,9 +45,7 @@ torch.set_num_threads(2)
 model, tokenizer = load_base(dtype="bfloat16")
 speculator = load_speculator(args.speculator, dtype=torch.bfloat16, base=model)
 V, depth = speculator.config.vocab_size, speculator.config.n_predict
-named = {"chat": lambda: chat_prompts()[:12], "code": lambda: code_prompts(12)}
-prompts = named[args.prompts]() if args.prompts in named else read_prompt_file(args.prompts)
-prompts = [encode_prompt(tokenizer, p, chat=False) for p in prompts]
+prompts = [encode_prompt(tokenizer, p, chat=False) for p in named_prompts(args.prompts)]
 
 # The base model's greedy answers, and at each answer position the speculator's guesses
 # with the tokens that judge them (tree.hindsight_accepted, as the decoder judges in hindsight).

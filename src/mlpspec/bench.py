@@ -47,6 +47,13 @@ def chat_prompts() -> list:
     return read_prompt_file(Path(str(resources.files("mlpspec") / "prompts" / "chat.jsonl")))
 
 
+def named_prompts(name: str) -> list:
+    """"chat" or "code": the 12 prompts of that kind that the per-kind benches use; any
+    other name is a prompt file."""
+    kinds = {"chat": lambda: chat_prompts()[:12], "code": lambda: code_prompts(12)}
+    return kinds[name]() if name in kinds else read_prompt_file(name)
+
+
 @dataclass
 class Comparison:
     tokens: int

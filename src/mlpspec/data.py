@@ -276,9 +276,12 @@ def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tok
     ranks share what they kept. With a `cache` folder every batch's requests are kept there
     as they are made, so a call killed midway resumes at the first batch not on disk.
     progress(kept, n) after every round of batches."""
+    from .decode import eos_tokens
     from .text import user_turn_opening
 
     opening = user_turn_opening(tokenizer)
+    ids = torch.tensor([opening] * batch_size)  # b P
+    eos = eos_tokens(model, None, ids.device)
     if cache is not None:
         _claim_cache(Path(cache), {"opening": opening, "batch_size": batch_size, "max_tokens": max_tokens,
                                    "seed": seed, "temperature": temperature})
@@ -289,7 +292,7 @@ def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tok
         if part is not None and part.is_file():
             mine = json.loads(part.read_text())
         else:
-            mine = _finished_requests(model, tokenizer, opening, batch_size, max_tokens, temperature,
+            mine = _finished_requests(model, tokenizer, ids, eos, max_tokens, temperature,
                                       torch.Generator().manual_seed(seed * 1_000_003 + batch))
             if part is not None:
                 atomic_write(part, lambda tmp: Path(tmp).write_text(json.dumps(mine)))
@@ -311,19 +314,18 @@ def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tok
     )
 
 
-def _finished_requests(model, tokenizer, opening: list[int], batch_size: int, max_tokens: int, temperature: float,
+def _finished_requests(model, tokenizer, ids: torch.Tensor, eos: torch.Tensor, max_tokens: int, temperature: float,
                        generator: torch.Generator) -> list[str]:
-    """One sampled batch of requests after `opening`: the text of those the model ended
-    itself (not empty, and not cut off at max_tokens)."""
-    from .decode import eos_tokens, speculative_generate
+    """One sampled batch of requests after the opening ids [b, P]: the text of those the
+    model ended itself with one of `eos` (not empty, and not cut off at max_tokens)."""
+    from .decode import speculative_generate
 
-    ids = torch.tensor([opening] * batch_size)  # b P
-    eos = eos_tokens(model, None, ids.device)
     result = speculative_generate(model, None, ids, torch.ones_like(ids), max_new_tokens=max_tokens,
                                   temperature=temperature, generator=generator)
     finished = []
-    for r in range(batch_size):
-        new = result.sequences[r, len(opening) : len(opening) + int(result.stats.emitted[r])]
+    P = ids.size(1)
+    for r in range(ids.size(0)):
+        new = result.sequences[r, P : P + int(result.stats.emitted[r])]
         if len(new) >= 2 and bool(torch.isin(new[-1], eos)):
             finished.append(tokenizer.decode(new[:-1], skip_special_tokens=True).strip())
     return finished
@@ -332,9 +334,10 @@ def _finished_requests(model, tokenizer, opening: list[int], batch_size: int, ma
 def _claim_cache(cache: Path, settings: dict) -> None:
     """A batch cache holds batches of one sampling setting: record it, or refuse another."""
     file = cache / "settings.json"
-    if file.is_file() and json.loads(file.read_text()) != settings:
+    if not file.is_file():
+        atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
+    elif json.loads(file.read_text()) != settings:
         raise MLPSpecError(f"{cache} holds requests sampled with other settings; remove it or sample as before")
-    atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
 
 
 def load_generations(files: list[Path]) -> list[torch.Tensor]:
