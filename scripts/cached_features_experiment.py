@@ -16,8 +16,10 @@ reads one attention head over the last --window base states, h_t + O attn(h_t, h
 with a learned bias per distance and O started at zero: a cheap look at EAGLE's edge) and
 `bigram` (the adapter speculator whose token embedding also gets a free learned vector per
 token, hashed into --buckets rows, started at zero: what follows a rare token need not be
-linear in the base model's embedding of it). All
-six score the draft vocabulary of the shipped
+linear in the base model's embedding of it) and `layers` (the first stage also reads the base
+model's states after the --layers given, each through its own d -> d map started at zero,
+on their RMS norms: EAGLE-3's fused low, middle and high features). All
+seven score the draft vocabulary of the shipped
 default and start their heads from the base LM head's rows for it, as `mlpspec train` does.
 """
 
@@ -40,11 +42,12 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--stage2", type=Path, required=True, help="folder of stage-2 shards (training rows)")
 parser.add_argument("--eval", type=Path, required=True, help="folder of greedy eval shards")
 parser.add_argument("--cache", type=Path, default=Path("runs/cached-features"))
-parser.add_argument("--variant", choices=["tied", "adapter", "deep", "context", "attend", "bigram"], default="adapter")
+parser.add_argument("--variant", choices=["tied", "adapter", "deep", "context", "attend", "bigram", "layers"], default="adapter")
 parser.add_argument("--block-width", type=int, default=1152)
 parser.add_argument("--width", type=int, default=576)
 parser.add_argument("--window", type=int, default=32, help="attend: how many base states the head reads")
 parser.add_argument("--buckets", type=int, default=8192, help="bigram: rows of the hashed token table")
+parser.add_argument("--layers", default="8,16,24", help="layers: the base layers whose outputs the first stage reads")
 parser.add_argument("--steps", type=int, default=700)
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--rows-per-step", type=int, default=4)
@@ -56,16 +59,42 @@ torch.manual_seed(0)
 model, tokenizer = load_base(dtype="bfloat16")
 
 
+def padded_rows(folder: Path):
+    """The folder's shards as padded windows [R, n + h + 1], their mask, n and the files."""
+    files = sorted(folder.glob("shard-*.pt"))
+    rows = load_generations(files)
+    n = max(len(r) for r in rows) - H - 1
+    windows, valid = pad_windows(rows, n + H + 1, tokenizer.pad_token_id or 0)
+    return windows, valid, n, files
+
+
+def layer_states(folder: Path, layers: list[int]) -> torch.Tensor:
+    """The base model's states after each of `layers` [R, n, len(layers) * d] bf16, one cache
+    file per layer, so another choice of layers reuses what is kept."""
+    paths = {layer: args.cache / f"{folder.name}-layer{layer}.pt" for layer in layers}
+    missing = [layer for layer in layers if not paths[layer].is_file()]
+    if missing:
+        windows, valid, n, _ = padded_rows(folder)
+        parts = {layer: [] for layer in missing}
+        for s in range(0, windows.size(0), 16):
+            window, mask = windows[s : s + 16, : n + H], valid[s : s + 16, : n + H]
+            with torch.no_grad():
+                out = model(input_ids=window, attention_mask=mask.long(), use_cache=False, output_hidden_states=True)
+            for layer in missing:
+                parts[layer].append(out.hidden_states[layer][:, :n].to(torch.bfloat16))  # b n d
+        args.cache.mkdir(parents=True, exist_ok=True)
+        for layer in missing:
+            torch.save(torch.cat(parts[layer]), paths[layer])
+    return torch.cat([torch.load(paths[layer]) for layer in layers], dim=-1)  # R n (l d)
+
+
 def features(folder: Path) -> dict:
     """hidden [R, n, d] bf16, ids [R, n + h], greedy targets [h, R, n] (IGNORE_INDEX where
     the base model did not write the target token)."""
     cached = args.cache / f"{folder.name}.pt"
     if cached.is_file():
         return torch.load(cached)
-    files = sorted(folder.glob("shard-*.pt"))
-    rows = load_generations(files)
-    n = max(len(r) for r in rows) - H - 1
-    windows, valid = pad_windows(rows, n + H + 1, tokenizer.pad_token_id or 0)
+    windows, valid, n, files = padded_rows(folder)
     written = generated_positions(files, n + H + 1)
     parts = {"hidden": [], "ids": [], "targets": []}
     for s in range(0, len(rows), 16):
@@ -85,6 +114,10 @@ def features(folder: Path) -> dict:
 
 
 train, held_out = features(args.stage2), features(args.eval)
+LAYERS = [int(layer) for layer in args.layers.split(",")]
+if args.variant == "layers":  # the extra states ride behind the final one: [R, n, d + l d]
+    for part, folder in ((train, args.stage2), (held_out, args.eval)):
+        part["hidden"] = torch.cat([part["hidden"], layer_states(folder, LAYERS)], dim=-1)
 shipped = load_speculator(dtype=torch.float32, base=model)  # for its draft vocabulary
 base = model.float()
 
@@ -151,9 +184,30 @@ class BigramSpeculator(MLPSpeculator):
         return super().token_embedding(i, tokens) + self.table(tokens % args.buckets)  # b n m
 
 
-adapter = args.variant in ("adapter", "deep", "context", "attend", "bigram")
+class LayersSpeculator(MLPSpeculator):
+    """The first stage reads h_t + sum_l W_l rms(h_t after layer l), for each of --layers."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        d = config.emb_dim
+        self.layer_maps = torch.nn.ModuleList(torch.nn.Linear(d, d, bias=False) for _ in LAYERS)
+        for layer_map in self.layer_maps:
+            torch.nn.init.zeros_(layer_map.weight)
+
+    def _check_state(self, state, ndim):
+        super()._check_state(state[..., : self.config.emb_dim], ndim)
+
+    def _input_state(self, state):
+        d = self.config.emb_dim
+        final, others = state[..., :d], state[..., d:].split(d, dim=-1)  # b n d, l x (b n d)
+        for layer_map, other in zip(self.layer_maps, others):
+            final = final + layer_map(torch.nn.functional.rms_norm(other, (d,)))  # b n d
+        return super()._input_state(final)  # b n d
+
+
+adapter = args.variant in ("adapter", "deep", "context", "attend", "bigram", "layers")
 variants = {"deep": DeepSpeculator, "context": ContextSpeculator, "attend": AttendSpeculator,
-            "bigram": BigramSpeculator}
+            "bigram": BigramSpeculator, "layers": LayersSpeculator}
 speculator = variants.get(args.variant, MLPSpeculator)(speculator_config_for(
     base, n_predict=H, tie_weights=True, tie_base_embeddings=True, draft_vocab_size=8192,
     inner_dim=args.width if adapter else 0, emb_adapter=adapter))

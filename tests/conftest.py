@@ -55,21 +55,24 @@ class OracleSpeculator(torch.nn.Module):
     decoding stands and of the path to it, so the tree cut to fewer stages is a prefix of
     the whole one, as in MLPSpeculator.expand, and reruns from the same point agree. It
     finds where decoding stands by matching the given hidden state against the reference
-    run's hidden states."""
+    run's hidden states (with `feature_layers`, the states after those layers too; each
+    match's distance is kept in `distances`: 0 where the decoder handed over those states)."""
 
-    def __init__(self, model, sequences, prompt_valid, n_predict=3, right=None, seed=0, wrong=None):
+    def __init__(self, model, sequences, prompt_valid, n_predict=3, right=None, seed=0, wrong=None,
+                 feature_layers=()):
         super().__init__()
-        self.config = speculator_config_for(model, n_predict=n_predict)
+        self.config = speculator_config_for(model, n_predict=n_predict, feature_layers=list(feature_layers))
         self.dtype = model.dtype
         valid = torch.cat([prompt_valid, torch.ones_like(sequences[:, prompt_valid.size(1):], dtype=torch.bool)], 1)
         self.hidden = run_base(
             model, sequences, attention_mask=valid.long(),
-            position_ids=(valid.long().cumsum(1) - 1).clamp(min=0),
-        ).hidden  # b T d
+            position_ids=(valid.long().cumsum(1) - 1).clamp(min=0), feature_layers=feature_layers,
+        ).hidden  # b T (1+l)d
         self.sequences = sequences
         self.right = torch.ones(len(sequences), dtype=torch.bool) if right is None else right
         self.seed = seed
         self.wrong = wrong or (lambda p, j: False)
+        self.distances = []
 
     def expand(self, state, last_token, top_k):
         """Every leaf, as MLPSpeculator.expand; a child's log-prob is minus its rank."""
@@ -77,7 +80,9 @@ class OracleSpeculator(torch.nn.Module):
         choices = list(itertools.product(*[range(t) for t in top_k]))  # N paths of h child ranks
         paths = torch.empty(b, len(choices), h, dtype=torch.long)
         for r in range(b):
-            p = int((self.hidden[r] - state[r, 0]).norm(dim=-1).argmin())  # the state that made last_token
+            distance, p = (self.hidden[r] - state[r, 0]).norm(dim=-1).min(dim=0)  # the state that made last_token
+            self.distances.append(float(distance))
+            p = int(p)
             truth = self.sequences[r, p + 2 : p + 2 + h].tolist()
             for n, path in enumerate(choices):
                 on_truth = bool(self.right[r])

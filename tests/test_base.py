@@ -74,6 +74,21 @@ def test_load_base_errors(tmp_path):
         load_base(tmp_path, dtype="fp8")
 
 
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_feature_layers_ride_behind_the_final_state(build):
+    """run_base, base_hidden and base_outputs put the states after the feature layers
+    (hidden_states[l]: after l layers, 0 the embedding output) behind the final one."""
+    model = build()
+    ids = torch.randint(0, TINY_VOCAB, (2, 9))
+    everything = model(input_ids=ids, output_hidden_states=True).hidden_states
+    expected = torch.cat([everything[-1], everything[1], everything[0]], dim=-1)  # b n 3d
+    out = run_base(model, ids, feature_layers=[1, 0])
+    torch.testing.assert_close(out.hidden, expected)
+    torch.testing.assert_close(base.base_hidden(model, ids, feature_layers=[1, 0]), expected)
+    torch.testing.assert_close(base.base_outputs(model, ids, feature_layers=[1, 0])[0], expected)
+    assert run_base(model, ids).hidden.shape == (2, 9, 32)
+
+
 def test_check_pair():
     model = tiny_llama()
     fits = MLPSpeculator(speculator_config_for(model, n_predict=2))
@@ -83,6 +98,9 @@ def test_check_pair():
         check_pair(model, MLPSpeculator(speculator_config_for(tiny_llama(hidden=48))))
     with pytest.raises(MLPSpecError, match="vocab_size 80 does not match the base model's vocabulary 64"):
         check_pair(model, MLPSpeculator(speculator_config_for(tiny_llama(vocab=80))))
+    check_pair(model, MLPSpeculator(speculator_config_for(model, feature_layers=[0, 1])))
+    with pytest.raises(MLPSpecError, match=r"feature_layers \[2\] lie beyond the base model's 2 layers"):
+        check_pair(model, MLPSpeculator(speculator_config_for(model, feature_layers=[1, 2])))
 
 
 def test_cache_dir_honours_environment(monkeypatch, tmp_path):

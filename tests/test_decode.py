@@ -59,6 +59,23 @@ def test_greedy_equals_transformers_batch_4_mixed_lengths(build, seed):
         assert out.sequences.tolist() == expected.tolist()
 
 
+def test_the_speculator_reads_the_feature_layers_of_the_state_that_made_the_pending_token():
+    """With feature_layers the decoder carries the states after those layers beside the
+    final one, taken from each tree's accepted path: every proposal reads exactly the
+    states a full forward pass gives at the token before the pending one, whether a step
+    accepted none, some or all of its candidates."""
+    model = tiny_llama(seed=3)
+    ids, mask = left_padded([4, 9, 6], seed=3)
+    expected = hf_greedy(model, ids, mask, 30, eos=None)
+    oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=3, feature_layers=[0, 1],
+                              wrong=lambda p, j: (p + j) % 5 == 0)  # stops some chains part way
+    out = speculative_generate(model, oracle, ids, mask, max_new_tokens=30, eos_token_id=[],
+                               top_k_tokens_per_head=[1, 1, 1], n_candidates=1)
+    assert out.sequences.tolist() == expected.tolist()
+    assert {0, 1, 2, 3} <= set(out.stats.accepted_lengths)
+    assert len(oracle.distances) >= 3 * (out.stats.steps - 2) and max(oracle.distances) < 1e-4
+
+
 def test_max_new_tokens_zero_returns_the_prompt():
     model = tiny_llama()
     ids, mask = left_padded([4, 6])

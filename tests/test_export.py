@@ -108,6 +108,7 @@ def test_emb_adapter_is_multiplied_out(tmp_path):
 @pytest.mark.parametrize("changes, message", [
     ({"draft_vocab_size": 8}, "draft vocabulary of 8 tokens"),
     ({"token_conditioning": False}, "no token conditioning"),
+    ({"feature_layers": [3]}, r"also reads the base model's layers \[3\]"),
     ({"base_model_name_or_path": None}, "needs the base model's name"),
 ])
 def test_what_a_format_cannot_express_is_refused(tmp_path, changes, message):

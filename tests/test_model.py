@@ -210,6 +210,9 @@ def test_propose_full_tree_and_defaults():
         (dict(top_k_tokens_per_head=[2, 0, 1]), r"top_k_tokens_per_head\[1\]"),
         (dict(top_k_tokens_per_head=[2, 2, 1], n_candidates=5), "n_candidates"),
         (dict(scale_input="yes"), "scale_input"),
+        (dict(feature_layers=3), "feature_layers must be a list"),
+        (dict(feature_layers=[1, -1]), "each of feature_layers"),
+        (dict(feature_layers=[2, 2]), "names a layer twice"),
     ],
 )
 def test_bad_config(kw, message):
@@ -325,3 +328,27 @@ def test_without_token_conditioning_the_tokens_do_not_matter():
     assert not torch.equal(conditioned(state, ids), conditioned(state, (ids + 1) % 11))
     assert model.config.to_dict()["token_conditioning"] is False
     assert "token_conditioning" not in conditioned.config.to_dict()  # the released format stays as it was
+
+
+def test_feature_layers_start_as_the_final_state_alone_and_then_add_their_own():
+    """s_0 = h + sum_l W_l rms(h_l): with W_l at zero (as made) a speculator with feature
+    layers proposes what the same weights without them do; with W_l set, by hand."""
+    torch.manual_seed(0)
+    plain = make(n_predict=3)
+    wide = make(n_predict=3, feature_layers=[0, 2])
+    wide.load_state_dict(plain.state_dict(), strict=False)
+    assert wide.config.input_width == 3 * 12 and len(wide.feature_maps) == 2
+    assert all(bool((m.weight == 0).all()) for m in wide.feature_maps)
+    h, h0, h2 = torch.randn(3, 2, 4, 12).unbind(0)
+    ids = torch.randint(0, 11, (2, 7))
+    torch.testing.assert_close(wide(torch.cat([h, h0, h2], -1), ids), plain(h, ids))
+    for m in wide.feature_maps:
+        torch.nn.init.normal_(m.weight)
+    rms = lambda x: x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # noqa: E731
+    by_hand = h + rms(h0) @ wide.feature_maps[0].weight.T + rms(h2) @ wide.feature_maps[1].weight.T
+    torch.testing.assert_close(wide(torch.cat([h, h0, h2], -1), ids), plain(by_hand, ids))
+    with pytest.raises(MLPSpecError, match=r"state must have shape \[b, n, 36\] \(emb_dim, and 2 feature layers\)"):
+        wide(h, ids)
+    raw = wide.config.to_dict()
+    assert raw["feature_layers"] == [0, 2] and "feature_layers" not in plain.config.to_dict()
+    assert MLPSpeculatorConfig.from_dict(raw) == wide.config

@@ -285,6 +285,32 @@ def test_init_from_a_saved_speculator(setup, capsys):
     assert "differs from this run's in n_predict, top_k_tokens_per_head" in capsys.readouterr().err
 
 
+def test_feature_layers_start_from_a_plain_speculator_and_learn(setup, capsys):
+    tmp, base, data = setup
+    assert main(train_args(base, data, tmp / "plain", **{"stage1-steps": 4})) == 0
+    args = train_args(base, data, tmp / "layers", **{"stage1-steps": 4, "lr": 1e-12, "init-from": tmp / "plain",
+                                                      "feature-layers": "0,1"})
+    assert main(args) == 0  # the new maps start at zero: the same speculator, reading more
+    plain, layers = weights(tmp / "plain"), weights(tmp / "layers")
+    assert set(layers) - set(plain) == {"speculator.feature_maps.0.weight", "speculator.feature_maps.1.weight"}
+    for name in plain:
+        torch.testing.assert_close(plain[name], layers[name], atol=1e-6, rtol=0)
+    assert json.loads((tmp / "layers" / "config.json").read_text())["feature_layers"] == [0, 1]
+    assert main(train_args(base, data, tmp / "learn", **{"stage1-steps": 40, "save-every": 40,
+                                                         "feature-layers": "1"})) == 0
+    log = [json.loads(line) for line in (tmp / "learn" / "train_log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "loss" in e and "eval" not in e]
+    assert steps[-1]["loss"] < 0.8 * steps[0]["loss"]
+    assert float(weights(tmp / "learn")["speculator.feature_maps.0.weight"].abs().max()) > 0
+    capsys.readouterr()
+    bad = train_args(base, data, tmp / "other", **{"stage1-steps": 4, "feature-layers": "0", "init-from": tmp / "learn"})
+    assert main(bad) == 2
+    assert "differs from this run's in feature_layers" in capsys.readouterr().err
+    assert main(train_args(base, data, tmp / "deep", **{"feature-layers": "2"})) == 2
+    assert "lie beyond the base model's 2 layers" in capsys.readouterr().err
+    assert not (tmp / "deep").exists()
+
+
 def test_base_targets_are_the_base_models_next_choice():
     """Independently of the index helper: head i's target at position p is what the base
     model picks after reading window[:p + i + 2]."""

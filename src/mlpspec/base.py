@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -137,7 +138,7 @@ def load_base(name_or_path: str | Path | None = None, dtype: torch.dtype | str =
 
 class BaseOutput(NamedTuple):
     logits: torch.Tensor  # b n V
-    hidden: torch.Tensor  # b n d, post final norm: exactly what the LM head reads
+    hidden: torch.Tensor  # b n d, post final norm: exactly what the LM head reads (b n (1+l)d with feature layers)
     cache: object  # the KV cache passed in, now extended (None when none was given)
 
 
@@ -155,8 +156,10 @@ def run_base(
     position_ids: torch.Tensor | None = None,
     cache=None,
     last_logits_only: bool = False,
+    feature_layers: Sequence[int] = (),
 ) -> BaseOutput:
-    """One forward pass returning the logits and the final post-norm hidden states.
+    """One forward pass returning the logits and the final post-norm hidden states (with
+    the states after `feature_layers` behind them, as the speculator reads them; states()).
 
     `last_logits_only` skips the LM head over all but the last position where the model
     allows it (a prefill needs one row of logits; the head over a whole prompt costs as
@@ -177,7 +180,17 @@ def run_base(
         **{keyword: cache},
         **extra,
     )
-    return BaseOutput(out.logits, out.hidden_states[-1], getattr(out, keyword))
+    return BaseOutput(out.logits, states(out, feature_layers), getattr(out, keyword))
+
+
+def states(out, feature_layers: Sequence[int] = ()) -> torch.Tensor:
+    """A forward pass's final post-norm states [b, n, d], then the states after each of
+    `feature_layers` (0: the embedding output): [b, n, (1 + l) d]. transformers computes
+    them all for output_hidden_states, so reading a few more costs a copy."""
+    final = out.hidden_states[-1]  # b n d
+    if not feature_layers:
+        return final
+    return torch.cat([final, *(out.hidden_states[layer] for layer in feature_layers)], dim=-1)  # b n (1+l)d
 
 
 @functools.cache
@@ -185,19 +198,22 @@ def _keeps_logits(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def base_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Final post-norm states [b, n, d] for training, skipping the LM head over every
-    position where the model allows it (that head is a fifth of a small model's cost)."""
+def base_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                feature_layers: Sequence[int] = ()) -> torch.Tensor:
+    """The speculator's input states [b, n, (1 + l) d] for training (states()), skipping the
+    LM head over every position where the model allows it (a fifth of a small model's cost)."""
     extra = {"logits_to_keep": 1} if _keeps_logits(type(model)) else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, **extra)
-    return out.hidden_states[-1]
+    return states(out, feature_layers)
 
 
-def base_outputs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-    """Final post-norm states [b, n, d] and the logits at every position [b, n, V]
-    (position j's logits predict token j + 1; their argmax is the base model's own choice)."""
+def base_outputs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 feature_layers: Sequence[int] = ()):
+    """The speculator's input states [b, n, (1 + l) d] (states()) and the logits at every
+    position [b, n, V] (position j's logits predict token j + 1; their argmax is the base
+    model's own choice)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
-    return out.hidden_states[-1], out.logits
+    return states(out, feature_layers), out.logits
 
 
 def base_dims(model: PreTrainedModel) -> tuple[int, int]:
@@ -218,6 +234,13 @@ def check_pair(model: PreTrainedModel, speculator: MLPSpeculator) -> None:
     if cfg.vocab_size != vocab:
         raise MLPSpecError(
             f"speculator vocab_size {cfg.vocab_size} does not match the base model's vocabulary {vocab}"
+        )
+    layers = model.config.get_text_config().num_hidden_layers
+    beyond = [layer for layer in cfg.feature_layers if layer >= layers]
+    if beyond:
+        raise MLPSpecError(
+            f"speculator feature_layers {beyond} lie beyond the base model's {layers} layers "
+            f"(layer L is the state after L of them, 0 the embedding output; the last one's is the final state)"
         )
 
 

@@ -62,10 +62,11 @@ def cmd_info(args) -> None:
         f"top_k_tokens_per_head {cfg.top_k_tokens_per_head}, n_candidates {cfg.n_candidates}, "
         f"tie_weights {cfg.tie_weights}, scale_input {cfg.scale_input}"
     )
-    if cfg.tie_base_embeddings or cfg.draft_vocab_size:
+    if cfg.tie_base_embeddings or cfg.draft_vocab_size or cfg.feature_layers:
         print(
             f"  mlpspec extensions: tie_base_embeddings {cfg.tie_base_embeddings}, emb_adapter {cfg.emb_adapter}, "
-            f"heads score {cfg.head_size} tokens (draft vocabulary {cfg.draft_vocab_size or 'off'})"
+            f"heads score {cfg.head_size} tokens (draft vocabulary {cfg.draft_vocab_size or 'off'}), "
+            f"feature layers {cfg.feature_layers or 'none'}"
         )
     own = sum(p.numel() for p in speculator.parameters() if p.requires_grad)
     print(
@@ -227,6 +228,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                           "writes itself (see `mlpspec prompts`)",
         "emb_adapter": "with --tie-base-embeddings: read the base embedding through a learned map "
                        "(started at the identity), which may also widen it to --inner-dim",
+        "feature_layers": "comma-separated base layers (e.g. 8,16,24) whose states the first stage also reads, "
+                          "each through a learned map started at zero (not exportable)",
     }
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -235,6 +238,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument("--no-progress", action="store_true", help="no progress bars")
         elif f.name == "data":
             parser.add_argument(flag, action="append", help=helps[f.name])
+        elif f.name == "feature_layers":
+            parser.add_argument(flag, type=_layer_list, default=[], help=helps[f.name])
         elif default is True:  # on by default: the flag turns it off
             parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
                                 help=helps.get(f.name))
@@ -245,6 +250,13 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         else:
             kind = type(default) if default is not None else str
             parser.add_argument(flag, type=kind, default=default, required=f.name == "out", help=helps.get(f.name))
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(layer) for layer in text.split(",") if layer.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
 def _non_negative(text: str) -> int:

@@ -113,12 +113,13 @@ class DecodeState:
     valid: torch.Tensor  # b S    cache slots that hold committed tokens
     position: torch.Tensor  # b   position id of the pending token
     pending: torch.Tensor  # b    last emitted token, not yet in the cache
-    hidden: torch.Tensor  # b d   base state that produced `pending`
+    hidden: torch.Tensor  # b (1+l)d   base state that produced `pending` (and the feature layers' behind it)
     tokens: torch.Tensor  # b T   emitted tokens (padded)
     n_emitted: torch.Tensor  # b
     finished: torch.Tensor  # b   bool
     stats: DecodeStats
     hindsight: list[Hindsight] = field(default_factory=list)  # trees not run, judged once their tokens are out
+    feature_layers: tuple[int, ...] = ()  # the base layers whose states the speculator reads besides the final one
 
 
 class Draft(NamedTuple):
@@ -176,7 +177,7 @@ def make_chooser(
     return sample
 
 
-def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predict) -> DecodeState:
+def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predict, feature_layers=()) -> DecodeState:
     """Run the prompt, pick the first new token, and set up the state."""
     b, P = input_ids.shape
     cache = TreeCache(model.config.get_text_config().num_hidden_layers, capacity)
@@ -187,6 +188,7 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
         position_ids=prompt_positions(prompt_valid),
         cache=cache,
         last_logits_only=True,
+        feature_layers=feature_layers,
     )
     valid = torch.zeros(b, capacity, dtype=torch.bool, device=input_ids.device)
     valid[:, :P] = prompt_valid
@@ -203,6 +205,7 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
         finished=torch.zeros(b, dtype=torch.bool, device=input_ids.device),
         stats=DecodeStats(n_predict=n_predict, steps=1, row_steps=b,
                           steps_per_row=torch.ones(b, dtype=torch.long, device=input_ids.device)),
+        feature_layers=tuple(feature_layers),
     )
 
 
@@ -333,6 +336,7 @@ def verify(model, state: DecodeState, tree: Tree):
         attention_mask=mask,
         position_ids=state.position.unsqueeze(1) + tree.depth,
         cache=state.cache,
+        feature_layers=state.feature_layers,
     )
 
 
@@ -406,7 +410,7 @@ def commit(state: DecodeState, tree: Tree, hidden, path, n_accepted, bonus, eos:
     state.valid[:, L + width :] = False
     state.position += n_accepted + 1
     state.pending = bonus
-    state.hidden = hidden[rows, path[rows, n_accepted]]  # b d   the state that produced bonus
+    state.hidden = hidden[rows, path[rows, n_accepted]]  # b (1+l)d   the state that produced bonus
     return new
 
 
@@ -520,7 +524,8 @@ def speculative_generate(
         streamer.put(input_ids[0].cpu())
     choose = make_chooser(temperature, top_k, top_p, generator)
     max_tree = max(s.max_nodes for s in menu)
-    state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + max_tree, choose, max_new_tokens + reach + 1, h)
+    state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + max_tree, choose, max_new_tokens + reach + 1, h,
+                    cfg.feature_layers if cfg is not None else ())
     first = _emit(state, state.pending.unsqueeze(1), torch.ones_like(state.n_emitted), eos, max_new_tokens)
     if policy is not None and not policy.calibrated(b) and not bool(state.finished.all()):
         calibrate(policy, model, state, speculator)

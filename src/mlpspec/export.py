@@ -11,7 +11,7 @@ Both formats are plain MLP speculators: every tensor stored, every head over the
 vocabulary, every stage reading the sampled token. Our extensions are mapped onto that
 where the math allows it (embeddings tied to the base model are materialised, through
 the emb_adapter where there is one) and refused
-where it does not (a draft vocabulary, a speculator without token conditioning): a file
+where it does not (a draft vocabulary, a speculator without token conditioning, feature layers): a file
 that loads but proposes different tokens would be worse than no file.
 """
 
@@ -40,6 +40,11 @@ def check_exportable(config: MLPSpeculatorConfig, fmt: str) -> None:
         )
     if not config.token_conditioning:
         raise MLPSpecError(f"a Medusa-style speculator (no token conditioning) has no {fmt} equivalent")
+    if config.feature_layers:
+        raise MLPSpecError(
+            f"this speculator also reads the base model's layers {config.feature_layers}; the {fmt} format's "
+            f"speculators read the final state only (train without --feature-layers to export)"
+        )
 
 
 def export_speculator(speculator: MLPSpeculator, out: str | Path, fmt: str,

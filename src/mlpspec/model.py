@@ -3,7 +3,8 @@ authors built it (foundation-model-stack/fms-extras), plus its typed config.
 
 Notation used in the shape comments:
     b batch, n positions, k candidates (tree branches), h heads/stages,
-    d base hidden size (emb_dim), m speculator width (inner_dim), V vocabulary.
+    d base hidden size (emb_dim), m speculator width (inner_dim), V vocabulary,
+    l the base layers the first stage also reads (feature_layers).
 
 One stage i, given the running state s and the token t sampled just before:
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -74,6 +75,12 @@ class MLPSpeculatorConfig:
     # speculator re-aim it (and have its own width m) for m*d parameters, not V*m.
     # Export multiplies it out into ordinary emb tensors.
     emb_adapter: bool = False
+    # feature_layers: the first stage also reads the base model's states after these layers
+    # (0 is the embedding output), each RMS-normed through its own d -> d map and added to
+    # the final state: s_0 = h + sum_l W_l rms(h_l). The final state is what the base model
+    # made to predict ONE token; its middle layers say more of what follows (EAGLE-3's fused
+    # features). The maps start at zero, so a speculator gains them without changing.
+    feature_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_dim", "n_predict"):
@@ -104,6 +111,13 @@ class MLPSpeculatorConfig:
             raise MLPSpecError("heads tied to the base LM head read width emb_dim: inner_dim must equal it")
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise MLPSpecError("base_model_name_or_path must be a string")
+        if not isinstance(self.feature_layers, (list, tuple)):
+            raise MLPSpecError(f"feature_layers must be a list of layer numbers, got {self.feature_layers!r}")
+        self.feature_layers = list(self.feature_layers)
+        for layer in self.feature_layers:
+            _check_int("each of feature_layers", layer, minimum=0)
+        if len(set(self.feature_layers)) != len(self.feature_layers):
+            raise MLPSpecError(f"feature_layers names a layer twice: {self.feature_layers}")
 
     @property
     def head_size(self) -> int:
@@ -115,11 +129,18 @@ class MLPSpeculatorConfig:
         """The speculator's inner width m (inner_dim, where 0 means emb_dim)."""
         return self.inner_dim or self.emb_dim
 
+    @property
+    def input_width(self) -> int:
+        """The width of the state the speculator reads: the final base state, then the
+        states after each of feature_layers, (1 + l) * d."""
+        return (1 + len(self.feature_layers)) * self.emb_dim
+
     def to_dict(self) -> dict:
         """The released config.json fields (torch_dtype is added by the writer)."""
         out = {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **asdict(self)}
         # optional keys are written only when set, so plain checkpoints are exactly the released format
-        for key in ("base_model_name_or_path", "tie_base_embeddings", "draft_vocab_size", "emb_adapter"):
+        for key in ("base_model_name_or_path", "tie_base_embeddings", "draft_vocab_size", "emb_adapter",
+                    "feature_layers"):
             if not out[key]:
                 del out[key]
         if out["token_conditioning"]:
@@ -220,6 +241,7 @@ class MLPSpeculator(nn.Module):
         if config.emb_adapter:
             self.emb_adapter = nn.ModuleList([nn.Linear(d, m, bias=False) for _ in range(h)])
         self.proj = nn.ModuleList([nn.Linear(d if i == 0 else m, m, bias=False) for i in range(h)])
+        self.feature_maps = nn.ModuleList([nn.Linear(d, d, bias=False) for _ in config.feature_layers])
         self.ln = nn.ModuleList([RMSNormShift(m) for _ in range(h)])
         with base_tied if K == V else contextlib.nullcontext():  # a draft head is the speculator's own
             self.head = nn.ModuleList([nn.Linear(m, K, bias=False) for _ in range(h)])
@@ -324,6 +346,8 @@ class MLPSpeculator(nn.Module):
             for adapter in self.emb_adapter:
                 if not adapter.weight.is_meta:
                     nn.init.eye_(adapter.weight)  # at m == d: the base embedding as it is, a tied speculator
+        for feature_map in self.feature_maps:
+            nn.init.zeros_(feature_map.weight)  # the final state alone until training says otherwise
 
     @property
     def dtype(self) -> torch.dtype:
@@ -333,7 +357,12 @@ class MLPSpeculator(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() counts tied tensors once
 
     def _input_state(self, state: torch.Tensor) -> torch.Tensor:
-        return _rms(state) / math.sqrt(2) if self.config.scale_input else state
+        """[..., (1 + l) d] -> the first stage's input [..., d]."""
+        d = self.config.emb_dim
+        final = state[..., :d]  # ... d
+        for feature_map, layer_state in zip(self.feature_maps, state[..., d:].split(d, dim=-1)):
+            final = final + feature_map(_rms(layer_state))  # ... d
+        return _rms(final) / math.sqrt(2) if self.config.scale_input else final
 
     def token_embedding(self, i: int, tokens: torch.Tensor) -> torch.Tensor:
         """Stage i's embedding of the sampled tokens [b, n] -> [b, n, m]."""
@@ -349,7 +378,8 @@ class MLPSpeculator(nn.Module):
     def forward(self, state: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Training view (teacher forcing).
 
-        state: [b, n, d] base post-norm hidden states at positions 0..n-1.
+        state: [b, n, (1 + l) d] base post-norm hidden states at positions 0..n-1, then
+               (with feature_layers) the states after each of those layers.
         ids:   [b, n + h] token ids; stage i reads ids[:, i : i + n] as its input tokens
                (so the last id is never read; the shape is the reference's).
         Returns logits [h, b, n, K], K the head size (V without a draft vocabulary).
@@ -383,7 +413,8 @@ class MLPSpeculator(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference view: grow the candidate tree and keep its best leaves.
 
-        state:      [b, 1, d] the base state that produced last_token.
+        state:      [b, 1, (1 + l) d] the base state that produced last_token (and the
+                    states after feature_layers behind it).
         last_token: [b, 1] the token just sampled.
         Stage i expands every branch by its top_k[i] tokens; a leaf's score is the sum of its
         per-stage log-probs. A top_k list shorter than n_predict runs only that many stages.
@@ -440,9 +471,10 @@ class MLPSpeculator(nn.Module):
     def _check_state(self, state: torch.Tensor, ndim: int) -> None:
         if not isinstance(state, torch.Tensor) or not state.is_floating_point():
             raise MLPSpecError(f"state must be a floating-point tensor, got {_describe(state)}")
-        if state.dim() != ndim or state.size(-1) != self.config.emb_dim:
+        if state.dim() != ndim or state.size(-1) != self.config.input_width:
+            layers = f", and {len(self.config.feature_layers)} feature layers" if self.config.feature_layers else ""
             raise MLPSpecError(
-                f"state must have shape [b, n, {self.config.emb_dim}] (emb_dim), got {list(state.shape)}"
+                f"state must have shape [b, n, {self.config.input_width}] (emb_dim{layers}), got {list(state.shape)}"
             )
         if state.dtype != self.dtype:
             raise MLPSpecError(f"state dtype {state.dtype} does not match the speculator's {self.dtype}")

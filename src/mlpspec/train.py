@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .base import base_hidden, base_outputs, cache_dir, load_base, speculator_config_for
+from .base import base_hidden, base_outputs, cache_dir, check_pair, load_base, speculator_config_for
 from .data import (EpochOrder, Windows, generate_shards, generated_positions, load_generations, pad_windows,
                    self_written_prompts, split_heldout, tokenized_corpus)
 from .errors import MLPSpecError
@@ -65,6 +65,7 @@ class TrainConfig:
     draft_vocab_size: int = 0  # 0: the heads score the whole vocabulary
     token_conditioning: bool = True  # False: a Medusa-style speculator (the context vector only)
     emb_adapter: bool = False  # with tie_base_embeddings: a learned d -> m map on the base embedding
+    feature_layers: list[int] = field(default_factory=list)  # base layers the first stage also reads
     init_from: str | None = None  # start from this speculator's weights (a fresh optimizer and schedule)
     # optimisation
     seq_len: int = 256
@@ -213,11 +214,14 @@ def save_checkpoint(out: Path, step: int, speculator: MLPSpeculator, optimizer, 
 
 
 def _init_from(speculator: MLPSpeculator, path: str, model) -> None:
-    """Copy a saved speculator's weights (and draft vocabulary) into a new run's speculator."""
+    """Copy a saved speculator's weights (and draft vocabulary) into a new run's speculator.
+    A speculator without feature_layers may start one with them: the new layers' maps
+    start at zero, so the new speculator begins as exactly the old one."""
     source = MLPSpeculator.from_pretrained(path, dtype=torch.float32,
                                            base=model if speculator.config.tie_base_embeddings else None)
-    mine = {k: v for k, v in speculator.config.__dict__.items() if k != "base_model_name_or_path"}
-    theirs = {k: v for k, v in source.config.__dict__.items() if k != "base_model_name_or_path"}
+    ignored = {"base_model_name_or_path"} | ({"feature_layers"} if not source.config.feature_layers else set())
+    mine = {k: v for k, v in speculator.config.__dict__.items() if k not in ignored}
+    theirs = {k: v for k, v in source.config.__dict__.items() if k not in ignored}
     if mine != theirs:
         changed = sorted(k for k in mine if mine[k] != theirs[k])
         raise MLPSpecError(f"--init-from {path}: its speculator differs from this run's in {', '.join(changed)}")
@@ -302,7 +306,7 @@ def evaluate(model, objective: SpeculatorObjective, windows: torch.Tensor, valid
     its expected tokens per step with one candidate."""
     base_ids, ids, targets = teacher_forcing(windows, n, h)
     targets = _masked_targets(targets, scored, n)
-    hidden = base_hidden(model, base_ids, valid[:, :n].long()).float()
+    hidden = base_hidden(model, base_ids, valid[:, :n].long(), objective.speculator.config.feature_layers).float()
     loss, hits = objective(hidden, ids, targets)
     return {"loss": float(loss), **acceptance(hits, targets)}
 
@@ -352,9 +356,10 @@ def train(cfg: TrainConfig) -> Path:
     speculator = MLPSpeculator(speculator_config_for(
         model, n_predict=h, inner_dim=cfg.inner_dim, tie_weights=cfg.tie_weights, scale_input=cfg.scale_input,
         tie_base_embeddings=cfg.tie_base_embeddings, draft_vocab_size=cfg.draft_vocab_size,
-        token_conditioning=cfg.token_conditioning, emb_adapter=cfg.emb_adapter,
+        token_conditioning=cfg.token_conditioning, emb_adapter=cfg.emb_adapter, feature_layers=cfg.feature_layers,
         base_model_name_or_path=cfg.base,
     ))
+    check_pair(model, speculator)
     if cfg.tie_base_embeddings:
         speculator.attach_base(model)
     if cfg.draft_vocab_size:  # the training data's most frequent tokens, in id order
@@ -438,9 +443,10 @@ def train(cfg: TrainConfig) -> Path:
             with torch.no_grad():
                 target_logits = None
                 if cfg.targets == "text":
-                    hidden = base_hidden(model, base_ids, valid[:, :length].long())
+                    hidden = base_hidden(model, base_ids, valid[:, :length].long(), cfg.feature_layers)
                 else:  # one base pass over h more positions gives every head's target
-                    hidden, logits = base_outputs(model, window[:, : length + h], valid[:, : length + h].long())
+                    hidden, logits = base_outputs(model, window[:, : length + h], valid[:, : length + h].long(),
+                                                  cfg.feature_layers)
                     hidden, targets = hidden[:, :length], greedy_targets(logits.argmax(-1), length, h)
                     if cfg.targets == "distill":
                         target_logits = greedy_targets(speculator.head_columns(logits), length, h)  # h b n K
