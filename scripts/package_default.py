@@ -107,6 +107,9 @@ def _flag(key, value) -> str:
 
 adapter = (f", read through a learned {speculator.config.emb_dim} -> {speculator.config.width} map (`emb_adapter`)"
            if speculator.config.emb_adapter else "")
+layers = speculator.config.feature_layers
+layers = (f"; the first stage also reads the base model's states after layers {', '.join(map(str, layers))} "
+          "(`feature_layers`, each through a learned map)" if layers else "")
 flags = " ".join(_flag(k, v) for k, v in config.items()
                  if k not in ("out", "data", "resume", "progress", "base") and v != defaults.get(k))
 stage2_source = (f"prompts cut from it, and to the chat instructions in `{config['stage2_prompts']}` "
@@ -126,7 +129,7 @@ returns it (loading the default base model too, since it shares that model's emb
 |---|---|
 | base model | SmolLM2-135M-Instruct (hidden size 576, vocabulary 49152) |
 | heads | {speculator.config.n_predict}, tree {speculator.config.top_k_tokens_per_head} x {speculator.config.n_candidates} candidates |
-| extensions (not in the released format) | embedding tied to the base model's (frozen, not stored){adapter}; heads score a draft vocabulary of the {speculator.config.draft_vocab_size} most frequent training tokens (stored as `draft_vocab`), started from the base LM head's rows; stages share weights (`tie_weights`) |
+| extensions (not in the released format) | embedding tied to the base model's (frozen, not stored){adapter}{layers}; heads score a draft vocabulary of the {speculator.config.draft_vocab_size} most frequent training tokens (stored as `draft_vocab`), started from the base LM head's rows; stages share weights (`tie_weights`) |
 | file | {size_mb:.1f} MB, bfloat16 |
 | data | `--data default`: the Python {__import__('sys').version_info.major}.{__import__('sys').version_info.minor} standard library's source and Debian's python3.11-doc sources (about 12M tokens); stage 2 on the base model's own answers to {stage2_source} |
 | steps | {step}: {min(step, config['stage1_steps'])} in stage 1, {max(0, step - config['stage1_steps'])} in stage 2, {config['batch_size']} x {config['seq_len']} tokens each ({tokens_seen / 1e6:.1f}M tokens seen) |
