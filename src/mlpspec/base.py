@@ -12,8 +12,8 @@ import functools
 import importlib.util
 import inspect
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
