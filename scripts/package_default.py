@@ -102,6 +102,8 @@ def _flag(key, value) -> str:
     name = key.replace("_", "-")
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no-{name}"
+    if isinstance(value, list):
+        return f"--{name} {','.join(map(str, value))}"
     return f"--{name} {value}"
 
 
