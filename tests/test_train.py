@@ -119,7 +119,7 @@ def test_stage2_answers_requests_the_base_model_wrote(setup):
     assert main(args) == 0
     written = read_prompt_file(tmp / "run" / "stage2" / "self-prompts.jsonl")
     assert len({m[0]["content"] for m in written}) == len(written) == 6  # one distinct request per row
-    assert not (tmp / "run" / "stage2" / "self-prompts.parts").exists()
+    assert not (tmp / "run" / "stage2" / "self-prompts.jsonl.parts").exists()
     asked = [p.tolist() for f in sorted((tmp / "run" / "stage2").glob("shard-*.pt")) for p in torch.load(f)["prompts"]]
     assert sorted(asked) == sorted(encode_prompt(tok, m, chat=True) for m in written)
     # two processes share the sampling and write the same requests

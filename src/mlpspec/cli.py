@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -162,20 +161,17 @@ def cmd_prompts(args) -> None:
     from tqdm import tqdm
 
     from .base import load_base
-    from .data import self_written_prompts
-    from .text import write_prompt_file
+    from .data import write_self_written_prompts
 
     if Path(args.out).exists():
         raise MLPSpecError(f"{args.out} exists; give a new file")
     model, tokenizer = load_base(args.base, dtype=args.dtype)
     bar = tqdm(total=args.n, desc="prompts", unit="prompt")
-    parts = Path(args.out).with_name(Path(args.out).name + ".parts")  # the batches so far: a killed run resumes
-    prompts = self_written_prompts(model, tokenizer, args.n, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                                   seed=args.seed, progress=lambda kept, n: bar.update(kept - bar.n), cache=parts)
+    write_self_written_prompts(args.out, model, tokenizer, args.n, batch_size=args.batch_size,
+                               max_tokens=args.max_tokens, seed=args.seed,
+                               progress=lambda kept, n: bar.update(kept - bar.n))
     bar.close()
-    write_prompt_file(args.out, prompts)
-    shutil.rmtree(parts)
-    print(f"{len(prompts)} prompts written by the base model -> {args.out}")
+    print(f"{args.n} prompts written by the base model -> {args.out}")
 
 
 def cmd_export(args) -> None:
@@ -259,18 +255,20 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in "invalid integer value: 'x'"
+    return parse
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+_non_negative, _positive = _int_at_least(0), _int_at_least(1)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from .errors import MLPSpecError
 from .fileio import atomic_write
 from .model import IGNORE_INDEX
+from .text import user_turn_opening, write_prompt_file
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
 JSON_SUFFIXES = {".jsonl", ".json"}
@@ -277,7 +279,6 @@ def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tok
     as they are made, so a call killed midway resumes at the first batch not on disk.
     progress(kept, n) after every round of batches."""
     from .decode import eos_tokens
-    from .text import user_turn_opening
 
     opening = user_turn_opening(tokenizer)
     ids = torch.tensor([opening] * batch_size)  # b P
@@ -312,6 +313,19 @@ def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tok
         f"the base model finished only {len(kept)} distinct requests of {n} asked within {max_tokens} tokens; "
         "give a prompt file instead"
     )
+
+
+def write_self_written_prompts(file: str | Path, model, tokenizer, n: int, write: bool = True, **sampling) -> None:
+    """self_written_prompts into the prompt file `file`, keeping each sampled batch in the
+    folder FILE.parts until the file is whole, so that a killed call resumes where it
+    stopped. Under torchrun every rank samples its share (`sampling` holds rank and world)
+    and only the one with `write` writes the file."""
+    file = Path(file)
+    parts = file.with_name(file.name + ".parts")
+    prompts = self_written_prompts(model, tokenizer, n, cache=parts, **sampling)
+    if write:
+        write_prompt_file(file, prompts)
+        shutil.rmtree(parts)
 
 
 def _finished_requests(model, tokenizer, ids: torch.Tensor, eos: torch.Tensor, max_tokens: int, temperature: float,

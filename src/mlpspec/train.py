@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from .base import base_hidden, base_outputs, cache_dir, check_pair, load_base, speculator_config_for
 from .data import (EpochOrder, Windows, generate_shards, generated_positions, load_generations, pad_windows,
-                   self_written_prompts, split_heldout, tokenized_corpus)
+                   split_heldout, tokenized_corpus, write_self_written_prompts)
 from .errors import MLPSpecError
 from .fileio import atomic_folder
 from .model import IGNORE_INDEX, MLPSpeculator
-from .text import encode_prompt, read_prompt_file, user_turn_opening, write_prompt_file
+from .text import encode_prompt, read_prompt_file, user_turn_opening
 from .tree import greedy_targets, teacher_forcing
 
 RUN_CONFIG = "train_config.json"
@@ -255,14 +255,11 @@ def _self_written(cfg: TrainConfig, model, tokenizer, file: Path, rank: int, wor
     with a sharded base (collective) every rank samples every batch with the others."""
     if not file.is_file():
         bar = tqdm(total=cfg.stage2_rows, desc="stage 2 prompts", disable=not (rank == 0 and cfg.progress))
-        prompts = self_written_prompts(model, tokenizer, cfg.stage2_rows, cfg.generate_batch_size, SELF_WRITTEN_TOKENS,
-                                       seed=cfg.seed, progress=lambda kept, n: bar.update(kept - bar.n),
-                                       rank=0 if collective else rank, world=1 if collective else world,
-                                       cache=file.with_suffix(".parts"))
+        write_self_written_prompts(file, model, tokenizer, cfg.stage2_rows, write=rank == 0,
+                                   batch_size=cfg.generate_batch_size, max_tokens=SELF_WRITTEN_TOKENS, seed=cfg.seed,
+                                   progress=lambda kept, n: bar.update(kept - bar.n),
+                                   rank=0 if collective else rank, world=1 if collective else world)
         bar.close()
-        if rank == 0:
-            write_prompt_file(file, prompts)
-            shutil.rmtree(file.with_suffix(".parts"))
     _barrier()
     return read_prompt_file(file)
 
