@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from mlpspec import load_base, load_speculator, speculator_config_for
-from mlpspec.base import base_outputs
+from mlpspec.base import base_hidden, base_outputs
 from mlpspec.data import generated_positions, load_generations, pad_windows
 from mlpspec.model import IGNORE_INDEX, MLPSpeculator
 from mlpspec.train import SpeculatorObjective, acceptance
@@ -75,16 +75,16 @@ def layer_states(folder: Path, layers: list[int]) -> torch.Tensor:
     missing = [layer for layer in layers if not paths[layer].is_file()]
     if missing:
         windows, valid, n, _ = padded_rows(folder)
-        parts = {layer: [] for layer in missing}
+        d = model.config.hidden_size
+        parts = []
         for s in range(0, windows.size(0), 16):
             window, mask = windows[s : s + 16, : n + H], valid[s : s + 16, : n + H]
             with torch.no_grad():
-                out = model(input_ids=window, attention_mask=mask.long(), use_cache=False, output_hidden_states=True)
-            for layer in missing:
-                parts[layer].append(out.hidden_states[layer][:, :n].to(torch.bfloat16))  # b n d
+                states = base_hidden(model, window, mask.long(), missing)  # b n+h (1+l)d, the final state first
+            parts.append(states[:, :n, d:].to(torch.bfloat16))  # b n (l d)
         args.cache.mkdir(parents=True, exist_ok=True)
-        for layer in missing:
-            torch.save(torch.cat(parts[layer]), paths[layer])
+        for layer, kept in zip(missing, torch.cat(parts).split(d, dim=-1)):
+            torch.save(kept.clone(), paths[layer])
     return torch.cat([torch.load(paths[layer]) for layer in layers], dim=-1)  # R n (l d)
 
 
