@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import tiny_llama, tiny_tokenizer
 from mlpspec import MLPSpecError
 from mlpspec.cli import main
-from mlpspec.train import TrainConfig, lr_at
+from mlpspec.train import TrainConfig, lr_at, run_device
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -194,6 +194,7 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, fsdp):
         ({"text-field": "body"}, "no field 'body'"),
         ({"stage2-prompts": "no-prompts.jsonl"}, "no-prompts.jsonl: cannot read prompt file"),
         ({"stage2-prompts": "self", "stage2-steps": 2}, "no chat template, so the model cannot write"),
+        ({"device": "gpu0"}, "device must be 'auto' or a torch device such as cpu or cuda:0, got 'gpu0'"),
         # 250 one-token words + 8 new tokens > 256, though --stage2-prompt-length 6 would fit
         ({"stage2-prompts": "long.jsonl", "stage2-steps": 2, "stage2-new-tokens": 8},
          "the longest prompt in --stage2-prompts (250 tokens) plus --stage2-new-tokens 8 exceeds"),
@@ -244,6 +245,17 @@ def test_lr_schedule_by_hand():
     assert lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway down the stage-1 cosine
     assert lr_at(110, cfg) == pytest.approx(0.1)  # stage 2 starts at 0.1 lr
     assert lr_at(135, cfg) == pytest.approx(0.01 + 0.09 * 0.5)
+
+
+def test_run_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_device(TrainConfig(out="x")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun each process takes its own GPU
+    assert run_device(TrainConfig(out="x")) == torch.device("cuda", 3)
+    assert run_device(TrainConfig(out="x", device="cpu")) == torch.device("cpu")
+    # the same run, moved to another device, may resume
+    assert TrainConfig(out="x", device="cuda:1").same_run(TrainConfig(out="y", device="cpu"))
 
 
 def test_unknown_training_config_keys():

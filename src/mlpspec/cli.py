@@ -224,6 +224,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                           "writes itself (see `mlpspec prompts`)",
         "emb_adapter": "with --tie-base-embeddings: read the base embedding through a learned map "
                        "(started at the identity), which may also widen it to --inner-dim",
+        "device": "where training runs: auto (this process's GPU, cuda:LOCAL_RANK under torchrun, where there "
+                  "is one; else the CPU), or a torch device such as cpu or cuda:1",
         "feature_layers": "comma-separated base layers (e.g. 8,16,24) whose states the first stage also reads, "
                           "each through a learned map started at zero (not exportable)",
     }

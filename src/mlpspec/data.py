@@ -232,30 +232,34 @@ def generate_shards(
     out = Path(out)
     files = []
     shards = list(shards)
+    device = model.device
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)) if prompts else None
     for done, shard in enumerate(shards, start=1):
         file = out / f"shard-{shard:05d}.pt"
         files.append(file)
         if file.is_file():
             continue
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + shard)
         if prompts:
             picked = [prompts[order[g % len(prompts)]] for g in range(shard * batch_size, (shard + 1) * batch_size)]
             ids, mask = encode_prompts(tokenizer, picked, chat=chat)
         else:
-            starts = torch.randint(0, len(tokens) - prompt_length, (batch_size,), generator=generator)
+            cut = torch.Generator().manual_seed(seed * 1_000_003 + shard)
+            starts = torch.randint(0, len(tokens) - prompt_length, (batch_size,), generator=cut)
             pieces = [np.asarray(tokens[s : s + prompt_length], dtype=np.int64).tolist() for s in starts.tolist()]
             if chat:
                 ids, mask = encode_prompts(tokenizer, [tokenizer.decode(p) for p in pieces], chat=True)
             else:
                 ids, mask = torch.tensor(pieces), torch.ones(batch_size, prompt_length, dtype=torch.long)
+        # sampling draws on the model's device, so the generator lives there too
+        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + shard)
         result = speculative_generate(
-            model, None, ids, mask, max_new_tokens=new_tokens, temperature=temperature,
+            model, None, ids.to(device), mask.to(device), max_new_tokens=new_tokens, temperature=temperature,
             top_k=top_k if temperature > 0 else None, generator=generator,
         )
         P = ids.size(1)
+        sequences, emitted = result.sequences.cpu(), result.stats.emitted.cpu()
         rows = [
-            (ids[r, mask[r].bool()].clone(), result.sequences[r, P : P + int(result.stats.emitted[r])].clone())
+            (ids[r, mask[r].bool()].clone(), sequences[r, P : P + int(emitted[r])].clone())
             for r in range(batch_size)
         ]
         if write:
@@ -281,7 +285,8 @@ def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tok
     from .decode import eos_tokens
 
     opening = user_turn_opening(tokenizer)
-    ids = torch.tensor([opening] * batch_size)  # b P
+    device = model.device
+    ids = torch.tensor([opening] * batch_size, device=device)  # b P
     eos = eos_tokens(model, None, ids.device)
     if cache is not None:
         _claim_cache(Path(cache), {"opening": opening, "batch_size": batch_size, "max_tokens": max_tokens,
@@ -294,7 +299,7 @@ def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tok
             mine = json.loads(part.read_text())
         else:
             mine = _finished_requests(model, tokenizer, ids, eos, max_tokens, temperature,
-                                      torch.Generator().manual_seed(seed * 1_000_003 + batch))
+                                      torch.Generator(device).manual_seed(seed * 1_000_003 + batch))
             if part is not None:
                 atomic_write(part, lambda tmp: Path(tmp).write_text(json.dumps(mine)))
         every = [mine]

@@ -47,7 +47,8 @@ CHECKPOINTS = "checkpoints"
 CHOICES = {"dtype": ("float32", "bfloat16"), "targets": ("text", "base", "distill")}
 SELF_WRITTEN = "self"  # --stage2-prompts self
 SELF_WRITTEN_TOKENS = 64  # the longest request the base model may write itself
-RESUMABLE_FIELDS = {"out", "resume", "save_every", "log_every", "stage2_steps", "stage1_steps", "progress", "stage2_dir"}
+RESUMABLE_FIELDS = {"out", "resume", "save_every", "log_every", "stage2_steps", "stage1_steps", "progress", "stage2_dir",
+                    "device"}
 
 
 @dataclass
@@ -101,6 +102,9 @@ class TrainConfig:
     eval_rows: int = 8
     eval_new_tokens: int = 64
     fsdp_base: bool = False
+    # where the base model and the speculator run: "auto" is this process's GPU (cuda:LOCAL_RANK
+    # under torchrun) where there is one, else the CPU; or any torch device name
+    device: str = "auto"
     resume: bool = False
     progress: bool = True
 
@@ -115,6 +119,12 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise MLPSpecError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise MLPSpecError(f"device must be 'auto' or a torch device such as cpu or cuda:0, "
+                                   f"got {self.device!r}") from None
 
     def same_run(self, other: "TrainConfig") -> bool:
         mine = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_FIELDS}
@@ -175,6 +185,15 @@ def _distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def run_device(cfg: TrainConfig) -> torch.device:
+    """cfg.device, with "auto" resolved: this process's GPU where there is one, else the CPU."""
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def _barrier() -> None:
@@ -365,12 +384,17 @@ def train(cfg: TrainConfig) -> Path:
         speculator.set_draft_vocab(top, base=model if cfg.tie_base_embeddings else None)
     if cfg.init_from and not start_step:
         _init_from(speculator, cfg.init_from, model)
+    # Built on the CPU above (the draft vocabulary and init-from copies read the base model
+    # there), then moved together.
+    device = run_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl's collectives run on the current device
+    model.to(device)
+    speculator.to(device)
     if cfg.fsdp_base and world > 1:
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model)
-    device = next(model.parameters()).device
-    speculator.to(device)
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
