@@ -341,6 +341,9 @@ def acceptance(hits: torch.Tensor, targets: torch.Tensor) -> dict:
 
 
 def train(cfg: TrainConfig) -> Path:
+    device = run_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: nccl's collectives run on the current device
     rank, world = _distributed()
     main = rank == 0
     start_step = _check_out(cfg)
@@ -386,9 +389,6 @@ def train(cfg: TrainConfig) -> Path:
         _init_from(speculator, cfg.init_from, model)
     # Built on the CPU above (the draft vocabulary and init-from copies read the base model
     # there), then moved together.
-    device = run_device(cfg)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # nccl's collectives run on the current device
     model.to(device)
     speculator.to(device)
     if cfg.fsdp_base and world > 1:
