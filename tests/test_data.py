@@ -107,8 +107,11 @@ def test_generate_shards_resume_reproduces_the_run(tmp_path):
     rows = load_generations(files)
     assert len(rows) == 9 and all(6 <= len(r) <= 11 for r in rows)  # prompt, then up to 6 (EOS may stop it)
     files[1].unlink()  # as if killed before shard 1 was written
-    generate_shards(model, tok, tokens, tmp_path / "a", [1], **kwargs)
+    reported = []
+    generate_shards(model, tok, tokens, tmp_path / "a", range(3), progress=lambda done, n: reported.append((done, n)),
+                    **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(load_generations(files), rows))
+    assert reported == [(1, 3), (2, 3), (3, 3)]  # the shards found on disk count as done
 
 
 def test_generate_shards_answers_given_prompts_each_once_first(tmp_path):

@@ -237,7 +237,9 @@ def generate_shards(
     for done, shard in enumerate(shards, start=1):
         file = out / f"shard-{shard:05d}.pt"
         files.append(file)
-        if file.is_file():
+        if file.is_file():  # made before (a resumed or shared run): counts as done
+            if progress is not None:
+                progress(done, len(shards))
             continue
         if prompts:
             picked = [prompts[order[g % len(prompts)]] for g in range(shard * batch_size, (shard + 1) * batch_size)]
