@@ -39,6 +39,8 @@ def test_load_base_from_a_folder(tiny_llama_folder):
     )
     bf16, _ = load_base(str(tiny_llama_folder), dtype="bfloat16")
     assert bf16.dtype == torch.bfloat16
+    placed, _ = load_base(tiny_llama_folder, device="meta")  # any device: the meta one stands in for a GPU here
+    assert placed.device.type == "meta"
 
 
 def test_tree_attention_reads_grouped_heads_in_place_with_the_same_numbers(tiny_llama_folder, monkeypatch):
@@ -140,3 +142,15 @@ def test_default_base_converts_once_and_matches_transformers_gguf(monkeypatch, t
 
     again, _ = load_base()  # from the cache: no second conversion
     assert again.generate(**prompt, **kwargs).tolist() == ours.tolist()
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert base.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun each process takes its own GPU
+    assert base.resolve_device("auto") == torch.device("cuda", 3)
+    assert base.resolve_device("cpu") == torch.device("cpu")
+    assert base.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(MLPSpecError, match="device must be 'auto' or a torch device such as cpu or cuda:0, got 'gpu0'"):
+        base.resolve_device("gpu0")

@@ -307,6 +307,8 @@ def test_tie_base_embeddings_share_the_base_and_are_not_stored(tmp_path):
     loaded = load_speculator(tmp_path, base=base)
     state, ids = torch.randn(2, 4, 32), torch.randint(0, 64, (2, 7))
     assert torch.equal(loaded(state, ids), model(state, ids))
+    # it lands where the base model is (the meta device stands in for a GPU here)
+    assert {p.device.type for p in load_speculator(tmp_path, base=tiny_llama().to("meta")).parameters()} == {"meta"}
     with pytest.raises(MLPSpecError, match="attach_base is for speculators made with tie_base_embeddings"):
         make().attach_base(base)
     with pytest.raises(MLPSpecError, match="do not fit"):

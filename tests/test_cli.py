@@ -53,6 +53,8 @@ def test_generate_streams_one_prompt_and_prints_stats(tiny_llama_folder, capsys)
     assert "[plain decoding, float32]" in plain.err and "1.00 tokens/step" in plain.err
     assert main(args + ["--lookup", "0", "--no-adaptive"]) == 0  # the speculator's fixed tree alone
     assert capsys.readouterr().out == plain.out
+    assert main(args + ["--device", "cpu"]) == 0  # auto is the CPU here
+    assert capsys.readouterr().out == plain.out
 
 
 def test_generate_refuses_a_negative_lookup(tiny_llama_folder, capsys):
@@ -85,6 +87,7 @@ def test_generate_bad_batch_file_names_the_line(tiny_llama_folder, tmp_path, cap
         (["w1", "--chat"], "no chat template"),
         (["w1", "--max-new-tokens", "500"], "exceeds the model's context of 256"),
         (["w1", "--top-p", "0"], r"top_p must be in \(0, 1\]"),
+        (["w1", "--device", "gpu0"], "device must be 'auto' or a torch device such as cpu or cuda:0, got 'gpu0'"),
     ],
 )
 def test_generate_bad_input_is_one_line(tiny_llama_folder, capsys, extra, message):

@@ -286,6 +286,13 @@ def test_bad_inputs(kwargs, message):
         speculative_generate(model, random_speculator(model), **args)
 
 
+def test_the_prompt_moves_to_the_model_and_the_generator_must_be_there():
+    model = tiny_llama().to("meta")  # stands in for a GPU: the checks come before any arithmetic
+    with pytest.raises(MLPSpecError, match=r"the generator is on cpu and the model on meta: .* torch.Generator\('meta'\)"):
+        speculative_generate(model, None, torch.randint(3, 60, (1, 5)), max_new_tokens=4, temperature=1.0,
+                             generator=torch.Generator())
+
+
 def test_mismatched_speculator_is_refused():
     model = tiny_llama()
     other = random_speculator(tiny_llama(hidden=48))

@@ -119,12 +119,29 @@ AttentionInterface.register(TREE_ATTENTION, tree_sdpa_attention)
 AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
 
 
-def load_base(name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32):
-    """Return (model, tokenizer) for a hub id or a local folder; None gives the
-    embedded default, SmolLM2-135M-Instruct. Models whose attention transformers lets us
-    choose get `tree_sdpa_attention`, which makes tree verification cheaper and changes
-    nothing else."""
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """A torch device from its name; "auto" is this process's GPU where there is one
+    (cuda:LOCAL_RANK, so each torchrun process takes its own), else the CPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise MLPSpecError(f"device must be 'auto' or a torch device such as cpu or cuda:0, got {name!r}") from None
+
+
+def load_base(name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
+              device: str | torch.device = "cpu"):
+    """Return (model, tokenizer) for a hub id or a local folder, on `device` (see
+    resolve_device); None gives the embedded default, SmolLM2-135M-Instruct. Models whose
+    attention transformers lets us choose get `tree_sdpa_attention`, which makes tree
+    verification cheaper and changes nothing else."""
     dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
     path = default_base_folder() if name_or_path is None else name_or_path
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -133,7 +150,7 @@ def load_base(name_or_path: str | Path | None = None, dtype: torch.dtype | str =
         raise MLPSpecError(f"could not load base model {str(path)!r}: {' '.join(str(e).split())}") from None
     if model.config._attn_implementation == "sdpa" and model._supports_attention_backend:
         model.set_attn_implementation(TREE_ATTENTION)  # on our own freshly loaded model, through the public API
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 class BaseOutput(NamedTuple):

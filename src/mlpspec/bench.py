@@ -138,6 +138,7 @@ def _new_token_count(row: list[int], prompt_length: int, eos: set[int]) -> int:
 
 def _run(method, model, speculator, assistant, policy, ids, mask, max_new_tokens, eos, lookup):
     """One method on one batch: (sequences, seconds, stats or None)."""
+    ids, mask = ids.to(model.device), mask.to(model.device)
     start = time.perf_counter()
     if method in HF_METHODS:
         extra = {"prompt_lookup_num_tokens": 10} if method == "hf_prompt_lookup" else {}
@@ -180,7 +181,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
             _run(method, model, speculator, assistant, policy, ids, mask, 4, eos, settings.lookup)
     for done, (b, i) in enumerate(jobs, start=1):
         batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
-        ids, mask = encode_prompts(tokenizer, batch, chat=False)
+        ids, mask = (t.to(model.device) for t in encode_prompts(tokenizer, batch, chat=False))
         # a new order for every batch, among the methods that run at this batch size: a
         # rotation kept each method right after the same one (at batch > 1, ours_adaptive
         # after ours_fixed in 5 batches of 6), and the method after the most memory-hungry
@@ -231,7 +232,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     sweep = _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) if settings.prompt_lengths else {}
     near = [d for d in divergences if d["near_tie"]]
     return {
-        "machine": _machine(),
+        "machine": _machine(model.device),
         "settings": {**{k: v for k, v in settings.__dict__.items() if k != "prompts"}, "dtype": str(model.dtype).removeprefix("torch."),
                      "speculator": speculator.config.to_dict(), "n_prompts": len(prompts)},
         "results": results,
@@ -272,7 +273,7 @@ def _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) ->
     return sweep
 
 
-def _machine() -> dict:
+def _machine(device: torch.device) -> dict:
     import os
     import platform
 
@@ -283,6 +284,7 @@ def _machine() -> dict:
         "processor": platform.processor(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

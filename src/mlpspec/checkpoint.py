@@ -108,7 +108,8 @@ def _load_sharded(index_file: Path) -> dict[str, torch.Tensor]:
 
 def load_speculator_folder(path: str | Path, dtype: torch.dtype | None = None, base=None) -> MLPSpeculator:
     """Read a speculator folder. A speculator made with tie_base_embeddings also needs
-    `base`, the model whose embedding and LM head it shares."""
+    `base`, the model whose embedding and LM head it shares. Given a base, it lands on the
+    base's device."""
     path = Path(path)
     if not path.is_dir():
         raise MLPSpecError(f"{path}: no such speculator folder")
@@ -130,6 +131,8 @@ def load_speculator_folder(path: str | Path, dtype: torch.dtype | None = None, b
         if base is None:
             raise MLPSpecError(f"{path}: this speculator shares the base model's embeddings; pass the base model")
         model.attach_base(base)
+    if base is not None:
+        model.to(next(base.parameters()).device)
     return model.eval()
 
 

@@ -40,13 +40,13 @@ def _speculator_for(model, name_or_path: str | None, default_base: bool):
             speculator.eval()
             origin = f"freshly initialised, untrained: it will rarely guess right ({e})"
     check_pair(model, speculator)
-    return speculator, origin
+    return speculator.to(model.device), origin
 
 
 def cmd_info(args) -> None:
     from .base import describe_base, load_base
 
-    model, _ = load_base(args.base, dtype=args.dtype)
+    model, _ = load_base(args.base, dtype=args.dtype, device=args.device)
     base = describe_base(model)
     print(f"base model: {args.base or 'SmolLM2-135M-Instruct (embedded default)'}")
     print(
@@ -84,7 +84,7 @@ def cmd_generate(args) -> None:
     if bool(args.prompt) == bool(args.batch_file):
         raise MLPSpecError("give prompts as arguments or with --batch-file, not both or neither")
     prompts = list(args.prompt) if args.prompt else read_prompt_file(args.batch_file)
-    model, tokenizer = load_base(args.base, dtype=args.dtype)
+    model, tokenizer = load_base(args.base, dtype=args.dtype, device=args.device)
     speculator = None
     if not args.no_speculate:
         speculator, origin = _speculator_for(model, args.speculator, args.base is None)
@@ -100,7 +100,7 @@ def cmd_generate(args) -> None:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator(model.device).manual_seed(args.seed),
         streamer=streamer,
         adaptive=args.adaptive,
         lookup=0 if args.no_speculate else args.lookup,
@@ -144,9 +144,9 @@ def cmd_bench(args) -> None:
     if args.quick:
         settings = BenchSettings(batch_sizes=[1, 4], max_new_tokens=32, n_code=2, n_chat=2, prompt_lengths=[],
                                  prompts=settings.prompts[:4] if settings.prompts else None, lookup=args.lookup)
-    model, tokenizer = load_base(args.base, dtype=args.dtype)
+    model, tokenizer = load_base(args.base, dtype=args.dtype, device=args.device)
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
-    assistant = load_base(args.assistant, dtype=args.dtype)[0] if args.assistant else None
+    assistant = load_base(args.assistant, dtype=args.dtype, device=args.device)[0] if args.assistant else None
     print(f"[speculator: {origin}]", file=sys.stderr)
     bar = tqdm(desc="bench", unit="batch")
     report = run_bench(model, tokenizer, speculator, settings, assistant=assistant,
@@ -165,7 +165,7 @@ def cmd_prompts(args) -> None:
 
     if Path(args.out).exists():
         raise MLPSpecError(f"{args.out} exists; give a new file")
-    model, tokenizer = load_base(args.base, dtype=args.dtype)
+    model, tokenizer = load_base(args.base, dtype=args.dtype, device=args.device)
     bar = tqdm(total=args.n, desc="prompts", unit="prompt")
     write_self_written_prompts(args.out, model, tokenizer, args.n, batch_size=args.batch_size,
                                max_tokens=args.max_tokens, seed=args.seed,
@@ -194,7 +194,7 @@ def cmd_serve(args) -> None:
     from .base import DEFAULT_BASE_NAME, load_base
     from .serve import serve
 
-    model, tokenizer = load_base(args.base, dtype=args.dtype)
+    model, tokenizer = load_base(args.base, dtype=args.dtype, device=args.device)
     speculator = None
     if not args.no_speculate:
         speculator, origin = _speculator_for(model, args.speculator, args.base is None)
@@ -250,6 +250,11 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=default, required=f.name == "out", help=helps.get(f.name))
 
 
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="where the models run: auto (the GPU where there is one, "
+                                                         "else the CPU), cpu, cuda:1, ...")
+
+
 def _layer_list(text: str) -> list[int]:
     try:
         return [int(layer) for layer in text.split(",") if layer.strip()]
@@ -282,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--base", help="HF model id or folder (default: embedded SmolLM2-135M-Instruct)")
     info.add_argument("--speculator", help="speculator folder or hub id (default: the shipped one)")
     info.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_device(info)
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="generate text, speculatively (losslessly)")
@@ -302,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     gen.add_argument("--stats", action="store_true", help="print tokens/step, tokens/s, per-head acceptance")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_device(gen)
     gen.set_defaults(func=cmd_generate)
 
     be = sub.add_parser("bench", help="measure every decoding method at every batch size, with plots")
@@ -315,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--lookup", type=_non_negative, default=DEFAULT_LOOKUP,
                     help=f"prompt-lookup branch of ours_lookup and ours_adaptive (default {DEFAULT_LOOKUP}; 0: none)")
     be.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    _add_device(be)
     be.add_argument("--out", default="bench", help="folder for results.json, report.md and plots")
     be.add_argument("--quick", action="store_true", help="2 code + 2 chat prompts, batch 1 and 4, 32 tokens")
     be.set_defaults(func=cmd_bench)
@@ -332,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{DEFAULT_LOOKUP})")
     sv.add_argument("--model-id", help="the model name clients send (default: the base model's)")
     sv.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    _add_device(sv)
     sv.set_defaults(func=cmd_serve)
 
     ex = sub.add_parser("export", help="write a speculator in a serving engine's format (ibm, arctic)")
@@ -351,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=_positive, default=16)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    _add_device(pr)
     pr.set_defaults(func=cmd_prompts)
 
     tr = sub.add_parser("train", help="train a speculator for a base model (stage 1 on text, stage 2 on its own output)")

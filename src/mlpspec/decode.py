@@ -488,7 +488,14 @@ def speculative_generate(
 
     Returns GenerateOutput(sequences [b, P + T], stats), T the longest row's new tokens;
     rows that stopped at EOS earlier are padded with the pad token, as in transformers.
+    Everything runs on the model's device: the prompt moves there, and a generator must
+    live there (torch.Generator(model.device)).
     """
+    input_ids = input_ids.to(model.device)
+    attention_mask = attention_mask.to(model.device) if attention_mask is not None else None
+    if generator is not None and generator.device.type != model.device.type:
+        raise MLPSpecError(f"the generator is on {generator.device} and the model on {model.device}: sampling draws "
+                           f"where the model runs, so make it with torch.Generator({str(model.device)!r})")
     prompt_valid = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
     _check_sampling(temperature, top_k, top_p)
     eos = eos_tokens(model, eos_token_id, input_ids.device)

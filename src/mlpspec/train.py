@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .base import base_hidden, base_outputs, cache_dir, check_pair, load_base, speculator_config_for
+from .base import (base_hidden, base_outputs, cache_dir, check_pair, load_base, resolve_device,
+                   speculator_config_for)
 from .data import (EpochOrder, Windows, generate_shards, generated_positions, load_generations, pad_windows,
                    split_heldout, tokenized_corpus, write_self_written_prompts)
 from .errors import MLPSpecError
@@ -119,12 +120,7 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise MLPSpecError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise MLPSpecError(f"device must be 'auto' or a torch device such as cpu or cuda:0, "
-                                   f"got {self.device!r}") from None
+        resolve_device(self.device)  # a bad name fails here, before anything is written
 
     def same_run(self, other: "TrainConfig") -> bool:
         mine = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_FIELDS}
@@ -185,15 +181,6 @@ def _distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def run_device(cfg: TrainConfig) -> torch.device:
-    """cfg.device, with "auto" resolved: this process's GPU where there is one, else the CPU."""
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def _barrier() -> None:
@@ -341,7 +328,7 @@ def acceptance(hits: torch.Tensor, targets: torch.Tensor) -> dict:
 
 
 def train(cfg: TrainConfig) -> Path:
-    device = run_device(cfg)
+    device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group: nccl's collectives run on the current device
     rank, world = _distributed()
