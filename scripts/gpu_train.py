@@ -115,8 +115,7 @@ def main() -> None:
         given = read_prompt_file(args.prompts)
         written = []
         if args.self_prompts:
-            model, tokenizer = load_base(None, dtype="bfloat16")
-            model.to("cuda" if torch.cuda.is_available() else "cpu")
+            model, tokenizer = load_base(None, dtype="bfloat16", device="auto")
             mine = out / "self-prompts.jsonl"
             write_self_written_prompts(mine, model, tokenizer, args.self_prompts, batch_size=512, max_tokens=64)
             written = read_prompt_file(mine)
