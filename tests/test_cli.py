@@ -11,7 +11,7 @@ def test_info_prints_both_configs(tiny_llama_folder, tmp_path, capsys):
     spec.save_pretrained(tmp_path / "spec")
     assert main(["info", "--base", str(tiny_llama_folder), "--speculator", str(tmp_path / "spec")]) == 0
     out = capsys.readouterr().out
-    assert "LlamaForCausalLM: hidden size 32, 2 layers, vocab 64" in out
+    assert "LlamaForCausalLM: hidden size 32, 2 layers, vocab 64" in out and "float32, on cpu" in out
     assert "emb_dim 32, inner_dim 16, n_predict 2, top_k_tokens_per_head [4, 3], n_candidates 5" in out
     n = spec.num_parameters()
     assert f"{n / 1e6:.1f}M parameters of its own" in out

@@ -51,7 +51,7 @@ def cmd_info(args) -> None:
     print(f"base model: {args.base or 'SmolLM2-135M-Instruct (embedded default)'}")
     print(
         f"  {base['class']}: hidden size {base['hidden_size']}, {base['layers']} layers, "
-        f"vocab {base['vocab_size']}, {_millions(base['parameters'])} parameters, {base['dtype']}"
+        f"vocab {base['vocab_size']}, {_millions(base['parameters'])} parameters, {base['dtype']}, on {model.device}"
     )
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
     cfg = speculator.config
