@@ -127,6 +127,8 @@ def main() -> None:
 
     lrs = args.lrs.split(",")
     runs = [out / f"run-{k}" for k in range(len(lrs))]
+    # the runs share the machine's cores: more OpenMP threads than cores made both 40x slower here
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(lrs))))
     try:
         train_side_by_side(runs, lrs, options, args.probe_steps, deadline, say, log)
     finally:
@@ -146,7 +148,8 @@ def train_side_by_side(runs: list[Path], lrs: list[str], options: list[str], pro
         return
     say("stage-2 data ready; run-0 is training")
     procs += [launch(run, lr, options, provisional, 50, run.is_dir(), log) for run, lr in zip(runs[1:], lrs[1:])]
-    while all(p.poll() is None for p in procs) and min(checkpoint_step(r) for r in runs) < probe_steps:
+    while (all(p.poll() is None for p in procs) and min(checkpoint_step(r) for r in runs) < probe_steps
+           and time.monotonic() < deadline - SAVE_MARGIN_S):
         time.sleep(2)
     for p in procs:
         os.killpg(p.pid, signal.SIGTERM)
@@ -169,6 +172,9 @@ def train_side_by_side(runs: list[Path], lrs: list[str], options: list[str], pro
         pace = paces[run]
         resume_at = checkpoint_step(run)
         total = resume_at + int(0.9 * pace * left)
+        if total <= resume_at:
+            say(f"{run.name}: no time left after the probe; it stays at step {resume_at}")
+            continue
         say(f"{run.name}: lr {lr}, {pace:.2f} steps/s side by side; resumes at {resume_at}, ends at {total}")
         procs.append(launch(run, lr, options, total, max(50, total // 8), True, log))
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline - SAVE_MARGIN_S + 20:
