@@ -173,7 +173,7 @@ def test_expand_lists_every_leaf_with_the_top1_chain_first():
     assert paths[:, 0].tolist() == chain[:, 0].tolist()
     best, best_scores = model.propose(state, last, [3, 2, 2], 5)
     for b in range(3):  # propose keeps expand's best five
-        order = sorted(range(12), key=lambda i: -float(scores[b, i, -1]))[:5]
+        order = sorted(range(12), key=lambda i: -float(scores[b, i, -1].detach()))[:5]
         assert best[b].tolist() == paths[b, order].tolist()
     for depth, n in ((1, 3), (2, 4)):  # the tree cut to fewer stages, as propose grows it
         cut, cut_scores = best_paths(*prefix_paths(paths, scores, [3, 2, 2], depth), n)
