@@ -36,11 +36,11 @@ def _speculator_for(model, name_or_path: str | None, default_base: bool):
             # model small: only the transitions and norms are new
             torch.manual_seed(0)
             speculator = MLPSpeculator(speculator_config_for(model, tie_base_embeddings=True)).to(model.dtype)
-            speculator.attach_base(model)
-            speculator.eval()
+            speculator.attach_base(model)  # the tied tensors exist from here on: then the rest joins them
+            speculator.to(model.device).eval()
             origin = f"freshly initialised, untrained: it will rarely guess right ({e})"
     check_pair(model, speculator)
-    return speculator.to(model.device), origin
+    return speculator, origin
 
 
 def cmd_info(args) -> None:
