@@ -52,11 +52,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from mlpspec.train import LOG_FILE, RUN_CONFIG, latest_checkpoint
+
 SAVE_MARGIN_S = 45  # a last checkpoint, the copies, and the trip back
 
 
 def log_steps(run: Path) -> list[dict]:
-    file = run / "train_log.jsonl"
+    file = run / LOG_FILE
     if not file.is_file():
         return []
     return [e for e in map(json.loads, file.read_text().splitlines()) if "loss" in e]
@@ -70,15 +72,12 @@ def launch(run: Path, lr: str, options: list[str], steps: int, save_every: int, 
 
 
 def checkpoint_step(run: Path) -> int:
-    steps = sorted((run / "checkpoints").glob("step-*"))
-    return int(steps[-1].name.split("-")[1]) if steps else 0
+    latest = latest_checkpoint(run)
+    return int(latest.name.split("-")[1]) if latest else 0
 
 
 def finished_speculator(run: Path) -> Path | None:
-    if (run / "model.safetensors").is_file():
-        return run
-    steps = sorted((run / "checkpoints").glob("step-*"))
-    return steps[-1] if steps else None
+    return run if (run / "model.safetensors").is_file() else latest_checkpoint(run)
 
 
 def main() -> None:
@@ -189,7 +188,7 @@ def train_side_by_side(runs: list[Path], lrs: list[str], options: list[str], pro
 def bring_back(out: Path, runs: list[Path], copy_to: Path, say) -> None:
     with tarfile.open(copy_to / "logs.tar.gz", "w:gz") as tar:
         for run in runs:
-            for name in ("train_log.jsonl", "train_config.json"):
+            for name in (LOG_FILE, RUN_CONFIG):
                 if (run / name).is_file():
                     tar.add(run / name, arcname=f"{run.name}/{name}")
         for name in ("self-prompts.jsonl", "driver.log"):
