@@ -115,3 +115,8 @@ def test_prompts_writes_the_base_models_own_requests(tiny_llama_folder, tmp_path
     assert not (tmp_path / "p.jsonl.parts").exists()  # the batches kept for a resume go once the file is whole
     assert main(args) == 2  # never over a file that exists
     assert "exists" in capsys.readouterr().err
+    led = ["prompts", "--base", str(tiny_llama_folder), "--out", str(tmp_path / "led.jsonl"), "--n", "3",
+           "--lead", "w7 w8", "--lead", "w9"]
+    assert main(led) == 0
+    texts = [m[0]["content"] for m in read_prompt_file(tmp_path / "led.jsonl")]
+    assert len(texts) == 3 and all(t.startswith(("w7 w8 ", "w9 ")) for t in texts)

@@ -175,6 +175,39 @@ def test_self_written_prompts_are_the_models_finished_requests():
     assert self_written_prompts(model, tok, 4, **(kwargs | {"seed": 4})) != prompts
 
 
+def test_self_written_prompts_begin_with_the_leads_in_turn(tmp_path):
+    from test_text import CHAT_TEMPLATE
+
+    from mlpspec.decode import speculative_generate
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    kwargs = dict(batch_size=8, max_tokens=12, seed=3, leads=["w7 w8", "w9"])
+    prompts = self_written_prompts(model, tok, 6, **kwargs)
+    # batch i continues "<s> user " and its lead's tokens, with batch i's seed
+    finished = []
+    for batch in range(8):
+        lead = [[11, 12], [13]][batch % 2]
+        ids = torch.tensor([[1, 3] + lead] * 8)
+        out = speculative_generate(model, None, ids, torch.ones_like(ids), max_new_tokens=12, temperature=1.0,
+                                   generator=torch.Generator().manual_seed(3 * 1_000_003 + batch))
+        P = ids.size(1)
+        for r in range(8):
+            new = out.sequences[r, P : P + int(out.stats.emitted[r])].tolist()
+            if new[-1] == 2 and tok.decode(new[:-1], skip_special_tokens=True):  # words of its own
+                finished.append(tok.decode(lead + new[:-1], skip_special_tokens=True))
+    assert [m[0]["content"] for m in prompts] == list(dict.fromkeys(finished))[:6]
+    texts = [m[0]["content"] for m in prompts]
+    assert any(t.startswith("w7 w8 ") for t in texts) and any(t.startswith("w9 ") for t in texts)
+    assert all(t.startswith(("w7 w8 ", "w9 ")) for t in texts)
+    assert self_written_prompts(model, tok, 6, cache=tmp_path / "parts", **kwargs) == prompts
+    with pytest.raises(MLPSpecError, match="holds requests sampled with other settings"):
+        self_written_prompts(model, tok, 6, cache=tmp_path / "parts", **(kwargs | {"leads": ["w9"]}))
+    for bad in ([], [""], ["w9", " "]):
+        with pytest.raises(MLPSpecError, match="leads must be a non-empty list of non-empty strings"):
+            self_written_prompts(model, tok, 6, leads=bad)
+
+
 def test_self_written_prompts_need_finished_requests():
     from test_text import CHAT_TEMPLATE
 

@@ -168,7 +168,7 @@ def cmd_prompts(args) -> None:
     model, tokenizer = load_base(args.base, dtype=args.dtype, device=args.device)
     bar = tqdm(total=args.n, desc="prompts", unit="prompt")
     write_self_written_prompts(args.out, model, tokenizer, args.n, batch_size=args.batch_size,
-                               max_tokens=args.max_tokens, seed=args.seed,
+                               max_tokens=args.max_tokens, seed=args.seed, leads=args.lead,
                                progress=lambda kept, n: bar.update(kept - bar.n))
     bar.close()
     print(f"{args.n} prompts written by the base model -> {args.out}")
@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-tokens", type=_positive, default=64, help="longest prompt; longer ones are dropped")
     pr.add_argument("--batch-size", type=_positive, default=16)
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--lead", action="append", metavar="TEXT",
+                    help="words every request begins with, to steer its topic (e.g. --lead 'In Python,' "
+                         "--lead 'In SQL,'); repeat it and the batches take each in turn")
     pr.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     _add_device(pr)
     pr.set_defaults(func=cmd_prompts)

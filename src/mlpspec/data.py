@@ -273,7 +273,7 @@ def generate_shards(
 
 def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tokens: int = 64, seed: int = 0,
                          temperature: float = 1.0, progress=None, rank: int = 0, world: int = 1,
-                         cache: Path | None = None) -> list[list[dict]]:
+                         cache: Path | None = None, leads: list[str] | None = None) -> list[list[dict]]:
     """n chat prompts written by the base model itself: it samples from its chat template's
     opening of a user turn alone (text.user_turn_opening), so the requests are of the kind
     it was tuned on, and stage 2 then distils its answers to them. Only requests the model
@@ -283,16 +283,21 @@ def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tok
     of an initialised torch.distributed group samples batches r, r + world, ... and the
     ranks share what they kept. With a `cache` folder every batch's requests are kept there
     as they are made, so a call killed midway resumes at the first batch not on disk.
-    progress(kept, n) after every round of batches."""
+    With `leads`, every request of batch i begins with leads[i % len(leads)] ("In Python,",
+    "In SQL,"): the model writes requests on the topics a speculator will serve, still in its
+    own words. progress(kept, n) after every round of batches."""
     from .decode import eos_tokens
 
     opening = user_turn_opening(tokenizer)
+    if leads is not None and not (leads and all(isinstance(lead, str) and lead.strip() for lead in leads)):
+        raise MLPSpecError(f"leads must be a non-empty list of non-empty strings, got {leads!r}")
+    lead_ids = [tokenizer(lead, add_special_tokens=False).input_ids for lead in leads] if leads else [[]]
     device = model.device
-    ids = torch.tensor([opening] * batch_size, device=device)  # b P
-    eos = eos_tokens(model, None, ids.device)
+    eos = eos_tokens(model, None, device)
     if cache is not None:
-        _claim_cache(Path(cache), {"opening": opening, "batch_size": batch_size, "max_tokens": max_tokens,
-                                   "seed": seed, "temperature": temperature})
+        settings = {"opening": opening, "batch_size": batch_size, "max_tokens": max_tokens, "seed": seed,
+                    "temperature": temperature}
+        _claim_cache(Path(cache), settings | ({"leads": list(leads)} if leads else {}))
     kept, seen = [], set()
     for first in range(0, max(8, 4 * math.ceil(n / batch_size)), world):  # a bounded number of tries
         batch = first + rank
@@ -300,7 +305,9 @@ def self_written_prompts(model, tokenizer, n: int, batch_size: int = 16, max_tok
         if part is not None and part.is_file():
             mine = json.loads(part.read_text())
         else:
-            mine = _finished_requests(model, tokenizer, ids, eos, max_tokens, temperature,
+            lead = lead_ids[batch % len(lead_ids)]
+            ids = torch.tensor([opening + lead] * batch_size, device=device)  # b P
+            mine = _finished_requests(model, tokenizer, ids, len(lead), eos, max_tokens, temperature,
                                       torch.Generator(device).manual_seed(seed * 1_000_003 + batch))
             if part is not None:
                 atomic_write(part, lambda tmp: Path(tmp).write_text(json.dumps(mine)))
@@ -335,10 +342,11 @@ def write_self_written_prompts(file: str | Path, model, tokenizer, n: int, write
         shutil.rmtree(parts)
 
 
-def _finished_requests(model, tokenizer, ids: torch.Tensor, eos: torch.Tensor, max_tokens: int, temperature: float,
-                       generator: torch.Generator) -> list[str]:
-    """One sampled batch of requests after the opening ids [b, P]: the text of those the
-    model ended itself with one of `eos` (not empty, and not cut off at max_tokens)."""
+def _finished_requests(model, tokenizer, ids: torch.Tensor, lead: int, eos: torch.Tensor, max_tokens: int,
+                       temperature: float, generator: torch.Generator) -> list[str]:
+    """One sampled batch of requests after the opening ids [b, P], whose last `lead` tokens
+    begin every request: the text of those the model ended itself with one of `eos` (the
+    lead and at least one token of its own, and not cut off at max_tokens)."""
     from .decode import speculative_generate
 
     result = speculative_generate(model, None, ids, torch.ones_like(ids), max_new_tokens=max_tokens,
@@ -347,8 +355,10 @@ def _finished_requests(model, tokenizer, ids: torch.Tensor, eos: torch.Tensor, m
     P = ids.size(1)
     for r in range(ids.size(0)):
         new = result.sequences[r, P : P + int(result.stats.emitted[r])]
-        if len(new) >= 2 and bool(torch.isin(new[-1], eos)):
-            finished.append(tokenizer.decode(new[:-1], skip_special_tokens=True).strip())
+        if len(new) >= 2 and bool(torch.isin(new[-1], eos)) and tokenizer.decode(new[:-1], skip_special_tokens=True).strip():
+            # the lead decoded with what follows it, so the text joins as the tokens do
+            finished.append(tokenizer.decode(result.sequences[r, P - lead : P + len(new) - 1],
+                                             skip_special_tokens=True).strip())
     return finished
 
 
