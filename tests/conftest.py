@@ -94,6 +94,15 @@ class OracleSpeculator(torch.nn.Module):
         return paths, (-ranks).expand(b, -1, -1)
 
 
+@pytest.fixture(autouse=True)
+def calibrations_apart(tmp_path_factory, monkeypatch):
+    """Step costs the CLI keeps between calls go to a folder of the test's own, not to the
+    user cache (the converted base model there is still found)."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setattr("mlpspec.decode.cache_dir", lambda: folder)
+    return folder / "calibration"
+
+
 @pytest.fixture
 def tiny_llama_folder(tmp_path):
     folder = tmp_path / "tiny-llama"

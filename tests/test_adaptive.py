@@ -1,3 +1,4 @@
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -8,6 +9,7 @@ import mlpspec.decode as decode
 from conftest import OracleSpeculator, tiny_llama
 from mlpspec import MLPSpeculatorConfig
 from mlpspec.adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
+from mlpspec.errors import MLPSpecError
 from mlpspec.decode import speculative_generate
 from mlpspec.tree import lookup_branch
 from test_decode import hf_greedy, left_padded, random_speculator
@@ -51,6 +53,20 @@ OUTCOME = {PLAIN: 1.0, CHAIN1: 1.8, CHAIN2: 1.9, TREE: 2.4}  # tokens per step
 def test_calibration_interpolates_forward_time_between_tree_sizes():
     policy = calibrated([PLAIN, CHAIN1, CHAIN2, TREE], {1: 1.0, 2: 1.2, 11: 2.1})
     assert policy.seconds[1] == pytest.approx({PLAIN: 1.0, CHAIN1: 1.2, CHAIN2: 1.3, TREE: 2.1})
+
+
+def test_a_calibration_restores_into_a_policy_with_the_same_menu():
+    menu = [PLAIN, CHAIN1, CHAIN2, TREE]
+    policy = AdaptivePolicy(menu)
+    policy.calibrate(1, {1: 1.0, 2: 1.2, 11: 2.1}.get, {PLAIN: 0.0, CHAIN1: 0.1, CHAIN2: 0.2, TREE: 0.3}.get)
+    policy.calibrate(3, {1: 2.0, 2: 2.6, 11: 5.0}.get, lambda shape: 0.4)  # the bucket of batch sizes 3-4
+    saved = json.loads(json.dumps(policy.calibration()))  # as kept on disk
+    again = AdaptivePolicy(menu)
+    again.restore(saved)
+    assert again.calibrated(1) and again.calibrated(4) and not again.calibrated(8)
+    assert again.seconds == policy.seconds and again.seconds[1][TREE] == pytest.approx(2.1 + 0.3)
+    with pytest.raises(MLPSpecError, match="a calibration of 4 shapes at 3 tree sizes does not fit this policy's 3"):
+        AdaptivePolicy([PLAIN, CHAIN1, TREE]).restore(saved)
 
 
 def test_costs_follow_the_tree_sizes_that_steps_report():
@@ -365,3 +381,27 @@ def test_hindsight_learns_what_running_each_other_shape_would_have_given(fake_co
     assert wanted[lookup] and max(wanted[lookup]) > 1  # the branch matched and copied right
     rooms = [max_new - e - 1 for e in torch.tensor(sizes[:-1]).cumsum(0).tolist()]
     assert 1 in rooms  # the step cut short is really there
+
+
+def test_a_later_call_reuses_the_step_costs_kept_on_this_machine(calibrations_apart, monkeypatch):
+    model = tiny_llama()
+    speculator = random_speculator(model)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    policy, file = decode.remembered_policy(model, speculator, lookup=3)
+    assert not policy.calibrated(1) and file.parent == calibrations_apart
+    first = speculative_generate(model, speculator, ids, max_new_tokens=12, adaptive=policy, lookup=3)
+    decode.remember_calibration(policy, file)
+    timed = []
+    monkeypatch.setattr(decode, "calibrate", lambda *args: timed.append(args))
+    again, same = decode.remembered_policy(model, speculator, lookup=3)
+    assert same == file and again.calibrated(1) and again.calibration() == policy.calibration()
+    second = speculative_generate(model, speculator, ids, max_new_tokens=12, adaptive=again, lookup=3)
+    assert timed == [] and torch.equal(second.sequences, first.sequences)
+    # another menu, or another speculator, is timed on its own
+    assert decode.remembered_policy(model, speculator, lookup=0)[1] != file
+    assert decode.remembered_policy(model, random_speculator(model, n_predict=2), lookup=3)[1] != file
+    assert not decode.remembered_policy(model, speculator, lookup=3, recalibrate=True)[0].calibrated(1)
+    file.write_text("{")
+    with pytest.warns(UserWarning, match="not a calibration this policy can use"):
+        broken, _ = decode.remembered_policy(model, speculator, lookup=3)
+    assert not broken.calibrated(1)

@@ -57,6 +57,21 @@ def test_generate_streams_one_prompt_and_prints_stats(tiny_llama_folder, capsys)
     assert capsys.readouterr().out == plain.out
 
 
+def test_generate_times_the_steps_once_per_machine(tiny_llama_folder, calibrations_apart, monkeypatch, capsys):
+    import mlpspec.decode as decode
+
+    timed = []
+    calibrate = decode.calibrate
+    monkeypatch.setattr(decode, "calibrate", lambda *args: timed.append(1) or calibrate(*args))
+    args = ["generate", "w1 w2 w3", "--base", str(tiny_llama_folder), "--max-new-tokens", "9"]
+    assert main(args) == 0 and len(timed) == 1 and len(list(calibrations_apart.glob("*.json"))) == 1
+    text = capsys.readouterr().out
+    assert main(args) == 0 and len(timed) == 1  # the next call reads what the first measured
+    assert capsys.readouterr().out == text
+    assert main(args + ["--recalibrate"]) == 0 and len(timed) == 2
+    assert main(args + ["--no-adaptive"]) == 0 and len(timed) == 2  # a fixed tree needs no costs
+
+
 def test_generate_refuses_a_negative_lookup(tiny_llama_folder, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "w1", "--base", str(tiny_llama_folder), "--lookup", "-2"])

@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .errors import MLPSpecError
 from .model import MLPSpeculatorConfig
 
 
@@ -181,6 +182,26 @@ class AdaptivePolicy:
         self.forward[bucket] = (points, measured)
         self.propose_seconds[bucket] = {shape: propose_seconds(shape) if shape != PLAIN else 0.0 for shape in self.menu}
         self.seconds[bucket] = {shape: self._seconds(bucket, shape, shape.max_nodes) for shape in self.menu}
+
+    def calibration(self) -> dict:
+        """What calibrate measured at each batch-size bucket, as JSON, for restore: a later
+        process on the same machine (the CLI's next generate) then skips the timing."""
+        return {str(bucket): {"points": points, "forward_s": measured,
+                              "propose_s": [self.propose_seconds[bucket][shape] for shape in self.menu]}
+                for bucket, (points, measured) in self.forward.items()}
+
+    def restore(self, saved: dict) -> None:
+        """Take the buckets of an earlier calibration() of a policy with the same menu. What
+        decoding measures still corrects them, as it corrects a fresh calibration."""
+        for bucket, entry in saved.items():
+            points, measured, propose = entry["points"], entry["forward_s"], entry["propose_s"]
+            if len(points) != len(measured) or len(propose) != len(self.menu) or sorted(points) != points:
+                raise MLPSpecError(f"a calibration of {len(propose)} shapes at {len(points)} tree sizes does not fit "
+                                   f"this policy's {len(self.menu)} shapes")
+            bucket = int(bucket)
+            self.forward[bucket] = ([int(q) for q in points], [float(t) for t in measured])
+            self.propose_seconds[bucket] = {shape: float(t) for shape, t in zip(self.menu, propose)}
+            self.seconds[bucket] = {shape: self._seconds(bucket, shape, shape.max_nodes) for shape in self.menu}
 
     def _seconds(self, bucket: int, shape: TreeShape, nodes: float) -> float:
         """The calibrated time of a step of `shape` whose tree has `nodes` nodes."""

@@ -78,7 +78,7 @@ def cmd_generate(args) -> None:
     from transformers import TextStreamer
 
     from .base import load_base
-    from .decode import speculative_generate
+    from .decode import remember_calibration, remembered_policy, speculative_generate
     from .text import decode_new_tokens, encode_prompts, read_prompt_file
 
     if bool(args.prompt) == bool(args.batch_file):
@@ -91,6 +91,11 @@ def cmd_generate(args) -> None:
         print(f"[speculator: {origin}]", file=sys.stderr)
     input_ids, attention_mask = encode_prompts(tokenizer, prompts, chat=args.chat)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if len(prompts) == 1 else None
+    lookup = 0 if args.no_speculate else args.lookup
+    policy, calibration = args.adaptive, None
+    if args.adaptive and speculator is not None:  # step costs measured by an earlier call on this machine
+        policy, file = remembered_policy(model, speculator, lookup, recalibrate=args.recalibrate)
+        calibration = policy.calibration()
     out = speculative_generate(
         model,
         speculator,
@@ -102,9 +107,11 @@ def cmd_generate(args) -> None:
         top_p=args.top_p,
         generator=torch.Generator(model.device).manual_seed(args.seed),
         streamer=streamer,
-        adaptive=args.adaptive,
-        lookup=0 if args.no_speculate else args.lookup,
+        adaptive=policy,
+        lookup=lookup,
     )
+    if calibration is not None and policy.calibration() != calibration:
+        remember_calibration(policy, file)
     if streamer is None:
         texts = decode_new_tokens(tokenizer, out.sequences, input_ids.size(1), out.stats.emitted)
         for i, text in enumerate(texts):
@@ -305,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"tokens of the prompt-lookup branch beside the speculator's tree (default {DEFAULT_LOOKUP}; 0: none)")
     gen.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                      help="pick each step's tree shape, or none, for the most tokens/s (default on)")
+    gen.add_argument("--recalibrate", action="store_true",
+                     help="time the adaptive policy's steps again, not reusing the costs an earlier call measured "
+                          "on this machine (kept in the user cache)")
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     gen.add_argument("--stats", action="store_true", help="print tokens/step, tokens/s, per-head acceptance")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -21,17 +21,23 @@ it the honest in-process baseline.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import platform
 import time
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
 from .adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
-from .base import check_pair, run_base
+from .base import cache_dir, check_pair, run_base
 from .cache import TreeCache
 from .errors import MLPSpecError
+from .fileio import atomic_write
 from .model import MLPSpeculator, best_paths, check_proposal_shape, prefix_paths
 from .tree import (
     NO_TOKEN,
@@ -364,6 +370,40 @@ def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLP
         return policy.clock() - tick
 
     policy.calibrate(b, forward_seconds, propose_seconds)
+
+
+def calibration_file(model, speculator: MLPSpeculator, menu: list[TreeShape]) -> Path:
+    """Where a policy's calibration (AdaptivePolicy.calibration) is kept on this machine,
+    one file per host, base model, dtype, device, thread count, speculator and menu: a
+    change in any of them times the steps again."""
+    identity = {
+        "host": platform.node(), "machine": platform.machine(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "device": str(model.device), "dtype": str(model.dtype),
+        "base": str(getattr(model.config, "_name_or_path", "")), "parameters": sum(p.numel() for p in model.parameters()),
+        "speculator": speculator.config.to_dict(), "menu": [str(shape) for shape in menu],
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_dir() / "calibration" / f"{key}.json"
+
+
+def remembered_policy(model, speculator: MLPSpeculator, lookup: int = 0,
+                      recalibrate: bool = False) -> tuple[AdaptivePolicy, Path]:
+    """An adaptive policy for this pair, with the step costs an earlier process measured on
+    this machine where they are kept (calibration_file; not with `recalibrate`, nor where the
+    file does not read back), and the file to keep them in (remember_calibration)."""
+    policy = AdaptivePolicy(shape_menu(speculator.config, lookup=lookup))
+    file = calibration_file(model, speculator, policy.menu)
+    if file.is_file() and not recalibrate:
+        try:
+            policy.restore(json.loads(file.read_text()))
+        except (ValueError, KeyError, TypeError, MLPSpecError) as error:
+            warnings.warn(f"{file}: not a calibration this policy can use ({error}); timing the steps again")
+            policy = AdaptivePolicy(policy.menu)
+    return policy, file
+
+
+def remember_calibration(policy: AdaptivePolicy, file: Path) -> None:
+    atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps(policy.calibration())))
 
 
 def _wait(device: torch.device) -> None:
