@@ -31,6 +31,8 @@ parser.add_argument("--max-new-tokens", type=int, default=64)
 parser.add_argument("--history", default="", help="a paragraph on how the run got there (resumed with other steps...)")
 parser.add_argument("--wall-note", default="both cores", help="how the machine was shared while it trained")
 parser.add_argument("--cost-steps", type=int, default=40, help="stage-1 steps timed for the training-cost line")
+parser.add_argument("--prompts-note", default="(`scripts/make_instructions.py`: questions and small tasks written from the same corpus)",
+                    help="what the run's --stage2-prompts file holds, for the card")
 args = parser.parse_args()
 
 
@@ -114,8 +116,7 @@ layers = (f"; the first stage also reads the base model's states after layers {'
           "(`feature_layers`, each through a learned map)" if layers else "")
 flags = " ".join(_flag(k, v) for k, v in config.items()
                  if k not in ("out", "data", "resume", "progress", "base") and v != defaults.get(k))
-stage2_source = (f"prompts cut from it, and to the chat instructions in `{config['stage2_prompts']}` "
-                 "(`scripts/make_instructions.py`: questions and small tasks written from the same corpus)"
+stage2_source = (f"the chat prompts in `{config['stage2_prompts']}` {args.prompts_note}"
                  if config.get("stage2_prompts") else "prompts cut from it")
 size_mb = (target / "model.safetensors").stat().st_size / 1e6
 table = "\n".join(
