@@ -401,7 +401,7 @@ def test_a_later_call_reuses_the_step_costs_kept_on_this_machine(calibrations_ap
     assert decode.remembered_policy(model, speculator, lookup=0)[1] != file
     assert decode.remembered_policy(model, random_speculator(model, n_predict=2), lookup=3)[1] != file
     assert not decode.remembered_policy(model, speculator, lookup=3, recalibrate=True)[0].calibrated(1)
-    file.write_text("{")
-    with pytest.warns(UserWarning, match="not a calibration this policy can use"):
-        broken, _ = decode.remembered_policy(model, speculator, lookup=3)
-    assert not broken.calibrated(1)
+    for broken in ("{", "[]", '{"1": []}'):
+        file.write_text(broken)
+        with pytest.warns(UserWarning, match="not a calibration this policy can use"):
+            assert not decode.remembered_policy(model, speculator, lookup=3)[0].calibrated(1)

@@ -193,6 +193,8 @@ class AdaptivePolicy:
     def restore(self, saved: dict) -> None:
         """Take the buckets of an earlier calibration() of a policy with the same menu. What
         decoding measures still corrects them, as it corrects a fresh calibration."""
+        if not isinstance(saved, dict):
+            raise MLPSpecError(f"a calibration is an object of batch-size buckets, got {type(saved).__name__}")
         for bucket, entry in saved.items():
             points, measured, propose = entry["points"], entry["forward_s"], entry["propose_s"]
             if len(points) != len(measured) or len(propose) != len(self.menu) or sorted(points) != points:
