@@ -35,9 +35,11 @@ def near(a: str, b: str) -> bool:
 source, target = sys.argv[1:3]
 bench = [text(p) for p in chat_prompts()]
 prompts = read_prompt_file(source)
-kept = [p for p in prompts if not any(near(text(p), b) for b in bench)]
+kept = []
 for p in prompts:
-    if not any(p is k for k in kept):
+    if any(near(text(p), b) for b in bench):
         print("dropped:", text(p)[:100])
+    else:
+        kept.append(p)
 write_prompt_file(target, kept)
 print(f"{len(kept)} of {len(prompts)} prompts kept -> {target}")

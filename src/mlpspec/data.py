@@ -355,8 +355,8 @@ def _finished_requests(model, tokenizer, ids: torch.Tensor, lead: int, eos: torc
     P = ids.size(1)
     for r in range(ids.size(0)):
         new = result.sequences[r, P : P + int(result.stats.emitted[r])]
-        own = tokenizer.decode(new[:-1], skip_special_tokens=True).strip()
-        if len(new) >= 2 and bool(torch.isin(new[-1], eos)) and own:
+        ended = len(new) >= 2 and bool(torch.isin(new[-1], eos))
+        if ended and tokenizer.decode(new[:-1], skip_special_tokens=True).strip():  # words of its own
             # the lead decoded with what follows it, so the text joins as the tokens do
             finished.append(tokenizer.decode(result.sequences[r, P - lead : P + len(new) - 1],
                                              skip_special_tokens=True).strip())
