@@ -80,7 +80,7 @@ def layer_states(folder: Path, layers: list[int]) -> torch.Tensor:
         for s in range(0, windows.size(0), 16):
             window, mask = windows[s : s + 16, : n + H], valid[s : s + 16, : n + H]
             with torch.no_grad():
-                states = base_hidden(model, window, mask.long(), missing)  # b n+h (1+l)d, the final state first
+                states = base_hidden(model, window, mask.long(), feature_layers=missing)  # b n+h (1+l)d, the final state first
             parts.append(states[:, :n, d:].to(torch.bfloat16))  # b n (l d)
         args.cache.mkdir(parents=True, exist_ok=True)
         for layer, kept in zip(missing, torch.cat(parts).split(d, dim=-1)):

@@ -54,7 +54,7 @@ with torch.inference_mode():
     for ids in prompts:
         out = speculative_generate(model, None, torch.tensor([ids]), max_new_tokens=args.new_tokens)
         seq = out.sequences[0, : len(ids) + int(out.stats.emitted[0])]  # T
-        hidden, logits = base_outputs(model, seq[None], speculator.config.feature_layers)  # 1 T (1+l)d, 1 T V
+        hidden, logits = base_outputs(model, seq[None], feature_layers=speculator.config.feature_layers)  # 1 T (1+l)d, 1 T V
         at = torch.arange(len(ids) - 1, len(seq) - 2)  # n   h_t made x_(t+1), an answer token
         state, last = hidden[0, at].unsqueeze(1), seq[at + 1].unsqueeze(1)  # n 1 (1+l)d, n 1
         chain, _ = speculator.propose(state, last, [1] * depth, 1)  # n 1 D

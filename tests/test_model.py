@@ -305,6 +305,33 @@ def test_draft_vocabulary_maps_head_indices_to_token_ids():
             MLPSpeculatorConfig(vocab_size=11, emb_dim=12, draft_vocab_size=too_many)
 
 
+def test_change_draft_vocab_keeps_trained_rows_and_maps_new_ones_from_the_base_head():
+    torch.manual_seed(0)
+    model = MLPSpeculator(MLPSpeculatorConfig(vocab_size=20, emb_dim=3, inner_dim=5, n_predict=2, tie_weights=True,
+                                              draft_vocab_size=8, top_k_tokens_per_head=[2, 2], n_candidates=2))
+    base = torch.nn.Linear(3, 20, bias=False)  # the base LM head, rows [V, d]
+    old = torch.tensor([0, 2, 4, 6, 8, 10, 12, 14])
+    model.set_draft_vocab(old)
+    to_trained = torch.randn(3, 5)  # d m: trained rows that are exactly a linear image of the base rows
+    with torch.no_grad():
+        model.head[0].weight.copy_(base.weight[old] @ to_trained)
+    trained = model.head[0].weight.detach().clone()
+
+    class Base:
+        def get_output_embeddings(self):
+            return base
+
+    new = torch.tensor([19, 0, 2, 4, 6, 8, 10, 17])  # 12 and 14 leave, 17 and 19 come
+    assert model.change_draft_vocab(new, Base()) == 2
+    assert model.draft_vocab.tolist() == [0, 2, 4, 6, 8, 10, 17, 19]
+    assert model.head[1].weight is model.head[0].weight  # still tied
+    torch.testing.assert_close(model.head[0].weight[:6], trained[:6], rtol=0, atol=0)  # kept rows, moved where they now sit
+    torch.testing.assert_close(model.head[0].weight[6:], base.weight[[17, 19]].detach() @ to_trained)
+    for bad in (new[:7], torch.tensor([0, 0, 2, 4, 6, 8, 10, 17]), torch.arange(1, 16, 2)):  # the last: odd ids below 17, none of them kept
+        with pytest.raises(MLPSpecError, match="distinct token ids|shares no token"):
+            model.change_draft_vocab(bad, Base())
+
+
 def test_a_shorter_top_k_runs_fewer_stages():
     model = make(vocab_size=7, n_predict=3, seed=2)
     state, last = torch.randn(2, 1, 12), torch.tensor([[1], [3]])

@@ -215,7 +215,7 @@ def _keeps_logits(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def base_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def base_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 feature_layers: Sequence[int] = ()) -> torch.Tensor:
     """The speculator's input states [b, n, (1 + l) d] for training (states()), skipping the
     LM head over every position where the model allows it (a fifth of a small model's cost)."""
@@ -224,7 +224,7 @@ def base_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask:
     return states(out, feature_layers)
 
 
-def base_outputs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def base_outputs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  feature_layers: Sequence[int] = ()):
     """The speculator's input states [b, n, (1 + l) d] (states()) and the logits at every
     position [b, n, V] (position j's logits predict token j + 1; their argmax is the base

@@ -317,6 +317,33 @@ class MLPSpeculator(nn.Module):
                     head.weight.zero_()
                     head.weight[:, :width] = rows[:, :width].to(head.weight)
 
+    @torch.no_grad()
+    def change_draft_vocab(self, token_ids: torch.Tensor, base) -> int:
+        """Make a trained speculator's heads score other tokens [K] (e.g. chosen from new
+        data), to go on training. A token kept keeps its trained row. A new token starts from
+        its base LM head row mapped into the trained rows' geometry: the least-squares linear
+        map from the kept tokens' base rows to their trained rows (trained rows drift far
+        from the base rows, but stay close to a linear image of them). Returns how many
+        tokens are new."""
+        K = self.config.draft_vocab_size
+        if not K or token_ids.shape != (K,) or token_ids.unique().numel() != K:
+            raise MLPSpecError(f"change_draft_vocab needs {K or 'a draft vocabulary of'} distinct token ids")
+        new_vocab = token_ids.sort().values.to(self.draft_vocab)  # K
+        old_vocab = self.draft_vocab.clone()  # K, sorted: set_draft_vocab and this keep id order
+        kept = torch.isin(new_vocab, old_vocab)  # K
+        if not bool(kept.any()):
+            raise MLPSpecError("the new draft vocabulary shares no token with the old one; train it from scratch")
+        slot = torch.searchsorted(old_vocab, new_vocab).clamp(max=K - 1)  # K   the old row of each kept token
+        base_rows = base.get_output_embeddings().weight.detach().float().to(old_vocab.device)  # V d
+        # with tie_weights every stage holds the same tensor: rewrite each distinct one once
+        for weight in {id(head.weight): head.weight for head in self.head}.values():
+            trained = weight.detach().float()  # K m
+            old_kept = old_vocab[torch.isin(old_vocab, new_vocab)]  # n
+            to_trained = torch.linalg.lstsq(base_rows[old_kept], trained[torch.searchsorted(old_vocab, old_kept)]).solution  # d m
+            weight.copy_(torch.where(kept.unsqueeze(1), trained[slot], base_rows[new_vocab] @ to_trained))  # K m
+        self.draft_vocab.copy_(new_vocab)
+        return int((~kept).sum())
+
     def to_token_ids(self, head_index: torch.Tensor) -> torch.Tensor:
         """Head output index -> token id (the identity without a draft vocabulary)."""
         return self.draft_vocab[head_index] if self.config.draft_vocab_size else head_index

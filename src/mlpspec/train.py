@@ -309,7 +309,8 @@ def evaluate(model, objective: SpeculatorObjective, windows: torch.Tensor, valid
     its expected tokens per step with one candidate."""
     base_ids, ids, targets = teacher_forcing(windows, n, h)
     targets = _masked_targets(targets, scored, n)
-    hidden = base_hidden(model, base_ids, valid[:, :n].long(), objective.speculator.config.feature_layers).float()
+    hidden = base_hidden(model, base_ids, valid[:, :n].long(),
+                         feature_layers=objective.speculator.config.feature_layers).float()
     loss, hits = objective(hidden, ids, targets)
     return {"loss": float(loss), **acceptance(hits, targets)}
 
@@ -451,10 +452,10 @@ def train(cfg: TrainConfig) -> Path:
             with torch.no_grad():
                 target_logits = None
                 if cfg.targets == "text":
-                    hidden = base_hidden(model, base_ids, valid[:, :length].long(), cfg.feature_layers)
+                    hidden = base_hidden(model, base_ids, valid[:, :length].long(), feature_layers=cfg.feature_layers)
                 else:  # one base pass over h more positions gives every head's target
                     hidden, logits = base_outputs(model, window[:, : length + h], valid[:, : length + h].long(),
-                                                  cfg.feature_layers)
+                                                  feature_layers=cfg.feature_layers)
                     hidden, targets = hidden[:, :length], greedy_targets(logits.argmax(-1), length, h)
                     if cfg.targets == "distill":
                         target_logits = greedy_targets(speculator.head_columns(logits), length, h)  # h b n K
