@@ -329,18 +329,18 @@ class MLPSpeculator(nn.Module):
         if not K or token_ids.shape != (K,) or token_ids.unique().numel() != K:
             raise MLPSpecError(f"change_draft_vocab needs {K or 'a draft vocabulary of'} distinct token ids")
         new_vocab = token_ids.sort().values.to(self.draft_vocab)  # K
-        old_vocab = self.draft_vocab.clone()  # K, sorted: set_draft_vocab and this keep id order
-        kept = torch.isin(new_vocab, old_vocab)  # K
+        slot = self.to_head_index(new_vocab)  # K   each token's row now, IGNORE_INDEX for a new one
+        kept = slot != IGNORE_INDEX  # K
         if not bool(kept.any()):
             raise MLPSpecError("the new draft vocabulary shares no token with the old one; train it from scratch")
-        slot = torch.searchsorted(old_vocab, new_vocab).clamp(max=K - 1)  # K   the old row of each kept token
-        base_rows = base.get_output_embeddings().weight.detach().float().to(old_vocab.device)  # V d
+        base_rows = base.get_output_embeddings().weight.detach().float().to(new_vocab.device)  # V d
         # with tie_weights every stage holds the same tensor: rewrite each distinct one once
         for weight in {id(head.weight): head.weight for head in self.head}.values():
-            trained = weight.detach().float()  # K m
-            old_kept = old_vocab[torch.isin(old_vocab, new_vocab)]  # n
-            to_trained = torch.linalg.lstsq(base_rows[old_kept], trained[torch.searchsorted(old_vocab, old_kept)]).solution  # d m
-            weight.copy_(torch.where(kept.unsqueeze(1), trained[slot], base_rows[new_vocab] @ to_trained))  # K m
+            trained = weight.detach().float()[slot[kept]]  # n m   the kept tokens' rows
+            to_trained = torch.linalg.lstsq(base_rows[new_vocab[kept]], trained).solution  # d m
+            rows = base_rows[new_vocab] @ to_trained  # K m
+            rows[kept] = trained
+            weight.copy_(rows)
         self.draft_vocab.copy_(new_vocab)
         return int((~kept).sum())
 
