@@ -333,12 +333,13 @@ class MLPSpeculator(nn.Module):
         kept = slot != IGNORE_INDEX  # K
         if not bool(kept.any()):
             raise MLPSpecError("the new draft vocabulary shares no token with the old one; train it from scratch")
-        base_rows = base.get_output_embeddings().weight.detach().float().to(new_vocab.device)  # V d
+        lm_head = base.get_output_embeddings().weight.detach()  # V d
+        base_rows = lm_head[new_vocab.to(lm_head.device)].float().to(new_vocab.device)  # K d
         # with tie_weights every stage holds the same tensor: rewrite each distinct one once
         for weight in {id(head.weight): head.weight for head in self.head}.values():
             trained = weight.detach().float()[slot[kept]]  # n m   the kept tokens' rows
-            to_trained = torch.linalg.lstsq(base_rows[new_vocab[kept]], trained).solution  # d m
-            rows = base_rows[new_vocab] @ to_trained  # K m
+            to_trained = torch.linalg.lstsq(base_rows[kept], trained).solution  # d m
+            rows = base_rows @ to_trained  # K m
             rows[kept] = trained
             weight.copy_(rows)
         self.draft_vocab.copy_(new_vocab)
