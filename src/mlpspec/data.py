@@ -81,26 +81,25 @@ def _texts_from_table(table, where: str, text_field: str, tokenizer) -> list[str
 
 
 def load_texts(specs: list[str], tokenizer, text_field: str = "text") -> list[str]:
-    """Every document of the given data, as text."""
-    import datasets
-
+    """Every document of the given data, as text. Plain text files need no `datasets`."""
     files, hub = resolve_data(specs)
     texts: list[str] = []
     by_kind: dict[str, list[str]] = {}
     for f in files:
         kind = "json" if f.suffix in JSON_SUFFIXES else "parquet" if f.suffix in PARQUET_SUFFIXES else "text"
         by_kind.setdefault(kind, []).append(str(f))
-    datasets.disable_progress_bars()
     for kind, paths in by_kind.items():
         if kind == "text":  # one document per file, read directly: faster than a dataset
             texts += [t for t in (_read_text(Path(p)) for p in paths) if t]
             continue
+        datasets = _datasets()
         try:
             table = datasets.load_dataset(kind, data_files=paths, split="train")
         except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
             raise MLPSpecError(f"could not read {kind} data {paths[0]}...: {' '.join(str(e).split())[:300]}") from None
         texts += _texts_from_table(table, paths[0] if len(paths) == 1 else f"{len(paths)} {kind} files", text_field, tokenizer)
     for name in hub:
+        datasets = _datasets()
         try:
             table = datasets.load_dataset(name, split="train")
         except Exception as e:  # the hub raises many types; all mean "cannot have it"
@@ -109,6 +108,13 @@ def load_texts(specs: list[str], tokenizer, text_field: str = "text") -> list[st
     if not texts:
         raise MLPSpecError(f"no text found in --data {' '.join(specs)}")
     return texts
+
+
+def _datasets():
+    import datasets  # only for tables and the hub; a machine with plain text files can lack it
+
+    datasets.disable_progress_bars()
+    return datasets
 
 
 def _read_text(path: Path) -> str:
