@@ -30,7 +30,10 @@ parser.add_argument("--prompts", type=int, default=12)
 parser.add_argument("--max-new-tokens", type=int, default=64)
 parser.add_argument("--history", default="", help="a paragraph on how the run got there (resumed with other steps...)")
 parser.add_argument("--wall-note", default="both cores", help="how the machine was shared while it trained")
-parser.add_argument("--cost-steps", type=int, default=40, help="stage-1 steps timed for the training-cost line")
+parser.add_argument("--cost-steps", type=int, default=40, help="stage-1 steps timed for the training-cost line (0: none)")
+parser.add_argument("--trained-on", default="this project's 2-core CPU", help="the machine the run trained on")
+parser.add_argument("--vocab-note", default="the {n} most frequent training tokens (stored as `draft_vocab`), started from the base LM head's rows",
+                    help="how the draft vocabulary was chosen, for the card ({n}: its size)")
 parser.add_argument("--prompts-note", default="(`scripts/make_instructions.py`: questions and small tasks written from the same corpus)",
                     help="what the run's --stage2-prompts file holds, for the card")
 args = parser.parse_args()
@@ -76,7 +79,7 @@ def training_cost(steps: int) -> tuple[float, float]:
 
 
 model, tokenizer = load_base(dtype="bfloat16")
-stage1_rate, forward_rate = training_cost(args.cost_steps)  # first, while nothing else has run
+cost = training_cost(args.cost_steps) if args.cost_steps else None  # first, while nothing else has run
 
 speculator = load_speculator(source, dtype=torch.bfloat16, base=model)
 target = default_speculator_folder()
@@ -118,6 +121,11 @@ flags = " ".join(_flag(k, v) for k, v in config.items()
                  if k not in ("out", "data", "resume", "progress", "base") and v != defaults.get(k))
 stage2_source = (f"the chat prompts in `{config['stage2_prompts']}` {args.prompts_note}"
                  if config.get("stage2_prompts") else "prompts cut from it")
+speed_row = "" if cost is None else (
+    f"| training speed | stage 1 trains at {cost[0]:.0f} tokens/s on this CPU against {cost[1]:.0f} tokens/s for the base "
+    f"model's forward pass alone ({cost[0] / cost[1]:.2f}x; same settings, {config['batch_size']} x {config['seq_len']} "
+    "tokens a step, timed by this script on an otherwise idle machine) |\n")
+vocab = args.vocab_note.format(n=speculator.config.draft_vocab_size)
 size_mb = (target / "model.safetensors").stat().st_size / 1e6
 table = "\n".join(
     f"| {name} | {n} | {decoding} | {f.tokens_per_step:.2f} | {f.speedup:.2f}x | {a.tokens_per_step:.2f} | {a.speedup:.2f}x |"
@@ -125,20 +133,19 @@ table = "\n".join(
 )
 card = f"""# Default speculator for SmolLM2-135M-Instruct
 
-Trained by mlpspec's own pipeline on this project's 2-core CPU; `mlpspec.load_speculator()`
+Trained by mlpspec's own pipeline on {args.trained_on}; `mlpspec.load_speculator()`
 returns it (loading the default base model too, since it shares that model's embedding).
 
 | | |
 |---|---|
 | base model | SmolLM2-135M-Instruct (hidden size 576, vocabulary 49152) |
 | heads | {speculator.config.n_predict}, tree {speculator.config.top_k_tokens_per_head} x {speculator.config.n_candidates} candidates |
-| extensions (not in the released format) | embedding tied to the base model's (frozen, not stored){adapter}{layers}; heads score a draft vocabulary of the {speculator.config.draft_vocab_size} most frequent training tokens (stored as `draft_vocab`), started from the base LM head's rows; stages share weights (`tie_weights`) |
+| extensions (not in the released format) | embedding tied to the base model's (frozen, not stored){adapter}{layers}; heads score a draft vocabulary of {vocab}; stages share weights (`tie_weights`) |
 | file | {size_mb:.1f} MB, bfloat16 |
 | data | `--data default`: the Python {__import__('sys').version_info.major}.{__import__('sys').version_info.minor} standard library's source and Debian's python3.11-doc sources (about 12M tokens); stage 2 on the base model's own answers to {stage2_source} |
 | steps | {step}: {min(step, config['stage1_steps'])} in stage 1, {max(0, step - config['stage1_steps'])} in stage 2, {config['batch_size']} x {config['seq_len']} tokens each ({tokens_seen / 1e6:.1f}M tokens seen) |
-| wall time | {wall / 3600:.2f} h of training on this CPU ({args.wall_note}) |
-| training speed | stage 1 trains at {stage1_rate:.0f} tokens/s on this CPU against {forward_rate:.0f} tokens/s for the base model's forward pass alone ({stage1_rate / forward_rate:.2f}x; same settings, {config['batch_size']} x {config['seq_len']} tokens a step, timed by this script on an otherwise idle machine) |
-| stage 2 against stage 1 alone | at equal total steps (600) stage 1 + stage 2 beat stage 1 alone: held-out eval 1.309 against 1.182 tokens/step, decoding 1.58 against 1.51 tokens/step on code and 1.29 against 1.23 on chat (docs/RESULTS.md) |
+| wall time | {wall / 3600:.2f} h of training on {args.trained_on} ({args.wall_note}) |
+{speed_row}| stage 2 against stage 1 alone | at equal total steps (600) stage 1 + stage 2 beat stage 1 alone: held-out eval 1.309 against 1.182 tokens/step, decoding 1.58 against 1.51 tokens/step on code and 1.29 against 1.23 on chat (docs/RESULTS.md) |
 | held-out eval at step {step} | {_eval_line(evals[-1]) if evals else 'none'} |
 
 Training command, as the run's config now stands (resumable; `--resume` continues it):
