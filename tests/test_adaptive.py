@@ -21,14 +21,20 @@ def test_shape_menu():
     assert menu == [
         PLAIN,
         TreeShape((1,), 1), TreeShape((1, 1), 1), TreeShape((1, 1, 1), 1),
+        TreeShape((2, 1, 1), 2), TreeShape((2, 2, 1), 3),  # narrow: the runner-up at the first 1, 2 stages
         TreeShape((4,), 4), TreeShape((4, 3), 5), TreeShape((4, 3, 2), 5),
     ]
-    assert [s.max_nodes for s in menu] == [1, 2, 3, 4, 5, 11, 16]
+    assert [s.max_nodes for s in menu] == [1, 2, 3, 4, 7, 10, 5, 11, 16]
     with_lookup = shape_menu(cfg, lookup=8)
     assert with_lookup == menu + [TreeShape((), 0, 8), TreeShape((1, 1, 1), 1, 8), TreeShape((4, 3, 2), 5, 8)]
     assert [s.max_nodes for s in with_lookup[len(menu):]] == [9, 12, 24]
     assert [str(s) for s in with_lookup[-3:]] == ["lookup8", "[1, 1, 1]x1+lookup8", "[4, 3, 2]x5+lookup8"]
     assert shape_menu(None, lookup=8) == [PLAIN, TreeShape((), 0, 8)]
+    # a configured tree no wider than the narrow ones is on the menu once, and beside the branch
+    small = shape_menu(cfg, top_k=[2, 2], n_candidates=3, lookup=8)
+    assert small == [PLAIN, TreeShape((1,), 1), TreeShape((1, 1), 1), TreeShape((2, 1), 2), TreeShape((2, 2), 3),
+                     TreeShape((2,), 2), TreeShape((), 0, 8), TreeShape((1, 1), 1, 8), TreeShape((2, 2), 3, 8)]
+    assert shape_menu(cfg, top_k=[1, 1], n_candidates=1) == [PLAIN, TreeShape((1,), 1), TreeShape((1, 1), 1)]
 
 
 def calibrated(menu, forward, batch_size=1, policy=None):
@@ -327,8 +333,8 @@ class Always(AdaptivePolicy):
 
 
 def test_hindsight_learns_what_running_each_other_shape_would_have_given(fake_costs):
-    """Run one tree every step; the chain, the tree cut to fewer stages, the lookup branch
-    alone, and the chain and the tree with the branch beside them, learned in hindsight,
+    """Run one tree every step; the chain, the tree cut to fewer stages or narrowed, the
+    lookup branch alone, and the chain and the tree with the branch beside them, learned in hindsight,
     must each give at every step exactly what a decode that runs that shape from the same
     point gives on its first step (a shape with a branch speaks only for rows whose lookup
     matched)."""
@@ -339,8 +345,10 @@ def test_hindsight_learns_what_running_each_other_shape_would_have_given(fake_co
     oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=3, wrong=lambda p, j: (p * 7 + j * 3) % 11 < 4)
     tree, chain, lookup = TreeShape((2, 2, 2), 3), TreeShape((1, 1, 1), 1), TreeShape((), 0, 4)
     cut1, cut2 = TreeShape((2,), 2), TreeShape((2, 2), 3)
+    narrow1, narrow2 = TreeShape((2, 1, 1), 2), TreeShape((1, 2, 2), 2)
     chain_lookup, tree_lookup = TreeShape((1, 1, 1), 1, 4), TreeShape((2, 2, 2), 3, 4)
-    policy = Always([PLAIN, chain, cut1, cut2, tree, lookup, chain_lookup, tree_lookup], clock=fake_costs, shape=tree)
+    menu = [PLAIN, chain, narrow1, narrow2, cut1, cut2, tree, lookup, chain_lookup, tree_lookup]
+    policy = Always(menu, clock=fake_costs, shape=tree)
     sizes = []
     out = speculative_generate(model, oracle, ids, mask, max_new_tokens=max_new, eos_token_id=[], adaptive=policy,
                                on_step=lambda emitted: sizes.append(int((emitted >= 0).sum())))
@@ -348,7 +356,7 @@ def test_hindsight_learns_what_running_each_other_shape_would_have_given(fake_co
     assert out.stats.shapes == {str(tree): len(sizes) - 1}  # the tree ran on every step, nothing else
 
     P = ids.size(1)
-    wanted = {chain: [], cut1: [], cut2: [], lookup: [], chain_lookup: [], tree_lookup: []}
+    wanted = {chain: [], narrow1: [], narrow2: [], cut1: [], cut2: [], lookup: [], chain_lookup: [], tree_lookup: []}
     for e in torch.tensor(sizes[:-1]).cumsum(0).tolist():  # tokens emitted before each step
         room = max_new - e - 1  # candidate tokens the step had room for
         if room < 1:  # a step with room for no candidate teaches nothing
@@ -366,6 +374,8 @@ def test_hindsight_learns_what_running_each_other_shape_would_have_given(fake_co
         wanted[chain].append(first_step(oracle, [1, 1, 1], 1))
         wanted[cut2].append(first_step(oracle, [2, 2], 3))
         wanted[cut1].append(first_step(oracle, [2], 2))
+        wanted[narrow1].append(first_step(oracle, [2, 1, 1], 2))
+        wanted[narrow2].append(first_step(oracle, [1, 2, 2], 2))
         if matched:
             wanted[lookup].append(first_step(None, lookup=4))
             wanted[chain_lookup].append(first_step(oracle, [1, 1, 1], 1, lookup=4))
@@ -378,6 +388,7 @@ def test_hindsight_learns_what_running_each_other_shape_would_have_given(fake_co
         assert sorted(learned[shape]) == sorted(wanted[shape]), shape
     assert len(wanted[chain]) >= 8 and len(set(wanted[chain])) >= 2  # a chain of varied luck
     assert len(set(wanted[cut2])) >= 2  # and its cut to two stages (one stage always holds the truth)
+    assert wanted[narrow2] != wanted[chain]  # a narrowed tree's runner-ups do get accepted
     assert wanted[lookup] and max(wanted[lookup]) > 1  # the branch matched and copied right
     rooms = [max_new - e - 1 for e in torch.tensor(sizes[:-1]).cumsum(0).tolist()]
     assert 1 in rooms  # the step cut short is really there

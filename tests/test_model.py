@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mlpspec import MLPSpecError, MLPSpeculator, MLPSpeculatorConfig
-from mlpspec.model import best_paths, prefix_paths
+from mlpspec.model import best_paths, sub_paths
 from reference_impl import ReferenceSpeculator
 
 
@@ -175,11 +175,27 @@ def test_expand_lists_every_leaf_with_the_top1_chain_first():
     for b in range(3):  # propose keeps expand's best five
         order = sorted(range(12), key=lambda i: -float(scores[b, i, -1].detach()))[:5]
         assert best[b].tolist() == paths[b, order].tolist()
-    for depth, n in ((1, 3), (2, 4)):  # the tree cut to fewer stages, as propose grows it
-        cut, cut_scores = best_paths(*prefix_paths(paths, scores, [3, 2, 2], depth), n)
-        alone, alone_scores = model.propose(state, last, [3, 2, 2][:depth], n)
+    # the tree cut to fewer stages, or narrowed, as propose grows it
+    for sub, n in (([3], 3), ([3, 2], 4), ([2, 1, 1], 2), ([2, 2, 1], 3), ([1, 2], 2), ([3, 2, 2], 5)):
+        cut, cut_scores = best_paths(*sub_paths(paths, scores, [3, 2, 2], sub), n)
+        alone, alone_scores = model.propose(state, last, sub, n)
         assert cut.tolist() == alone.tolist()
         torch.testing.assert_close(cut_scores, alone_scores)
+
+
+def test_sub_paths_picks_leaves_by_their_ranks():
+    # expansion order of a [3, 2, 2] tree: leaf 4 * r1 + 2 * r2 + r3 has sibling ranks (r1, r2, r3)
+    paths = torch.arange(12).view(1, 12, 1).expand(1, 12, 3)  # each path holds its own index
+    scores = torch.arange(36.0).view(1, 12, 3)
+    assert sub_paths(paths, scores, [3, 2, 2], [2, 1, 1])[0][0, :, 0].tolist() == [0, 4]
+    assert sub_paths(paths, scores, [3, 2, 2], [2, 2])[0][0, :, 0].tolist() == [0, 2, 4, 6]
+    assert sub_paths(paths, scores, [3, 2, 2], [3])[0][0, :, 0].tolist() == [0, 4, 8]
+    assert sub_paths(paths, scores, [3, 2, 2], [1, 2, 2])[0][0, :, 0].tolist() == [0, 1, 2, 3]
+    sub, sub_scores = sub_paths(paths, scores, [3, 2, 2], [2, 2])
+    assert sub.shape == (1, 4, 2) and sub_scores[0].tolist() == [1.0, 7.0, 13.0, 19.0]  # after stage 2
+    for bad in ([4], [1, 1, 1, 1], []):
+        with pytest.raises(MLPSpecError, match="not inside"):
+            sub_paths(paths, scores, [3, 2, 2], bad)
 
 
 def test_propose_full_tree_and_defaults():

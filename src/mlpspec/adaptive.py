@@ -74,11 +74,19 @@ class TreeShape:
 
 
 PLAIN = TreeShape((), 0)
+# Narrow trees branch at this many first stages at most. Between the chain and the whole
+# tree in cost: on this CPU's chat prompts (batch 1, the ninth default) the chain made 2.45
+# tokens a step, [2, 1, 1, 1] x 2 (9 nodes) 2.71 and [2, 2, 1, 1] x 3 (13) 2.76, for 3 ms
+# more a step, and [4, 3, 2, 2] x 5 (21) 3.00 for 11 ms more: both narrow ones came out the
+# fastest fixed shapes (2.21x and 2.18x plain decoding, the chain 2.05x, the whole tree 2.10x).
+NARROW_STAGES = 2
 
 
 def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = None, n_candidates: int | None = None,
                lookup: int = 0) -> list[TreeShape]:
-    """Plain decoding, top-1 chains of every depth, and the configured tree cut to every depth.
+    """Plain decoding, top-1 chains of every depth, narrow trees (the deepest chain with the
+    runner-up beside it at each of its first 1 or 2 stages), and the configured tree cut to
+    every depth.
     With `lookup`, also the prompt-lookup branch alone, beside the deepest chain and beside
     the whole tree: few shapes, since each is tracked per matched n-gram size (the decoder
     learns the others in hindsight from any step of the whole tree)."""
@@ -88,15 +96,21 @@ def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = Non
         top_k = list(config.top_k_tokens_per_head if top_k is None else top_k)
         n = config.n_candidates if n_candidates is None else n_candidates
         menu += [TreeShape((1,) * d, 1) for d in range(1, len(top_k) + 1)]
+        for s in range(1, min(NARROW_STAGES, len(top_k)) + 1):
+            narrow = tuple(min(2, k) if i < s else 1 for i, k in enumerate(top_k))
+            shape = TreeShape(narrow, min(s + 1, math.prod(narrow), n))
+            if shape not in menu + trees and shape.n_candidates > 1:
+                trees.append(shape)
         for d in range(1, len(top_k) + 1):
             shape = TreeShape(tuple(top_k[:d]), min(n, math.prod(top_k[:d])))
-            if shape not in menu:
+            if shape not in menu + trees:
                 trees.append(shape)
         menu += trees
     if lookup:
         menu.append(TreeShape((), 0, lookup))
         if config is not None:
-            beside = [TreeShape((1,) * len(top_k), 1)] + trees[-1:]  # the deepest chain, the whole tree
+            whole = TreeShape(tuple(top_k), min(n, math.prod(top_k)))
+            beside = dict.fromkeys([TreeShape((1,) * len(top_k), 1), whole])  # the deepest chain, the whole tree
             menu += [TreeShape(s.top_k, s.n_candidates, lookup) for s in beside]
     return menu
 
@@ -170,17 +184,21 @@ class AdaptivePolicy:
         """Set every shape's cost at this batch size: forward_seconds(q) times the base
         model's forward over q tree nodes (measured at 1, 2 and the largest tree, linear in
         between), and propose_seconds(shape) the speculator's (and the lookup's) work for
-        that shape. A shape's tree is taken at its largest until steps report its real size
-        (candidates share prefixes: the [4, 3, 2] x 5 tree of 16 nodes averaged 12.6 at batch
-        1, and the calibrated cost overstated its steps by 14%)."""
+        that shape, each the best of `rounds` timings. A shape's tree is taken at its largest
+        until steps report its real size (candidates share prefixes: the [4, 3, 2] x 5 tree of
+        16 nodes averaged 12.6 at batch 1, and the calibrated cost overstated its steps by 14%)."""
         largest = max(s.max_nodes for s in self.menu)
         points = sorted({1, min(2, largest), largest})
         # the best of a few rounds, each timing every size once: a busy spell on a shared
         # machine then slows one round of all sizes, not one size of all rounds
         measured = [min(times) for times in zip(*[[forward_seconds(q) for q in points] for _ in range(self.rounds)])]
+        # proposals too: timed once each, the narrow trees' read 3.7 ms where their best of
+        # four rounds was 2.1 (the chain's), and the policy passed them over
+        shapes = [shape for shape in self.menu if shape != PLAIN]
+        proposed = [min(times) for times in zip(*[[propose_seconds(s) for s in shapes] for _ in range(self.rounds)])]
         bucket = self.bucket(batch_size)
         self.forward[bucket] = (points, measured)
-        self.propose_seconds[bucket] = {shape: propose_seconds(shape) if shape != PLAIN else 0.0 for shape in self.menu}
+        self.propose_seconds[bucket] = {PLAIN: 0.0, **dict(zip(shapes, proposed))}
         self.seconds[bucket] = {shape: self._seconds(bucket, shape, shape.max_nodes) for shape in self.menu}
 
     def calibration(self) -> dict:

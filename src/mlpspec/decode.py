@@ -38,7 +38,7 @@ from .base import cache_dir, check_pair, run_base
 from .cache import TreeCache
 from .errors import MLPSpecError
 from .fileio import atomic_write
-from .model import MLPSpeculator, best_paths, check_proposal_shape, prefix_paths
+from .model import MLPSpeculator, best_paths, check_proposal_shape, sub_paths
 from .tree import (
     NO_TOKEN,
     Tree,
@@ -275,7 +275,7 @@ def foresee(policy: AdaptivePolicy, shape: TreeShape, parts: Draft, start: torch
             matched: torch.Tensor) -> list[Hindsight]:
     """The other shapes on the policy's menu that this step's parts make, for rows active
     [b] that had emitted start [b] tokens and whose lookup matched [b]: the top-1 chain,
-    this tree cut to fewer stages, the lookup branch alone, and the chain or this tree with
+    this tree cut to fewer stages or narrowed, the lookup branch alone, and the chain or this tree with
     the branch beside it or taken away. A row speaks once for each record, and not for plain
     decoding's: a row that matched nothing counts for a shape with a branch as for its twin
     without one (and for the branch alone as for no speculation at all)."""
@@ -286,14 +286,16 @@ def foresee(policy: AdaptivePolicy, shape: TreeShape, parts: Draft, start: torch
         paths, scores = parts.expansion  # b N D, b N D
         top_k, D = list(parts.top_k), len(parts.top_k)  # near the end, fewer stages than the shape has
         grown[shape.without_lookup] = parts.speculator
-        # the chain (a chain's step already teaches the shorter ones) and the tree's cuts, each
-        # keyed as its own step would be, which near the end is cut the same way
+        # the chain (a chain's step already teaches the shorter ones) and every smaller tree
+        # (fewer stages or fewer children per stage), each keyed as its own step would be,
+        # which near the end is cut the same way
         grown.setdefault(TreeShape((1,) * shape.depth, 1), paths[:, :1])  # b 1 D
         for other in policy.menu:
-            if other.is_chain or other.lookup or other in grown or other.top_k != shape.top_k[: other.depth]:
+            if (not other.top_k or other.is_chain or other.lookup or other in grown or other.depth > shape.depth
+                    or any(o > s for o, s in zip(other.top_k, shape.top_k))):
                 continue
-            cut, cut_scores = prefix_paths(paths, scores, top_k, min(other.depth, D))  # b N_d d, b N_d
-            grown[other] = best_paths(cut, cut_scores, min(other.n_candidates, cut.size(1)))[0]
+            sub, sub_scores = sub_paths(paths, scores, top_k, list(other.top_k[:D]))  # b N_s d, b N_s
+            grown[other] = best_paths(sub, sub_scores, min(other.n_candidates, sub.size(1)))[0]
     rows_n = [(r, n) for r, (n, on) in enumerate(zip(matched.tolist(), active.tolist())) if on]
     taught = {r: {policy.key(shape, n), (PLAIN, 0)} for r, n in rows_n}  # records each row has spoken for
     waiting = []

@@ -204,12 +204,21 @@ def best_paths(paths: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch
     return paths.gather(1, best.unsqueeze(-1).expand(-1, -1, paths.size(2))), best_scores  # b k D
 
 
-def prefix_paths(paths: torch.Tensor, scores: torch.Tensor, top_k: list[int], depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """MLPSpeculator.expand's leaves as the tree of its first `depth` stages would have them:
-    ([b, N_d, depth] paths, [b, N_d] scores), N_d = prod(top_k[:depth]). Every path of that
-    tree heads a run of prod(top_k[depth:]) leaves in expansion order."""
-    stride = math.prod(top_k[depth:])
-    return paths[:, ::stride, :depth], scores[:, ::stride, depth - 1]
+def sub_paths(paths: torch.Tensor, scores: torch.Tensor, top_k: list[int], sub_top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLPSpeculator.expand(..., top_k)'s leaves as a smaller tree would have them: the tree
+    that keeps sub_top_k[i] <= top_k[i] children at stage i and runs len(sub_top_k) stages.
+    Returns ([b, N_s, d] paths, [b, N_s] scores), N_s = prod(sub_top_k), d = len(sub_top_k),
+    in that tree's own expansion order. A leaf's place in expansion order is its ranks among
+    its siblings, read as digits in the mixed radix top_k; a smaller tree's leaf is the first
+    leaf whose ranks it shares (later ranks 0): the tree cut to fewer stages, or narrowed."""
+    d = len(sub_top_k)
+    if not 0 < d <= len(top_k) or any(s > t for s, t in zip(sub_top_k, top_k)):
+        raise MLPSpecError(f"a tree keeping {sub_top_k} children per stage is not inside one keeping {top_k}")
+    index = torch.zeros(1, dtype=torch.long)
+    for i, k in enumerate(sub_top_k):  # each stage's children after their parent's, best first
+        index = (index.unsqueeze(1) + math.prod(top_k[i + 1:]) * torch.arange(k)).flatten()
+    index = index.to(paths.device)
+    return paths[:, index, :d], scores[:, index, d - 1]  # b N_s d, b N_s
 
 
 def _rms(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
@@ -460,7 +469,7 @@ class MLPSpeculator(nn.Module):
         """Every leaf of the tree that propose grows: paths [b, N, D] and their scores after
         each stage [b, N, D] (summed log-probs), N = prod(top_k), in expansion order. Each
         stage lists a branch's children best first, so path 0 is the top-1 chain, whichever
-        leaves score best, and the tree cut to fewer stages is in here too (prefix_paths):
+        leaves score best, and every smaller tree (cut to fewer stages, or narrower) is in here too (sub_paths):
         the decoder learns from both in hindsight."""
         cfg = self.config
         check_proposal_shape(top_k, math.prod(top_k), cfg.n_predict, cfg.head_size)
