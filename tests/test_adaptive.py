@@ -103,6 +103,22 @@ def test_at_a_large_batch_shapes_that_cannot_pay_are_never_tried():
     assert chosen.count(PLAIN) >= 45  # the one shape that could pay was tried, and lost
 
 
+def test_plain_picks_in_a_row_rest_the_choice():
+    policy = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 3.0})  # 2 tokens can never pay for 3 plain steps
+    asked = []
+    for step in range(1, 61):
+        if not policy.resting(1):
+            asked.append(step)
+            assert policy.choose(1, max_depth=1) == PLAIN
+    # after n plain picks in a row, min(n, 8) steps rest: asked 1, rest 1; asked 3, rest 2; ...
+    assert asked == [1, 3, 6, 10, 15, 21, 28, 36, 45, 54]
+    assert not calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 1.0}, policy=policy).resting(2)  # another batch size
+    fresh = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 3.0})
+    assert fresh.choose(1, max_depth=0) == PLAIN and not fresh.resting(1)  # forced by the tokens left: no rest
+    cheap = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 1.0})
+    assert cheap.choose(1, max_depth=1) == CHAIN1 and not cheap.resting(1)  # a speculative pick: no rest
+
+
 def test_what_one_batch_size_learned_guides_another():
     policy = calibrated([PLAIN, CHAIN1, CHAIN2, TREE], {1: 1.0, 2: 1.2, 11: 2.8})
     run_policy(policy, 20, OUTCOME)  # batch 1: every shape that could pay has been measured

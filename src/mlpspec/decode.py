@@ -582,15 +582,16 @@ def speculative_generate(
     while not bool(state.finished.all()):
         near, behind, remaining = rows_near_the_end(state, max_new_tokens, reach)  # b, b, int
         tick = policy.clock() if policy is not None else None
+        resting = policy is not None and policy.resting(b)  # a plain step, unasked
         # no lookup where the policy offers no lookup shape at this batch size (its cost)
-        wanted = lookup and (policy is None or bool(policy.lookup_shapes(b)))
+        wanted = lookup and not resting and (policy is None or bool(policy.lookup_shapes(b)))
         branch, matched = look_up(state, lookup) if wanted else (None, torch.zeros_like(state.n_emitted))
         # what each active row's lookup matched is the policy's context: a row with no match
         # gains nothing from the branch. The shape is chosen for the rows near the batch's
         # end (it ends with them), and every active row's outcome is learned from.
         if policy is not None:
-            shape = policy.choose(b, max_depth=remaining - 1, matched=matched[near].tolist(),
-                                  behind=behind[near].tolist())
+            shape = PLAIN if resting else policy.choose(b, max_depth=remaining - 1, matched=matched[near].tolist(),
+                                                        behind=behind[near].tolist())
         before, active = state.n_emitted.clone(), ~state.finished  # b, b
         tree, parts = propose(state, speculator, shape, remaining - 1, branch)
         out = verify(model, state, tree)
