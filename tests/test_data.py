@@ -39,7 +39,6 @@ def test_local_formats(tmp_path):
     assert sorted(texts) == ["w1 w2", "w3", "w4 w5", "w6", "w7"]
 
 
-
 def test_plain_text_needs_no_datasets_package(tmp_path, monkeypatch):
     # a lent GPU machine had no `datasets`; train --data README.md failed there on the import
     (tmp_path / "a.md").write_text("w1 w2")
@@ -48,6 +47,7 @@ def test_plain_text_needs_no_datasets_package(tmp_path, monkeypatch):
     assert load_texts([str(tmp_path / "a.md")], tiny_tokenizer()) == ["w1 w2"]
     with pytest.raises(ImportError):
         load_texts([str(tmp_path)], tiny_tokenizer())
+
 
 def test_chat_messages_go_through_the_template(tmp_path):
     from test_text import CHAT_TEMPLATE

@@ -38,7 +38,7 @@ from .base import cache_dir, check_pair, run_base
 from .cache import TreeCache
 from .errors import MLPSpecError
 from .fileio import atomic_write
-from .model import MLPSpeculator, best_paths, check_proposal_shape, sub_paths
+from .model import MLPSpeculator, best_paths, check_proposal_shape, is_inside, sub_paths
 from .tree import (
     NO_TOKEN,
     Tree,
@@ -291,8 +291,7 @@ def foresee(policy: AdaptivePolicy, shape: TreeShape, parts: Draft, start: torch
         # which near the end is cut the same way
         grown.setdefault(TreeShape((1,) * shape.depth, 1), paths[:, :1])  # b 1 D
         for other in policy.menu:
-            if (not other.top_k or other.is_chain or other.lookup or other in grown or other.depth > shape.depth
-                    or any(o > s for o, s in zip(other.top_k, shape.top_k))):
+            if other.is_chain or other.lookup or other in grown or not is_inside(other.top_k, shape.top_k):
                 continue
             sub, sub_scores = sub_paths(paths, scores, top_k, list(other.top_k[:D]))  # b N_s d, b N_s
             grown[other] = best_paths(sub, sub_scores, min(other.n_candidates, sub.size(1)))[0]

@@ -204,6 +204,12 @@ def best_paths(paths: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch
     return paths.gather(1, best.unsqueeze(-1).expand(-1, -1, paths.size(2))), best_scores  # b k D
 
 
+def is_inside(sub_top_k, top_k) -> bool:
+    """Whether the tree keeping sub_top_k[i] children at stage i (one stage or more) lies
+    inside the one keeping top_k[i]: no more stages, and no more children at any stage."""
+    return 0 < len(sub_top_k) <= len(top_k) and all(s <= t for s, t in zip(sub_top_k, top_k))
+
+
 def sub_paths(paths: torch.Tensor, scores: torch.Tensor, top_k: list[int], sub_top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """MLPSpeculator.expand(..., top_k)'s leaves as a smaller tree would have them: the tree
     that keeps sub_top_k[i] <= top_k[i] children at stage i and runs len(sub_top_k) stages.
@@ -212,7 +218,7 @@ def sub_paths(paths: torch.Tensor, scores: torch.Tensor, top_k: list[int], sub_t
     its siblings, read as digits in the mixed radix top_k; a smaller tree's leaf is the first
     leaf whose ranks it shares (later ranks 0): the tree cut to fewer stages, or narrowed."""
     d = len(sub_top_k)
-    if not 0 < d <= len(top_k) or any(s > t for s, t in zip(sub_top_k, top_k)):
+    if not is_inside(sub_top_k, top_k):
         raise MLPSpecError(f"a tree keeping {sub_top_k} children per stage is not inside one keeping {top_k}")
     index = torch.zeros(1, dtype=torch.long)
     for i, k in enumerate(sub_top_k):  # each stage's children after their parent's, best first
