@@ -8,7 +8,7 @@ import torch
 import mlpspec.decode as decode
 from conftest import OracleSpeculator, tiny_llama
 from mlpspec import MLPSpeculatorConfig
-from mlpspec.adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
+from mlpspec.adaptive import LIKELIEST_NODES, PLAIN, AdaptivePolicy, TreeShape, shape_menu
 from mlpspec.errors import MLPSpecError
 from mlpspec.decode import speculative_generate
 from mlpspec.tree import lookup_branch
@@ -18,23 +18,20 @@ from test_decode import hf_greedy, left_padded, random_speculator
 def test_shape_menu():
     cfg = MLPSpeculatorConfig(vocab_size=64, emb_dim=32, n_predict=3, top_k_tokens_per_head=[4, 3, 2], n_candidates=5)
     menu = shape_menu(cfg)
-    assert menu == [
-        PLAIN,
-        TreeShape((1,), 1), TreeShape((1, 1), 1), TreeShape((1, 1, 1), 1),
-        TreeShape((2, 1, 1), 2), TreeShape((2, 2, 1), 3),  # narrow: the runner-up at the first 1, 2 stages
-        TreeShape((4,), 4), TreeShape((4, 3), 5), TreeShape((4, 3, 2), 5),
-    ]
-    assert [s.max_nodes for s in menu] == [1, 2, 3, 4, 7, 10, 5, 11, 16]
+    likeliest = TreeShape((4, 3, 2), 0, nodes=LIKELIEST_NODES)  # of the whole tree's 4 + 12 + 24 nodes
+    assert menu == [PLAIN, TreeShape((1,), 1), TreeShape((1, 1), 1), TreeShape((1, 1, 1), 1), likeliest]
+    assert [s.max_nodes for s in menu] == [1, 2, 3, 4, 1 + LIKELIEST_NODES]
     with_lookup = shape_menu(cfg, lookup=8)
-    assert with_lookup == menu + [TreeShape((), 0, 8), TreeShape((1, 1, 1), 1, 8), TreeShape((4, 3, 2), 5, 8)]
-    assert [s.max_nodes for s in with_lookup[len(menu):]] == [9, 12, 24]
-    assert [str(s) for s in with_lookup[-3:]] == ["lookup8", "[1, 1, 1]x1+lookup8", "[4, 3, 2]x5+lookup8"]
+    assert with_lookup == menu + [TreeShape((), 0, 8), TreeShape((1, 1, 1), 1, 8), TreeShape((4, 3, 2), 0, 8, LIKELIEST_NODES)]
+    assert [s.max_nodes for s in with_lookup[len(menu):]] == [9, 12, 9 + LIKELIEST_NODES]
+    assert [str(s) for s in with_lookup[-4:]] == [f"[4, 3, 2]~{LIKELIEST_NODES}", "lookup8", "[1, 1, 1]x1+lookup8",
+                                                  f"[4, 3, 2]~{LIKELIEST_NODES}+lookup8"]
     assert shape_menu(None, lookup=8) == [PLAIN, TreeShape((), 0, 8)]
-    # a configured tree no wider than the narrow ones is on the menu once, and beside the branch
-    small = shape_menu(cfg, top_k=[2, 2], n_candidates=3, lookup=8)
-    assert small == [PLAIN, TreeShape((1,), 1), TreeShape((1, 1), 1), TreeShape((2, 1), 2), TreeShape((2, 2), 3),
-                     TreeShape((2,), 2), TreeShape((), 0, 8), TreeShape((1, 1), 1, 8), TreeShape((2, 2), 3, 8)]
-    assert shape_menu(cfg, top_k=[1, 1], n_candidates=1) == [PLAIN, TreeShape((1,), 1), TreeShape((1, 1), 1)]
+    # a small tree's likeliest nodes are all of them; a chain has none beside its own
+    small = shape_menu(cfg, top_k=[2, 2])
+    assert small == [PLAIN, TreeShape((1,), 1), TreeShape((1, 1), 1), TreeShape((2, 2), 0, nodes=2 + 4)]
+    assert shape_menu(cfg, top_k=[1, 1], lookup=8) == [PLAIN, TreeShape((1,), 1), TreeShape((1, 1), 1),
+                                                       TreeShape((), 0, 8), TreeShape((1, 1), 1, 8)]
 
 
 def calibrated(menu, forward, batch_size=1, policy=None):
@@ -158,8 +155,8 @@ def fake_costs(monkeypatch):
         clock["now"] += 1.0 + 0.05 * tree.size
         return verify(model, state, tree)
 
-    def timed_propose(state, speculator, shape, depth, branch=None):
-        tree, parts = propose(state, speculator, shape, depth, branch)
+    def timed_propose(state, speculator, shape, depth, branch=None, policy=None):
+        tree, parts = propose(state, speculator, shape, depth, branch, policy)
         clock["now"] += 0.3 if tree.size > 1 else 0.0
         return tree, parts
 
@@ -201,6 +198,46 @@ def test_adaptive_with_real_timing_is_lossless_in_a_batch():
     assert out.sequences.tolist() == expected.tolist()
     assert sum(out.stats.shapes.values()) == out.stats.steps - 1  # every step but the prefill has a shape
 
+
+
+def test_node_counts_take_the_likeliest_nodes_while_they_pay():
+    likeliest = TreeShape((4, 3), 0, nodes=4)
+    policy = calibrated([PLAIN, likeliest], {1: 1.0, 2: 1.1, 5: 1.4}, batch_size=3)  # 0.1 a node
+    p_draft = torch.tensor([[0.9, 0.5, 0.05, 0.01], [0.99, 0.98, 0.97, 0.96], [0.05, 0.01, 0.0, 0.0]])
+    # row 0: 1.9 / 1.1, 2.4 / 1.2 = 2.0, 2.45 / 1.3, 2.46 / 1.4: two nodes; row 1: all four
+    # (4.9 / 1.4 = 3.5); row 2: one, the fewest a tree of this shape has
+    assert policy.node_counts(3, likeliest, p_draft).tolist() == [2, 4, 1]
+
+
+def test_the_likeliest_nodes_tree_takes_the_runner_up_where_it_pays_and_stays_lossless(fake_costs):
+    model = tiny_llama(seed=4)
+    ids, mask = left_padded([5, 9], seed=4)
+    expected = hf_greedy(model, ids, mask, 40, eos=None)
+    # at every third position the speculator's top-1 second token is wrong, its runner-up right
+    oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=3, wrong=lambda p, j: j == 1 and p % 3 == 0)
+    likeliest = [s for s in shape_menu(oracle.config) if s.nodes]
+    policy = AdaptivePolicy([PLAIN, *likeliest], clock=fake_costs)
+    out = speculative_generate(model, oracle, ids, mask, max_new_tokens=40, eos_token_id=[], adaptive=policy)
+    chain = speculative_generate(model, oracle, ids, mask, max_new_tokens=40, eos_token_id=[],
+                                 top_k_tokens_per_head=[1, 1, 1], n_candidates=1)
+    assert out.sequences.tolist() == chain.sequences.tolist() == expected.tolist()
+    assert out.stats.shapes.get("plain", 0) <= 3  # where too few tokens are left for a tree
+    # the chain stops at each wrong token; the tree's runner-up (drafted at 1/e) carries on
+    tree_steps, chain_steps = out.stats.accepted_lengths, chain.stats.accepted_lengths
+    assert sum(tree_steps) / len(tree_steps) > sum(chain_steps) / len(chain_steps) + 0.5
+
+
+def test_the_likeliest_nodes_trees_are_lossless_in_a_batch_beside_a_lookup_branch():
+    model = tiny_llama(seed=5)
+    ids, mask = left_padded([2, 9, 5, 13], seed=5)
+    expected = hf_greedy(model, ids, mask, 30, eos=None)
+    speculator = random_speculator(model, 3)
+    menu = [s for s in shape_menu(speculator.config, lookup=4) if s.nodes or s == PLAIN]
+    policy = AdaptivePolicy(menu, margin=-0.9)  # speculate even where it cannot pay
+    out = speculative_generate(model, speculator, ids, mask, max_new_tokens=30, eos_token_id=[], adaptive=policy,
+                               lookup=4)
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.stats.shapes.get("plain", 0) <= 4  # near the end only
 
 def test_batch_sizes_share_costs_in_power_of_two_buckets():
     assert [AdaptivePolicy.bucket(b) for b in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from .errors import MLPSpecError
 from .model import MLPSpeculatorConfig
@@ -47,6 +48,10 @@ class TreeShape:
     top_k: tuple[int, ...]  # one entry per speculator stage run; () runs none
     n_candidates: int
     lookup: int = 0  # tokens of a prompt-lookup branch beside the speculator's candidates
+    # > 0: instead of the best n_candidates leaves, the tree is the likeliest of the nodes
+    # these stages grow, at most this many, as many as pay for themselves this step
+    # (model.likeliest_nodes, AdaptivePolicy.node_counts)
+    nodes: int = 0
 
     @property
     def depth(self) -> int:
@@ -54,7 +59,7 @@ class TreeShape:
 
     @property
     def max_nodes(self) -> int:
-        return 1 + self.n_candidates * self.depth + self.lookup
+        return 1 + (self.nodes or self.n_candidates * self.depth) + self.lookup
 
     @property
     def is_chain(self) -> bool:
@@ -64,54 +69,47 @@ class TreeShape:
     @property
     def without_lookup(self) -> "TreeShape":
         """The same speculator tree with no lookup branch (plain decoding for lookup alone)."""
-        return TreeShape(self.top_k, self.n_candidates)
+        return TreeShape(self.top_k, self.n_candidates, nodes=self.nodes)
 
     def __str__(self) -> str:
         if not self.top_k:
             return f"lookup{self.lookup}" if self.lookup else "plain"
-        tree = f"{list(self.top_k)}x{self.n_candidates}"
+        tree = f"{list(self.top_k)}~{self.nodes}" if self.nodes else f"{list(self.top_k)}x{self.n_candidates}"
         return f"{tree}+lookup{self.lookup}" if self.lookup else tree
 
 
 PLAIN = TreeShape((), 0)
-# Narrow trees branch at this many first stages at most. Between the chain and the whole
-# tree in cost: on this CPU's chat prompts (batch 1, the ninth default) the chain made 2.45
-# tokens a step, [2, 1, 1, 1] x 2 (9 nodes) 2.71 and [2, 2, 1, 1] x 3 (13) 2.76, for 3 ms
-# more a step, and [4, 3, 2, 2] x 5 (21) 3.00 for 11 ms more: both narrow ones came out the
-# fastest fixed shapes (2.21x and 2.18x plain decoding, the chain 2.05x, the whole tree 2.10x).
-NARROW_STAGES = 2
+# The likeliest-nodes tree takes at most this many of the whole tree's nodes. Replayed
+# over every position of the bench's chat and code outputs (teacher-forced, this CPU's step
+# costs), its choice averaged 7.4 nodes on chat and 5.5 on code with room for 40, and 12
+# gave the same speed as 20 and 40 (2.49x plain decoding on chat, the best fixed shape 2.29x).
+LIKELIEST_NODES = 12
 
 
-def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = None, n_candidates: int | None = None,
+def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = None,
                lookup: int = 0) -> list[TreeShape]:
-    """Plain decoding, top-1 chains of every depth, narrow trees (the deepest chain with the
-    runner-up beside it at each of its first 1 or 2 stages), and the configured tree cut to
-    every depth.
-    With `lookup`, also the prompt-lookup branch alone, beside the deepest chain and beside
-    the whole tree: few shapes, since each is tracked per matched n-gram size (the decoder
-    learns the others in hindsight from any step of the whole tree)."""
-    menu = [PLAIN]
-    trees = []
+    """Plain decoding, top-1 chains of every depth, and, where the configured tree
+    branches, its likeliest nodes (TreeShape.nodes): a tree sized and shaped each step by
+    the draft's own confidence, which stands in for every fixed tree inside the whole one.
+    With `lookup`, also the prompt-lookup branch alone, and beside the deepest chain and
+    beside the likeliest nodes: few shapes, since each is tracked per matched n-gram size.
+
+    Fixed trees were on the menu before the likeliest nodes (the whole tree cut to every
+    depth, and narrow ones with the runner-up at the first one or two stages). Against
+    them, at batch 1 on the bench's chat prompts, this menu made 2.10x our plain decoding
+    where they made 2.05x, code 2.46x both, and batch 2 (chat and code mixed) 1.55x and
+    1.52x: fewer shapes to try and to track, and none of them better."""
+    chains, deepest = [], []  # the deepest: the longest chain, and the likeliest nodes
     if config is not None:
         top_k = list(config.top_k_tokens_per_head if top_k is None else top_k)
-        n = config.n_candidates if n_candidates is None else n_candidates
-        menu += [TreeShape((1,) * d, 1) for d in range(1, len(top_k) + 1)]
-        for s in range(1, min(NARROW_STAGES, len(top_k)) + 1):
-            narrow = tuple(min(2, k) if i < s else 1 for i, k in enumerate(top_k))
-            shape = TreeShape(narrow, min(s + 1, math.prod(narrow), n))
-            if shape not in menu + trees and shape.n_candidates > 1:
-                trees.append(shape)
-        for d in range(1, len(top_k) + 1):
-            shape = TreeShape(tuple(top_k[:d]), min(n, math.prod(top_k[:d])))
-            if shape not in menu + trees:
-                trees.append(shape)
-        menu += trees
+        chains = [TreeShape((1,) * d, 1) for d in range(1, len(top_k) + 1)]
+        deepest = [chains[-1]]
+        if math.prod(top_k) > 1:
+            grown = sum(math.prod(top_k[:d]) for d in range(1, len(top_k) + 1))  # nodes of the whole tree
+            deepest.append(TreeShape(tuple(top_k), 0, nodes=min(LIKELIEST_NODES, grown)))
+    menu = [PLAIN, *chains, *deepest[1:]]
     if lookup:
-        menu.append(TreeShape((), 0, lookup))
-        if config is not None:
-            whole = TreeShape(tuple(top_k), min(n, math.prod(top_k)))
-            beside = dict.fromkeys([TreeShape((1,) * len(top_k), 1), whole])  # the deepest chain, the whole tree
-            menu += [TreeShape(s.top_k, s.n_candidates, lookup) for s in beside]
+        menu += [TreeShape((), 0, lookup), *(TreeShape(s.top_k, s.n_candidates, lookup, s.nodes) for s in deepest)]
     return menu
 
 
@@ -196,13 +194,14 @@ class AdaptivePolicy:
         # the best of a few rounds, each timing every size once: a busy spell on a shared
         # machine then slows one round of all sizes, not one size of all rounds
         measured = [min(times) for times in zip(*[[forward_seconds(q) for q in points] for _ in range(self.rounds)])]
-        # proposals too: timed once each, the narrow trees' read 3.7 ms where their best of
+        bucket = self.bucket(batch_size)
+        self.forward[bucket] = (points, measured)  # node_counts reads it while proposals are timed
+        self.propose_seconds[bucket] = {PLAIN: 0.0}
+        # proposals too: timed once each, two narrow trees read 3.7 ms where their best of
         # four rounds was 2.1 (the chain's), and the policy passed them over
         shapes = [shape for shape in self.menu if shape != PLAIN]
         proposed = [min(times) for times in zip(*[[propose_seconds(s) for s in shapes] for _ in range(self.rounds)])]
-        bucket = self.bucket(batch_size)
-        self.forward[bucket] = (points, measured)
-        self.propose_seconds[bucket] = {PLAIN: 0.0, **dict(zip(shapes, proposed))}
+        self.propose_seconds[bucket].update(zip(shapes, proposed))
         self.seconds[bucket] = {shape: self._seconds(bucket, shape, shape.max_nodes) for shape in self.menu}
 
     def calibration(self) -> dict:
@@ -230,7 +229,26 @@ class AdaptivePolicy:
     def _seconds(self, bucket: int, shape: TreeShape, nodes: float) -> float:
         """The calibrated time of a step of `shape` whose tree has `nodes` nodes."""
         points, measured = self.forward[bucket]
-        return float(np.interp(nodes, points, measured)) + self.propose_seconds[bucket][shape]
+        return float(np.interp(nodes, points, measured)) + self.propose_seconds[bucket].get(shape, 0.0)
+
+    def node_counts(self, batch_size: int, shape: TreeShape, p_draft: torch.Tensor) -> torch.Tensor:
+        """How many of the likeliest nodes each row's tree of `shape` takes [b], given their
+        draft probabilities p_draft [b, n] (descending: model.likeliest_nodes): the count m <=
+        shape.nodes with the most tokens per second, 1 + the sum of the first m over the
+        calibrated time of a step of m + 1 nodes (and the shape's lookup branch).
+
+        A step accepts the nodes on one path, so its expected accepted tokens are the sum of
+        each node's chance that its whole path is right, and the draft's path probability
+        stands for that chance. The speculator's probabilities are honest: replaying the
+        ninth default over the bench's chat outputs, a first token drafted at 0.1-0.2 was
+        right 15% of the time, at 0.4-0.5 53%, at 0.8-0.9 87%; a table of such counts learned
+        on half the prompts chose trees 1% faster on the other half than the draft's own word."""
+        bucket = self.bucket(batch_size)
+        points, measured = self.forward[bucket]
+        counts = np.arange(1, min(shape.nodes, p_draft.size(1)) + 1)  # m
+        seconds = np.interp(1 + counts + shape.lookup, points, measured) + self.propose_seconds[bucket].get(shape, 0.0)
+        tokens = 1 + p_draft[:, : len(counts)].float().cumsum(dim=1)  # b m
+        return (tokens / torch.tensor(seconds, dtype=tokens.dtype, device=tokens.device)).argmax(dim=1) + 1  # b
 
     def choose(self, batch_size: int, max_depth: int, matched: Sequence[int] = (0,),
                behind: Sequence[int] | None = None) -> TreeShape:

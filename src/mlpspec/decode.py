@@ -38,7 +38,7 @@ from .base import cache_dir, check_pair, run_base
 from .cache import TreeCache
 from .errors import MLPSpecError
 from .fileio import atomic_write
-from .model import MLPSpeculator, best_paths, check_proposal_shape, is_inside, sub_paths
+from .model import MLPSpeculator, best_paths, check_proposal_shape, is_inside, likeliest_nodes, sub_paths
 from .tree import (
     NO_TOKEN,
     Tree,
@@ -236,10 +236,11 @@ def look_up(state: DecodeState, length: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def draft(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int,
-          branch: torch.Tensor | None = None) -> Draft:
+          branch: torch.Tensor | None = None, policy: AdaptivePolicy | None = None) -> Draft:
     """The parts of this step's candidates: the speculator's tree (with every leaf it grew
     on its way) and the lookup branch [b, >= shape.lookup] from look_up, each cut to
-    `depth` tokens when fewer remain to be generated."""
+    `depth` tokens when fewer remain to be generated. A shape of the likeliest nodes
+    (TreeShape.nodes) takes as many as the policy's costs say pay (node_counts)."""
     candidates = expansion = None
     top_k = tuple(shape.top_k[:depth])
     if speculator is not None and top_k:
@@ -247,16 +248,22 @@ def draft(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape
             state.hidden.unsqueeze(1).to(speculator.dtype), state.pending.unsqueeze(1), list(top_k)
         )  # b N D, b N D
         paths, scores = expansion
-        candidates, _ = best_paths(paths, scores[..., -1], min(shape.n_candidates, paths.size(1)))  # b k D
+        if shape.nodes:
+            ranked, p_draft = likeliest_nodes(paths, scores, list(top_k))  # b n D, b n
+            count = policy.node_counts(state.pending.size(0), shape, p_draft)  # b
+            taken = torch.arange(int(count.max()), device=count.device) < count.unsqueeze(1)  # b m
+            candidates = ranked[:, : taken.size(1)].masked_fill(~taken.unsqueeze(-1), NO_TOKEN)  # b m D
+        else:
+            candidates, _ = best_paths(paths, scores[..., -1], min(shape.n_candidates, paths.size(1)))  # b k D
     lookup = branch[:, :depth].unsqueeze(1) if branch is not None and depth > 0 else None  # b 1 L
     return Draft(candidates, expansion, top_k, lookup)
 
 
 def propose(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int,
-            branch: torch.Tensor | None = None) -> tuple[Tree, Draft]:
+            branch: torch.Tensor | None = None, policy: AdaptivePolicy | None = None) -> tuple[Tree, Draft]:
     """The candidates for this step (see draft), merged into a tree under the pending token:
     the speculator's, and the lookup branch when the shape has one."""
-    parts = draft(state, speculator, shape, depth, branch)
+    parts = draft(state, speculator, shape, depth, branch, policy)
     chosen = [] if parts.speculator is None else [parts.speculator]
     if shape.lookup and parts.lookup is not None:
         chosen.append(parts.lookup[..., : shape.lookup])
@@ -291,7 +298,7 @@ def foresee(policy: AdaptivePolicy, shape: TreeShape, parts: Draft, start: torch
         # which near the end is cut the same way
         grown.setdefault(TreeShape((1,) * shape.depth, 1), paths[:, :1])  # b 1 D
         for other in policy.menu:
-            if other.is_chain or other.lookup or other in grown or not is_inside(other.top_k, shape.top_k):
+            if other.is_chain or other.lookup or other.nodes or other in grown or not is_inside(other.top_k, shape.top_k):
                 continue
             sub, sub_scores = sub_paths(paths, scores, top_k, list(other.top_k[:D]))  # b N_s d, b N_s
             grown[other] = best_paths(sub, sub_scores, min(other.n_candidates, sub.size(1)))[0]
@@ -366,7 +373,7 @@ def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLP
     def propose_seconds(shape: TreeShape) -> float:
         tick = policy.clock()
         branch = look_up(state, shape.lookup)[0] if shape.lookup else None
-        propose(state, speculator, shape, max(shape.depth, shape.lookup), branch)
+        propose(state, speculator, shape, max(shape.depth, shape.lookup), branch, policy)
         _wait(state.pending.device)
         return policy.clock() - tick
 
@@ -555,7 +562,7 @@ def speculative_generate(
         h = len(top_k_tokens_per_head)  # the stages this call runs at most
         shape = TreeShape(tuple(top_k_tokens_per_head), n_candidates, lookup)
     if adaptive is True:
-        policy = AdaptivePolicy(shape_menu(cfg, top_k_tokens_per_head, n_candidates, lookup)) if shape != PLAIN else None
+        policy = AdaptivePolicy(shape_menu(cfg, top_k_tokens_per_head, lookup)) if shape != PLAIN else None
     elif adaptive:
         policy = adaptive
     menu = policy.menu if policy is not None else [shape]
@@ -592,7 +599,7 @@ def speculative_generate(
             shape = PLAIN if resting else policy.choose(b, max_depth=remaining - 1, matched=matched[near].tolist(),
                                                         behind=behind[near].tolist())
         before, active = state.n_emitted.clone(), ~state.finished  # b, b
-        tree, parts = propose(state, speculator, shape, remaining - 1, branch)
+        tree, parts = propose(state, speculator, shape, remaining - 1, branch, policy)
         out = verify(model, state, tree)
         path, n_accepted, bonus = walk(tree, out.logits, choose)
         emitted = commit(state, tree, out.hidden, path, n_accepted, bonus, eos, max_new_tokens)

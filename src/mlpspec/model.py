@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import MLPSpecError
+from .tree import NO_TOKEN
 
 NORM_EPS = 1e-6
 IGNORE_INDEX = -100  # a target that carries no loss (torch's cross_entropy default)
@@ -220,11 +221,45 @@ def sub_paths(paths: torch.Tensor, scores: torch.Tensor, top_k: list[int], sub_t
     d = len(sub_top_k)
     if not is_inside(sub_top_k, top_k):
         raise MLPSpecError(f"a tree keeping {sub_top_k} children per stage is not inside one keeping {top_k}")
+    index = sub_paths_index(top_k, sub_top_k).to(paths.device)
+    return paths[:, index, :d], scores[:, index, d - 1]  # b N_s d, b N_s
+
+
+def expansion_nodes(top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every node of the tree MLPSpeculator.expand(..., top_k) grows, as (leaf [n], depth
+    [n]): a node at depth d is the first leaf below it in expansion order (its sibling
+    ranks, then ranks 0: see sub_paths) cut to d tokens. Shallower nodes come first, so a
+    parent precedes its children. n = t1 + t1 t2 + ... + prod(top_k)."""
+    leaves, depths = [], []
+    for d in range(1, len(top_k) + 1):
+        index = sub_paths_index(top_k, top_k[:d])
+        leaves.append(index)
+        depths.append(torch.full_like(index, d))
+    return torch.cat(leaves), torch.cat(depths)
+
+
+def sub_paths_index(top_k: list[int], sub_top_k: list[int]) -> torch.Tensor:
+    """The leaves of expand(..., top_k) that sub_paths keeps for sub_top_k, in order [N_s]."""
     index = torch.zeros(1, dtype=torch.long)
     for i, k in enumerate(sub_top_k):  # each stage's children after their parent's, best first
         index = (index.unsqueeze(1) + math.prod(top_k[i + 1:]) * torch.arange(k)).flatten()
-    index = index.to(paths.device)
-    return paths[:, index, :d], scores[:, index, d - 1]  # b N_s d, b N_s
+    return index
+
+
+def likeliest_nodes(paths: torch.Tensor, scores: torch.Tensor, top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """expand's nodes (expansion_nodes), likeliest first by the draft's own probability of
+    the whole path to each (exp of its summed log-probs): (candidates [b, n, D], each the
+    path to its node with NO_TOKEN (-1) after it; p_draft [b, n], descending). Any first m
+    of them make a tree (a child is never likelier than its parent; ties keep the parent
+    first), the m nodes a draft of m tokens is likeliest to get accepted (EAGLE-2's
+    dynamic draft tree, Li et al. 2024, arXiv 2406.16858)."""
+    leaf, depth = (t.to(paths.device) for t in expansion_nodes(top_k))  # n, n
+    D = paths.size(2)
+    p_draft = scores[:, leaf, depth - 1].float().exp()  # b n
+    order = p_draft.argsort(dim=1, descending=True, stable=True)  # b n
+    cut = torch.arange(D, device=paths.device) >= depth.unsqueeze(1)  # n D
+    candidates = paths[:, leaf].masked_fill(cut, NO_TOKEN)  # b n D
+    return candidates.gather(1, order.unsqueeze(-1).expand(-1, -1, D)), p_draft.gather(1, order)  # b n D, b n
 
 
 def _rms(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
