@@ -11,7 +11,7 @@ from mlpspec import MLPSpeculatorConfig
 from mlpspec.adaptive import LIKELIEST_NODES, PLAIN, AdaptivePolicy, TreeShape, shape_menu
 from mlpspec.errors import MLPSpecError
 from mlpspec.decode import speculative_generate
-from mlpspec.tree import lookup_branch
+from mlpspec.tree import NO_TOKEN, lookup_branch
 from test_decode import hf_greedy, left_padded, random_speculator
 
 
@@ -155,8 +155,8 @@ def fake_costs(monkeypatch):
         clock["now"] += 1.0 + 0.05 * tree.size
         return verify(model, state, tree)
 
-    def timed_propose(state, speculator, shape, depth, branch=None, policy=None):
-        tree, parts = propose(state, speculator, shape, depth, branch, policy)
+    def timed_propose(state, speculator, shape, depth, branch=None, policy=None, matched=None):
+        tree, parts = propose(state, speculator, shape, depth, branch, policy, matched)
         clock["now"] += 0.3 if tree.size > 1 else 0.0
         return tree, parts
 
@@ -208,6 +208,31 @@ def test_node_counts_take_the_likeliest_nodes_while_they_pay():
     # (4.9 / 1.4 = 3.5); row 2: one, the fewest a tree of this shape has
     assert policy.node_counts(3, likeliest, p_draft).tolist() == [2, 4, 1]
 
+
+
+def test_lookup_chances_are_what_the_branch_alone_accepted_at_each_match_length():
+    policy = AdaptivePolicy([PLAIN, TreeShape((), 0, 4)])
+    policy.learn(TreeShape((), 0, 4), [3.0, 2.0], matched=[2, 2])  # 2 and 1 tokens accepted after 2-gram matches
+    assert policy.lookup_chances(4, [2, 0, 3]).tolist() == [
+        [1.0, 0.5, 0.0, 0.0],  # P(accepts >= 1), P(>= 2), ...
+        [0.0] * 4,  # no match: an empty branch
+        [1.0] * 4,  # a 3-gram match, never seen: the most it could be
+    ]
+
+
+def test_likeliest_takes_the_nodes_and_branch_tokens_most_likely_right_while_they_pay():
+    shape = TreeShape((2, 2), 0, 3, nodes=6)
+    policy = calibrated([PLAIN, shape], {1: 1.0, 2: 1.1, 10: 1.9}, batch_size=2)  # 0.1 a node
+    policy.record(TreeShape((), 0, 3), 2).at_least, policy.record(TreeShape((), 0, 3), 2).uses = [0.9, 0.5, 0.05], 9
+    paths = torch.tensor([[[5, 7], [5, 8], [6, 9], [6, 1]]]).expand(2, -1, -1)  # expand(..., [2, 2])'s leaves
+    p_path = torch.tensor([[[0.6, 0.3], [0.6, 0.2], [0.4, 0.35], [0.4, 0.01]]]).expand(2, -1, -1)
+    branch = torch.tensor([[[8, 8, 8]], [[NO_TOKEN] * 3]])  # row 1 matched nothing
+    candidates, taken = decode.likeliest(policy, shape, paths, p_path.log(), [2, 2], branch, torch.tensor([2, 0]))
+    # row 0: 0.9 (branch) 0.6 0.5 (branch) 0.4 0.35 0.3 | 0.2 ...: 6 taken, 4.05 tokens in 1.6 (7 in 1.7 gives
+    # 4.25); row 1, nodes alone: 0.6 0.4 0.35 0.3 0.2 | 0.01, 2.85 tokens in 1.5
+    assert taken.tolist() == [2, 0]
+    assert candidates[0].tolist() == [[5, NO_TOKEN], [6, NO_TOKEN], [6, 9], [5, 7], [NO_TOKEN] * 2]
+    assert candidates[1].tolist() == [[5, NO_TOKEN], [6, NO_TOKEN], [6, 9], [5, 7], [5, 8]]
 
 def test_the_likeliest_nodes_tree_takes_the_runner_up_where_it_pays_and_stays_lossless(fake_costs):
     model = tiny_llama(seed=4)
@@ -469,3 +494,23 @@ def test_a_later_call_reuses_the_step_costs_kept_on_this_machine(calibrations_ap
         file.write_text(broken)
         with pytest.warns(UserWarning, match="not a calibration this policy can use"):
             assert not decode.remembered_policy(model, speculator, lookup=3)[0].calibrated(1)
+
+
+def test_a_likeliest_tree_that_takes_its_branch_alone_stays_lossless_and_teaches_the_rest(fake_costs):
+    # a random speculator's nodes are seldom likely, and a tiny model's output repeats
+    # itself, so the branch's tokens (at first credited with every chance) often take the
+    # whole tree: a step with no speculator node at all
+    model = tiny_llama(seed=6)
+    ids, mask = left_padded([5, 8], seed=6)
+    expected = hf_greedy(model, ids, mask, 40, eos=None)
+    speculator = random_speculator(model, 3)
+    menu = shape_menu(speculator.config, lookup=4)
+    likeliest_lookup = menu[-1]
+    assert likeliest_lookup.nodes and likeliest_lookup.lookup
+    policy = Always(menu, clock=fake_costs, shape=likeliest_lookup)
+    out = speculative_generate(model, speculator, ids, mask, max_new_tokens=40, eos_token_id=[], adaptive=policy,
+                               lookup=4)
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.stats.shapes == {str(likeliest_lookup): out.stats.steps - 1}
+    learned = {shape for shape, _ in policy.log}
+    assert {TreeShape((1, 1, 1), 1), TreeShape((), 0, 4)} <= learned  # the chain, the branch alone

@@ -231,24 +231,38 @@ class AdaptivePolicy:
         points, measured = self.forward[bucket]
         return float(np.interp(nodes, points, measured)) + self.propose_seconds[bucket].get(shape, 0.0)
 
-    def node_counts(self, batch_size: int, shape: TreeShape, p_draft: torch.Tensor) -> torch.Tensor:
-        """How many of the likeliest nodes each row's tree of `shape` takes [b], given their
-        draft probabilities p_draft [b, n] (descending: model.likeliest_nodes): the count m <=
-        shape.nodes with the most tokens per second, 1 + the sum of the first m over the
-        calibrated time of a step of m + 1 nodes (and the shape's lookup branch).
+    def node_counts(self, batch_size: int, shape: TreeShape, chances: torch.Tensor) -> torch.Tensor:
+        """How many of a tree's likeliest nodes each row takes [b], given their chances of
+        acceptance [b, n] (descending: decode.likeliest): the count m with the most tokens
+        per second, 1 + the sum of the first m chances over the calibrated time of a step
+        of `shape` with m + 1 nodes.
 
         A step accepts the nodes on one path, so its expected accepted tokens are the sum of
-        each node's chance that its whole path is right, and the draft's path probability
-        stands for that chance. The speculator's probabilities are honest: replaying the
-        ninth default over the bench's chat outputs, a first token drafted at 0.1-0.2 was
-        right 15% of the time, at 0.4-0.5 53%, at 0.8-0.9 87%; a table of such counts learned
-        on half the prompts chose trees 1% faster on the other half than the draft's own word."""
+        each node's chance that its whole path is right, and for the speculator's nodes the
+        draft's path probability stands for that chance. The speculator's probabilities
+        are honest: replaying the ninth default over the bench's chat outputs, a first token
+        drafted at 0.1-0.2 was right 15% of the time, at 0.4-0.5 53%, at 0.8-0.9 87%; a table
+        of such counts learned on half the prompts chose trees 1% faster on the other half
+        than the draft's own word."""
         bucket = self.bucket(batch_size)
         points, measured = self.forward[bucket]
-        counts = np.arange(1, min(shape.nodes, p_draft.size(1)) + 1)  # m
-        seconds = np.interp(1 + counts + shape.lookup, points, measured) + self.propose_seconds[bucket].get(shape, 0.0)
-        tokens = 1 + p_draft[:, : len(counts)].float().cumsum(dim=1)  # b m
+        counts = np.arange(1, chances.size(1) + 1)  # m
+        seconds = np.interp(1 + counts, points, measured) + self.propose_seconds[bucket].get(shape, 0.0)  # m
+        tokens = 1 + chances.float().cumsum(dim=1)  # b m
         return (tokens / torch.tensor(seconds, dtype=tokens.dtype, device=tokens.device)).argmax(dim=1) + 1  # b
+
+    def lookup_chances(self, lookup: int, matched: Sequence[int]) -> torch.Tensor:
+        """The chance that a lookup branch of `lookup` tokens is right up to and with its
+        j-th token, for rows whose lookup matched n-grams of `matched` tokens [b, lookup]:
+        what the branch alone accepted at that n (its record's tails; decode.foresee teaches
+        it from every step with a branch), 1 where it has not been seen, 0 where nothing
+        matched (the branch is empty)."""
+        rows = []
+        for n in matched:
+            record = self.record(TreeShape((), 0, lookup), n) if n else None
+            tails = [] if record is None else list(record.at_least) if record.uses else [1.0] * lookup
+            rows.append((tails + [0.0] * lookup)[:lookup])
+        return torch.tensor(rows, dtype=torch.float)
 
     def choose(self, batch_size: int, max_depth: int, matched: Sequence[int] = (0,),
                behind: Sequence[int] | None = None) -> TreeShape:

@@ -135,6 +135,7 @@ class Draft(NamedTuple):
     expansion: tuple[torch.Tensor, torch.Tensor] | None  # every leaf it grew, MLPSpeculator.expand's
     top_k: tuple[int, ...]  # the stages it ran
     lookup: torch.Tensor | None  # b 1 L   the lookup branch, whether or not this step's tree has it
+    lookup_taken: torch.Tensor | None = None  # b   its tokens each row's tree takes, where chosen by their chances
 
 
 class Hindsight(NamedTuple):
@@ -236,37 +237,69 @@ def look_up(state: DecodeState, length: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def draft(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int,
-          branch: torch.Tensor | None = None, policy: AdaptivePolicy | None = None) -> Draft:
+          branch: torch.Tensor | None = None, policy: AdaptivePolicy | None = None,
+          matched: torch.Tensor | None = None) -> Draft:
     """The parts of this step's candidates: the speculator's tree (with every leaf it grew
-    on its way) and the lookup branch [b, >= shape.lookup] from look_up, each cut to
-    `depth` tokens when fewer remain to be generated. A shape of the likeliest nodes
-    (TreeShape.nodes) takes as many as the policy's costs say pay (node_counts)."""
-    candidates = expansion = None
+    on its way) and the lookup branch [b, >= shape.lookup] from look_up (whose rows matched
+    n-grams of `matched` [b] tokens), each cut to `depth` tokens when fewer remain to be
+    generated. A shape of the likeliest nodes (TreeShape.nodes) takes as many nodes, and
+    as much of its branch, as the policy's costs say pay (likeliest)."""
+    candidates = expansion = taken = None
     top_k = tuple(shape.top_k[:depth])
+    lookup = branch[:, :depth].unsqueeze(1) if branch is not None and depth > 0 else None  # b 1 L
     if speculator is not None and top_k:
         expansion = speculator.expand(
             state.hidden.unsqueeze(1).to(speculator.dtype), state.pending.unsqueeze(1), list(top_k)
         )  # b N D, b N D
         paths, scores = expansion
         if shape.nodes:
-            ranked, p_draft = likeliest_nodes(paths, scores, list(top_k))  # b n D, b n
-            count = policy.node_counts(state.pending.size(0), shape, p_draft)  # b
-            taken = torch.arange(int(count.max()), device=count.device) < count.unsqueeze(1)  # b m
-            candidates = ranked[:, : taken.size(1)].masked_fill(~taken.unsqueeze(-1), NO_TOKEN)  # b m D
+            with_branch = lookup[..., : shape.lookup] if shape.lookup and lookup is not None else None
+            candidates, taken = likeliest(policy, shape, paths, scores, list(top_k), with_branch, matched)
         else:
             candidates, _ = best_paths(paths, scores[..., -1], min(shape.n_candidates, paths.size(1)))  # b k D
-    lookup = branch[:, :depth].unsqueeze(1) if branch is not None and depth > 0 else None  # b 1 L
-    return Draft(candidates, expansion, top_k, lookup)
+    return Draft(candidates, expansion, top_k, lookup, taken)
+
+
+def likeliest(policy: AdaptivePolicy, shape: TreeShape, paths: torch.Tensor, scores: torch.Tensor, top_k: list[int],
+              branch: torch.Tensor | None, matched: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The likeliest nodes of the speculator's expansion (paths, scores), at most
+    shape.nodes, and with a lookup branch [b, 1, L] its first tokens, as many of all these
+    as pay (AdaptivePolicy.node_counts): a node's chance is the draft's path probability
+    (model.likeliest_nodes), a branch token's what the branch alone accepted for rows that
+    matched as long an n-gram (AdaptivePolicy.lookup_chances). A branch copied after a
+    1-gram match is seldom right past its first tokens, and each costs as much as a node.
+    Returns (the speculator's candidates [b, m, D], the branch tokens each row takes [b];
+    None without a branch)."""
+    ranked, p_draft = (t[:, : shape.nodes] for t in likeliest_nodes(paths, scores, top_k))  # b n D, b n
+    b, n = p_draft.shape
+    chances = p_draft[:, :0]  # b 0
+    if branch is not None:
+        chances = policy.lookup_chances(shape.lookup, matched.tolist())[:, : branch.size(2)].to(p_draft)  # b L
+    p = torch.cat([p_draft, chances], dim=1)  # b n+L
+    order = p.argsort(dim=1, descending=True, stable=True)  # b n+L
+    count = policy.node_counts(b, shape, p.gather(1, order))  # b
+    ranks = torch.arange(p.size(1), device=p.device).expand(b, -1)  # b n+L
+    taken = torch.zeros_like(p, dtype=torch.bool).scatter_(1, order, ranks < count.unsqueeze(1))  # b n+L
+    # both lists are descending, so what is taken of each is a prefix of it
+    nodes = taken[:, :n].sum(dim=1)  # b
+    keep = torch.arange(int(nodes.max()), device=p.device) < nodes.unsqueeze(1)  # b m
+    candidates = ranked[:, : keep.size(1)].masked_fill(~keep.unsqueeze(-1), NO_TOKEN)  # b m D
+    return candidates, (taken[:, n:].sum(dim=1) if branch is not None else None)
 
 
 def propose(state: DecodeState, speculator: MLPSpeculator | None, shape: TreeShape, depth: int,
-            branch: torch.Tensor | None = None, policy: AdaptivePolicy | None = None) -> tuple[Tree, Draft]:
+            branch: torch.Tensor | None = None, policy: AdaptivePolicy | None = None,
+            matched: torch.Tensor | None = None) -> tuple[Tree, Draft]:
     """The candidates for this step (see draft), merged into a tree under the pending token:
     the speculator's, and the lookup branch when the shape has one."""
-    parts = draft(state, speculator, shape, depth, branch, policy)
+    parts = draft(state, speculator, shape, depth, branch, policy, matched)
     chosen = [] if parts.speculator is None else [parts.speculator]
     if shape.lookup and parts.lookup is not None:
-        chosen.append(parts.lookup[..., : shape.lookup])
+        branch = parts.lookup[..., : shape.lookup]  # b 1 L
+        if parts.lookup_taken is not None:
+            cut = torch.arange(branch.size(2), device=branch.device) >= parts.lookup_taken.view(-1, 1, 1)  # b 1 L
+            branch = branch.masked_fill(cut, NO_TOKEN)
+        chosen.append(branch)
     if not chosen:
         return root_only(state.pending), parts
     return build_tree(state.pending, _side_by_side(chosen)), parts
@@ -292,7 +325,8 @@ def foresee(policy: AdaptivePolicy, shape: TreeShape, parts: Draft, start: torch
     if parts.expansion is not None:
         paths, scores = parts.expansion  # b N D, b N D
         top_k, D = list(parts.top_k), len(parts.top_k)  # near the end, fewer stages than the shape has
-        grown[shape.without_lookup] = parts.speculator
+        if parts.lookup_taken is None:  # nodes chosen beside a branch are not those the tree alone would take
+            grown[shape.without_lookup] = parts.speculator
         # the chain (a chain's step already teaches the shorter ones) and every smaller tree
         # (fewer stages or fewer children per stage), each keyed as its own step would be,
         # which near the end is cut the same way
@@ -372,8 +406,8 @@ def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLP
 
     def propose_seconds(shape: TreeShape) -> float:
         tick = policy.clock()
-        branch = look_up(state, shape.lookup)[0] if shape.lookup else None
-        propose(state, speculator, shape, max(shape.depth, shape.lookup), branch, policy)
+        branch, matched = look_up(state, shape.lookup) if shape.lookup else (None, None)
+        propose(state, speculator, shape, max(shape.depth, shape.lookup), branch, policy, matched)
         _wait(state.pending.device)
         return policy.clock() - tick
 
@@ -599,7 +633,7 @@ def speculative_generate(
             shape = PLAIN if resting else policy.choose(b, max_depth=remaining - 1, matched=matched[near].tolist(),
                                                         behind=behind[near].tolist())
         before, active = state.n_emitted.clone(), ~state.finished  # b, b
-        tree, parts = propose(state, speculator, shape, remaining - 1, branch, policy)
+        tree, parts = propose(state, speculator, shape, remaining - 1, branch, policy, matched)
         out = verify(model, state, tree)
         path, n_accepted, bonus = walk(tree, out.logits, choose)
         emitted = commit(state, tree, out.hidden, path, n_accepted, bonus, eos, max_new_tokens)
