@@ -114,6 +114,11 @@ def test_plain_picks_in_a_row_rest_the_choice():
     assert fresh.choose(1, max_depth=0) == PLAIN and not fresh.resting(1)  # forced by the tokens left: no rest
     cheap = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 1.0})
     assert cheap.choose(1, max_depth=1) == CHAIN1 and not cheap.resting(1)  # a speculative pick: no rest
+    close = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 1.5})
+    close.update(CHAIN1, 1, [1.6], 1.5)
+    close.steps = close.record(CHAIN1).uses = 10**6  # no optimism left
+    # 1.6 tokens in 1.5 s, 0.97 of plain's pace before the margin: plain, but only just, so no rest
+    assert close.choose(1, max_depth=1) == PLAIN and not close.resting(1)
 
 
 def test_what_one_batch_size_learned_guides_another():
