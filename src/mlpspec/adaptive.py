@@ -1,6 +1,12 @@
 """Adaptive speculation: each step, the tree shape (or none at all) that should give the most
 tokens per second, on this hardware, at this batch size, for this text.
 
+The menu (shape_menu) is plain decoding, top-1 chains, and the likeliest nodes of the
+speculator's whole tree, which shapes itself within the step: every node the speculator
+grows is scored by the draft's probability of the path to it, and a row's tree is the m
+likeliest, m chosen for the most tokens per second (node_counts), with a lookup branch's
+tokens competing for a place by how often such copies were right (lookup_chances).
+
 A shape's worth is tokens per step divided by seconds per step. The seconds come from a
 cost model calibrated at start-up on the real context: the base model's forward time at a
 few tree sizes (one node, two, the largest tree) for the batch at hand, interpolated in
