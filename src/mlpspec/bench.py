@@ -325,8 +325,9 @@ def write_report(report: dict, out: Path) -> None:
         lines += ["", "Floor, ours_adaptive over the best plain method (HF greedy or ours_plain): " + ", ".join(
             f"batch {b} {f:.3f}" for b, f in report["floor"].items()) + "."]
     if "ours_adaptive" in results:
-        lines += ["", "Steps of ours_adaptive by tree shape ([top-k per head]x candidates; lookupN: a prompt-lookup "
-                  "branch of N tokens):", ""]
+        lines += ["", "Steps of ours_adaptive by tree shape ([top-k per head]x candidates; [top-k per head]~N: the "
+                  "likeliest N nodes of that tree at most, as many as pay; lookupN: a prompt-lookup branch of N "
+                  "tokens):", ""]
         lines += [f"- batch {b}: " + ", ".join(f"{shape} {n}" for shape, n in r["shapes"].items())
                   for b, r in results["ours_adaptive"].items()]
     lines += ["", f"Greedy outputs checked against HF greedy: {report['mismatches']} mismatches, "
