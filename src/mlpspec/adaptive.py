@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .errors import MLPSpecError
-from .model import MLPSpeculatorConfig
+from .model import MLPSpeculatorConfig, expansion_nodes
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = Non
         chains = [TreeShape((1,) * d, 1) for d in range(1, len(top_k) + 1)]
         deepest = [chains[-1]]
         if math.prod(top_k) > 1:
-            grown = sum(math.prod(top_k[:d]) for d in range(1, len(top_k) + 1))  # nodes of the whole tree
+            grown = expansion_nodes(top_k)[0].numel()  # nodes of the whole tree
             deepest.append(TreeShape(tuple(top_k), 0, nodes=min(LIKELIEST_NODES, grown)))
     menu = [PLAIN, *chains, *deepest[1:]]
     if lookup:
@@ -240,10 +240,11 @@ class AdaptivePolicy:
             self.propose_seconds[bucket] = {shape: float(t) for shape, t in zip(self.menu, propose)}
             self.seconds[bucket] = {shape: self._seconds(bucket, shape, shape.max_nodes) for shape in self.menu}
 
-    def _seconds(self, bucket: int, shape: TreeShape, nodes: float) -> float:
-        """The calibrated time of a step of `shape` whose tree has `nodes` nodes."""
+    def _seconds(self, bucket: int, shape: TreeShape, nodes):
+        """The calibrated time of a step of `shape` whose tree has `nodes` nodes (a number,
+        or an array of them for an array of times)."""
         points, measured = self.forward[bucket]
-        return float(np.interp(nodes, points, measured)) + self.propose_seconds[bucket].get(shape, 0.0)
+        return np.interp(nodes, points, measured) + self.propose_seconds[bucket].get(shape, 0.0)
 
     def node_counts(self, batch_size: int, shape: TreeShape, chances: torch.Tensor) -> torch.Tensor:
         """How many of a tree's likeliest nodes each row takes [b], given their chances of
@@ -258,10 +259,8 @@ class AdaptivePolicy:
         drafted at 0.1-0.2 was right 15% of the time, at 0.4-0.5 53%, at 0.8-0.9 87%; a table
         of such counts learned on half the prompts chose trees 1% faster on the other half
         than the draft's own word."""
-        bucket = self.bucket(batch_size)
-        points, measured = self.forward[bucket]
         counts = np.arange(1, chances.size(1) + 1)  # m
-        seconds = np.interp(1 + counts, points, measured) + self.propose_seconds[bucket].get(shape, 0.0)  # m
+        seconds = self._seconds(self.bucket(batch_size), shape, 1 + counts)  # m
         tokens = 1 + chances.float().cumsum(dim=1)  # b m
         return (tokens / torch.tensor(seconds, dtype=tokens.dtype, device=tokens.device)).argmax(dim=1) + 1  # b
 
