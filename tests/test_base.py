@@ -43,7 +43,7 @@ def test_load_base_from_a_folder(tiny_llama_folder):
     assert placed.device.type == "meta"
 
 
-def test_tree_attention_reads_grouped_heads_in_place_with_the_same_numbers(tiny_llama_folder, monkeypatch):
+def test_tree_attention_packs_grouped_heads_with_the_same_numbers(tiny_llama_folder, monkeypatch):
     from mlpspec.decode import make_chooser, prefill, verify
     from mlpspec.tree import build_tree
 
@@ -66,7 +66,8 @@ def test_tree_attention_reads_grouped_heads_in_place_with_the_same_numbers(tiny_
 
     ours = tree_logits(base.TREE_ATTENTION)
     assert delegated == [12, 12]  # the prefill in each of the 2 layers (a boolean mask), not the tree passes
-    assert torch.equal(ours, tree_logits("sdpa"))
+    # the same sums in another order: float32 rounding apart (6e-8 here), transformers' numbers
+    torch.testing.assert_close(ours, tree_logits("sdpa"), rtol=0, atol=1e-6)
 
 
 def test_load_base_errors(tmp_path):

