@@ -8,7 +8,7 @@ import torch
 import mlpspec.decode as decode
 from conftest import OracleSpeculator, tiny_llama
 from mlpspec import MLPSpeculatorConfig
-from mlpspec.adaptive import LIKELIEST_NODES, PLAIN, AdaptivePolicy, TreeShape, shape_menu
+from mlpspec.adaptive import LIKELIEST_NODES, PLAIN, AdaptivePolicy, TreeShape, expected_last, shape_menu
 from mlpspec.errors import MLPSpecError
 from mlpspec.decode import speculative_generate
 from mlpspec.tree import NO_TOKEN, lookup_branch
@@ -305,10 +305,10 @@ def test_a_batch_step_is_worth_what_its_slowest_row_gains():
     policy.steps = 10**6
     policy.record(LOOKUP, 3).uses = 10**6  # no optimism left
     # one row of four matched: the other three gain nothing, and the batch ends with them
-    assert policy.expected_tokens(LOOKUP, [3, 0, 0, 0]) == pytest.approx(1.0)
+    assert policy.expected_tokens(LOOKUP, [3, 0, 0, 0], left=7) == pytest.approx(1.0)
     assert policy.choose(4, max_depth=6, matched=[3, 0, 0, 0]) == PLAIN
     # every row matched: 5 tokens for 1.5 s, against 1 in 1 s
-    assert policy.expected_tokens(LOOKUP, [3, 3, 3, 3]) == pytest.approx(5.0)
+    assert policy.expected_tokens(LOOKUP, [3, 3, 3, 3], left=7) == pytest.approx(5.0)
     assert policy.choose(4, max_depth=6, matched=[3, 3, 3, 3]) == LOOKUP
     assert policy.choose(4, max_depth=6, matched=[3]) == LOOKUP  # the one row still far from done matched
     # past twice a plain step a lookup shape is not offered at all, whatever its estimate
@@ -348,36 +348,57 @@ def test_a_chain_step_teaches_every_shorter_chain_exactly():
     assert policy.record(TREE).uses == 0 and policy.record(PLAIN).uses == 0
 
 
-def test_tied_rows_move_the_batch_end_by_the_least_any_of_them_gains():
+def test_expected_last_folds_normals_two_at_a_time():
+    assert expected_last([(4.0, 1.0, 2)]) == pytest.approx(4 + 1 / math.sqrt(math.pi))  # exact for two
+    assert expected_last([(3.0, 0.0, 1), (5.0, 0.0, 2)]) == 5.0  # certain ones: the largest
+    assert expected_last([(3.0, 2.0, 1)]) == 3.0
+    # 16 alike: the mean of the largest of 16 standard normals is 1.7660 (tables); Clark's estimate is near it
+    assert expected_last([(0.0, 1.0, 16)]) == pytest.approx(1.766, abs=0.02)
+
+
+def test_a_batch_is_worth_the_pace_of_its_last_row():
     policy = calibrated([PLAIN, CHAIN1, CHAIN2], {1: 1.0, 2: 1.2, 3: 1.3}, batch_size=8)
     policy.steps = 10**6
-    for shape, at_least in ((CHAIN1, [0.7]), (CHAIN2, [0.6, 0.3])):
+    for shape, at_least in ((CHAIN1, [0.7]), (CHAIN2, [0.5, 0.5])):
         policy.record(shape).uses, policy.record(shape).at_least = 10**6, at_least
-    assert policy.expected_tokens(CHAIN1, [0]) == pytest.approx(1.7)  # one row: its mean
-    assert policy.expected_tokens(CHAIN1, [0, 0]) == pytest.approx(1 + 0.7 ** 2)  # both must accept
-    assert policy.expected_tokens(CHAIN2, [0, 0]) == pytest.approx(1 + 0.6 ** 2 + 0.3 ** 2)
-    # 1.9 tokens for 1.3 s pays for the one row furthest from done, not for 8 rows tied there
-    assert policy.choose(8, max_depth=2, matched=[0]) == CHAIN2
-    assert policy.choose(8, max_depth=2, matched=[0] * 2) == CHAIN1  # 1.49 for 1.2 s against 1.45 for 1.3 s
-    assert policy.choose(8, max_depth=2, matched=[0] * 8) == PLAIN  # 1 + 0.7^8 = 1.06 tokens for 1.2 s
+    assert policy.expected_tokens(CHAIN2, [0], left=8) == pytest.approx(2.0)  # one row: its mean
+    # CHAIN2 gains 1 or 3 tokens a step (mean 2, variance 1): a row with 8 to go takes about
+    # Normal(8 / 2, 8 * 1 / 2^3) = Normal(4, 1) steps, and the later of two such rows 4 + 1 / sqrt(pi)
+    assert policy.expected_tokens(CHAIN2, [0, 0], left=8) == pytest.approx(8 / (4 + 1 / math.sqrt(math.pi)))
+    # a row 4 tokens ahead takes Normal(2, 0.5) steps, and seldom ends last: Clark's E[max]
+    # of Normal(4, 1) and Normal(2, 0.5) is 4 Phi(a) + 2 Phi(-a) + t phi(a), t = sqrt(1.5), a = 2 / t
+    assert policy.expected_tokens(CHAIN2, [0, 0], behind=[0, 4], left=8) == pytest.approx(8 / 4.026324, rel=1e-6)
+    # the more rows tied, the later the last of them
+    one, two, eight = (policy.expected_tokens(CHAIN1, [0] * n, left=64) for n in (1, 2, 8))
+    assert one == pytest.approx(1.7) and one > two > eight > 1.5
+    # a row at half the pace accepts each of its chain's tokens half as often: tails 0.25 and
+    # 0.125, mean 1.375, variance 0.484: Normal(5.818, 1.491) steps for 8 tokens, and it sets the end
+    slow = policy.expected_tokens(CHAIN2, [0, 0], left=8, pace=[(1.0, 0.0), (0.5, 0.0)])
+    assert slow == pytest.approx(8 / 5.915781, rel=1e-6)
+    # a pace known only to 0.3 moves the mean gain by (1 * 0.5 + 2 * 0.5) * 0.3 = 0.45, each row's
+    # steps by 4 * 0.45 / 2 = 0.9 more (sd), and the later of two rows: 4 + sqrt(1 + 0.81) / sqrt(pi)
+    unsure = policy.expected_tokens(CHAIN2, [0, 0], left=8, pace=[(1.0, 0.3)] * 2)
+    assert unsure == pytest.approx(8 / (4 + math.sqrt(1.81) / math.sqrt(math.pi)))
+    # chains pay for one row and for eight: 1.6 tokens a step for the last of 8 rows, for 1.2 s
+    assert policy.choose(8, max_depth=63, matched=[0]) == CHAIN2
+    assert policy.choose(8, max_depth=63, matched=[0] * 8) != PLAIN
+    # but not for 8 rows whose paces are unknown, when a chain costs 1.45 plain steps
+    calibrated(policy.menu, {1: 1.0, 2: 1.45, 3: 1.6}, batch_size=8, policy=policy)
+    assert policy.choose(8, max_depth=63, matched=[0]) == CHAIN2
+    assert policy.choose(8, max_depth=63, matched=[0] * 8, pace=[(1.0, 0.3)] * 8) == PLAIN
 
 
-def test_a_row_that_trails_by_a_token_binds_the_batch_end_too():
+def test_a_row_without_a_match_sets_the_end_for_a_lookup_shape():
     LOOKUP = TreeShape((), 0, 6)
     policy = calibrated([PLAIN, CHAIN2, LOOKUP], {1: 1.0, 2: 1.2, 7: 1.9}, batch_size=4)
     policy.steps = 10**6
     for shape, n, at_least in ((CHAIN2, 0, [0.6, 0.3]), (LOOKUP, 3, [1.0, 1.0, 1.0, 1.0])):
         policy.record(shape, n).uses, policy.record(shape, n).at_least = 10**6, at_least
-    # row A furthest from done, row B one token behind: the end moves by min(g_A, 1 + g_B),
-    # g = 1 + accepted, whose mean is sum_t P(g_A >= t) P(1 + g_B >= t) = 1 + 0.6 * 1 + 0.3 * 0.6
-    assert policy.expected_tokens(CHAIN2, [0, 0], behind=[0, 1]) == pytest.approx(1.78)
-    assert policy.expected_tokens(CHAIN2, [0, 0], behind=[0, 0]) == pytest.approx(1 + 0.6 ** 2 + 0.3 ** 2)
-    assert policy.expected_tokens(CHAIN2, [0, 0], behind=[0, 2]) == pytest.approx(1.9)  # B cannot be last after it
-    # A's 3-gram copy gains 5 tokens, but B, one behind with no match, gains 1: the end moves by 2
-    # in 1.9 s, against 1.78 in 1.34 s for the chain; with B out of reach the copy pays
-    assert policy.expected_tokens(LOOKUP, [3, 0], behind=[0, 1]) == pytest.approx(2.0)
+    # row A's 3-gram copy gains 5 tokens a step, but B, one behind with no match, 1: B's 6
+    # tokens take 6 steps, and the end moves 7 tokens in 6 steps
+    assert policy.expected_tokens(LOOKUP, [3, 0], behind=[0, 1], left=7) == pytest.approx(7 / 6)
     assert policy.choose(4, max_depth=6, matched=[3, 0], behind=[0, 1]) == CHAIN2
-    assert policy.choose(4, max_depth=6, matched=[3], behind=[0]) == LOOKUP
+    assert policy.choose(4, max_depth=6, matched=[3], behind=[0]) == LOOKUP  # A alone
 
 
 def test_two_unlucky_first_steps_do_not_rule_out_a_long_lookup_branch():
@@ -393,7 +414,7 @@ def test_two_unlucky_first_steps_do_not_rule_out_a_long_lookup_branch():
     assert policy.expected_tokens(LOOKUP, [3], bonus=True) == pytest.approx(1 + 6 * lift)
     assert policy.choose(1, max_depth=6, matched=[3]) == LOOKUP
     # but not for a batch whose other row near the end matched nothing: the branch cannot move the end
-    assert policy.expected_tokens(LOOKUP, [3, 0], behind=[0, 0], bonus=True) == pytest.approx(1.0)
+    assert policy.expected_tokens(LOOKUP, [3, 0], behind=[0, 0], bonus=True, left=7) == pytest.approx(1.0)
     calibrated(policy.menu, {1: 1.0, 2: 1.1, 7: 1.3}, batch_size=2, policy=policy)
     assert policy.choose(2, max_depth=6, matched=[3, 0], behind=[0, 0]) == CHAIN1
     policy.record(LOOKUP, 3).uses = 10**4  # after many wrong copies it is not
@@ -407,7 +428,7 @@ class Always(AdaptivePolicy):
     shape: TreeShape = PLAIN
     log: list = field(default_factory=list)
 
-    def choose(self, batch_size, max_depth, matched=(0,), behind=None):
+    def choose(self, batch_size, max_depth, matched=(0,), behind=None, pace=None):
         return self.shape
 
     def learn(self, shape, row_tokens, matched=None):

@@ -453,16 +453,24 @@ def test_adaptive_lookup_without_a_speculator():
         speculative_generate(model, None, ids, mask, max_new_tokens=4, adaptive=policy)
 
 
-def test_rows_near_the_end_are_those_a_step_could_leave_last():
+def test_rows_left_measures_each_row_against_the_one_furthest_from_done():
     from types import SimpleNamespace
 
     # 10 tokens each at most: rows 1 and 2 have 7 left, but row 2 is finished (EOS)
     state = SimpleNamespace(n_emitted=torch.tensor([5, 3, 3, 7]), finished=torch.tensor([False, False, True, False]))
-    near, behind, remaining = decode.rows_near_the_end(state, 10, reach=2)
+    behind, remaining = decode.rows_left(state, 10)
     assert remaining == 7 and behind.tolist() == [2, 0, 0, 4]
-    assert near.tolist() == [False, True, False, False]  # row 0 trails by 2: two tokens accepted would not catch it up
-    near, _, _ = decode.rows_near_the_end(state, 10, reach=3)
-    assert near.tolist() == [True, True, False, False]
-    state.n_emitted = torch.tensor([4, 4, 3, 4])  # a tie: the batch waits on all three
-    near, behind, remaining = decode.rows_near_the_end(state, 10, reach=0)  # plain decoding: the tied rows only
-    assert near.tolist() == [True, True, False, True] and remaining == 6 and behind[near].tolist() == [0, 0, 0]
+    state.finished = torch.tensor([False, True, True, False])  # with row 1 done, row 0 is the furthest
+    behind, remaining = decode.rows_left(state, 10)
+    assert remaining == 5 and behind.tolist() == [0, -2, -2, 2]
+
+
+def test_a_rows_pace_is_its_first_token_acceptance_against_the_records_shrunk_to_one():
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(accepted=torch.tensor([0.0, 6.0, 2.0]), expected=torch.tensor([0.0, 4.0, 4.0]))
+    pace, spread = decode.row_pace(state)
+    prior, width = decode.PACE_PRIOR, decode.PACE_SPREAD
+    # no evidence: the batch's average pace, as uncertain as rows differ; then (prior + accepted) / (prior + expected)
+    torch.testing.assert_close(pace, torch.tensor([1.0, (prior + 6) / (prior + 4), (prior + 2) / (prior + 4)]))
+    torch.testing.assert_close(spread, width * torch.tensor([1.0, (prior / (prior + 4)) ** 0.5, (prior / (prior + 4)) ** 0.5]))

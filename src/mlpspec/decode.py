@@ -125,6 +125,10 @@ class DecodeState:
     finished: torch.Tensor  # b   bool
     stats: DecodeStats
     hindsight: list[Hindsight] = field(default_factory=list)  # trees not run, judged once their tokens are out
+    # per row, over the speculator's steps: the candidate tokens it accepted, and what the
+    # adaptive policy's records expected it to (its pace: row_pace)
+    accepted: torch.Tensor | None = None  # b
+    expected: torch.Tensor | None = None  # b
     feature_layers: tuple[int, ...] = ()  # the base layers whose states the speculator reads besides the final one
 
 
@@ -213,20 +217,44 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
         stats=DecodeStats(n_predict=n_predict, steps=1, row_steps=b,
                           steps_per_row=torch.ones(b, dtype=torch.long, device=input_ids.device)),
         feature_layers=tuple(feature_layers),
+        accepted=torch.zeros(b, device=input_ids.device),
+        expected=torch.zeros(b, device=input_ids.device),
     )
 
 
-def rows_near_the_end(state: DecodeState, max_new_tokens: int, reach: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The active rows that could be the furthest from done after this step [b] (bool), how
-    many fewer tokens each has left than the row furthest from done now [b], and how many
-    that row has left. The batch ends when its last row is done, so a step is worth how far
-    it moves that end (AdaptivePolicy.expected_tokens); a row trailing by `reach` (the most
-    candidate tokens a step can accept) or more cannot be last after it, and no step needs
-    candidates past the furthest row's count."""
+def rows_left(state: DecodeState, max_new_tokens: int) -> tuple[torch.Tensor, int]:
+    """How many fewer tokens each row has left than the row furthest from done [b], and how
+    many that row has left. The batch ends when its last row is done, so a step is worth how
+    it speeds that end (AdaptivePolicy.expected_tokens), and no step needs candidates past
+    the furthest row's count."""
     left = max_new_tokens - state.n_emitted  # b
     remaining = int(left[~state.finished].max())
-    behind = remaining - left  # b
-    return ~state.finished & (behind < max(reach, 1)), behind, remaining
+    return remaining - left, remaining
+
+
+# A row's pace starts at 1, as if it had accepted what the records expected of its first
+# steps, worth this many first tokens: a lucky or unlucky step or two does not set it
+PACE_PRIOR = 4.0
+# ... and as uncertain as rows differ: a top-1 chain on the bench's prompts at batch 8 took
+# 35-49 steps for 64 tokens from row to row, its first token accepted 0.31-0.83 of the time
+# about a mean of 0.55, a pace of 0.56-1.5
+PACE_SPREAD = 0.3
+
+
+def row_pace(state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
+    """How often each row accepted the speculator's first candidate token so far (on steps
+    without a lookup branch), over how often the adaptive policy's records expected it to
+    [b]: below 1 for a row the speculator drafts worse for than for rows at large (a chat
+    answer beside code), which then sets the batch's end. And how uncertain that is [b]:
+    PACE_SPREAD at first, shrinking as the row's steps accumulate."""
+    pace = (PACE_PRIOR + state.accepted) / (PACE_PRIOR + state.expected)  # b
+    return pace, PACE_SPREAD * torch.sqrt(PACE_PRIOR / (PACE_PRIOR + state.expected))  # b, b
+
+
+def _pairs(pace: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> list[tuple[float, float]]:
+    """row_pace's two figures for the given rows, as (pace, spread) pairs, to two decimals
+    (rows alike are then judged once)."""
+    return list(zip(*(t[rows].round(decimals=2).tolist() for t in pace)))
 
 
 def look_up(state: DecodeState, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -620,19 +648,21 @@ def speculative_generate(
         calibrate(policy, model, state, speculator)
     _stream(streamer, on_step, first)
     while not bool(state.finished.all()):
-        near, behind, remaining = rows_near_the_end(state, max_new_tokens, reach)  # b, b, int
+        behind, remaining = rows_left(state, max_new_tokens)  # b, int
         tick = policy.clock() if policy is not None else None
         resting = policy is not None and policy.resting(b)  # a plain step, unasked
         # no lookup where the policy offers no lookup shape at this batch size (its cost)
         wanted = lookup and not resting and (policy is None or bool(policy.lookup_shapes(b)))
         branch, matched = look_up(state, lookup) if wanted else (None, torch.zeros_like(state.n_emitted))
-        # what each active row's lookup matched is the policy's context: a row with no match
-        # gains nothing from the branch. The shape is chosen for the rows near the batch's
-        # end (it ends with them), and every active row's outcome is learned from.
-        if policy is not None:
-            shape = PLAIN if resting else policy.choose(b, max_depth=remaining - 1, matched=matched[near].tolist(),
-                                                        behind=behind[near].tolist())
         before, active = state.n_emitted.clone(), ~state.finished  # b, b
+        # what each active row's lookup matched is the policy's context: a row with no match
+        # gains nothing from the branch. The shape is chosen for the batch's end (the batch
+        # ends with its last row), and every active row's outcome is learned from.
+        if resting:
+            shape = PLAIN
+        elif policy is not None:
+            shape = policy.choose(b, max_depth=remaining - 1, matched=matched[active].tolist(),
+                                  behind=behind[active].tolist(), pace=_pairs(row_pace(state), active))
         tree, parts = propose(state, speculator, shape, remaining - 1, branch, policy, matched)
         out = verify(model, state, tree)
         path, n_accepted, bonus = walk(tree, out.logits, choose)
@@ -644,6 +674,10 @@ def speculative_generate(
             state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
         state.stats.shapes[str(shape)] = state.stats.shapes.get(str(shape), 0) + 1
         if policy is not None:
+            if shape.depth and not shape.lookup:  # the speculator's own steps: a copy's luck says nothing of its drafts
+                first = [next(iter(policy.tails(shape, n)), 0.0) for n in matched[active].tolist()]  # before this step teaches
+                state.accepted[active] += (n_accepted[active] > 0).to(state.accepted.dtype)
+                state.expected[active] += torch.tensor(first, dtype=state.expected.dtype, device=state.expected.device)
             policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick, matched[active].tolist(),
                           tree.size)
             state.hindsight += foresee(policy, shape, parts, before, active, matched)
