@@ -39,8 +39,17 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     results = report["results"]
     assert set(results) == {"hf_greedy", "hf_prompt_lookup", "ours_plain", "ours_lookup", "ours_fixed", "ours_adaptive"}
     assert set(results["ours_fixed"]) == {"1", "2"} and set(results["hf_prompt_lookup"]) == {"1"}
+    assert set(results["ours_lookup"]) == {"1"}
     assert results["hf_greedy"]["1"]["speedup"] == 1.0
     assert len(results["ours_fixed"]["2"]["batch_tokens_per_s"]) == settings.min_batches
+    # what the floor compares goes on alone to floor_batches; the rest is measured against
+    # HF greedy on the batches it ran too: 12 new tokens a batch, so HF's seconds there are 12 / tokens/s
+    for method in ("hf_greedy", "ours_plain", "ours_adaptive"):
+        assert len(results[method]["2"]["batch_tokens_per_s"]) == settings.floor_batches
+    hf_seconds = sum(12 / x for x in results["hf_greedy"]["2"]["batch_tokens_per_s"][: settings.min_batches])
+    fixed = results["ours_fixed"]["2"]
+    assert fixed["tokens"] == 12 * settings.min_batches
+    assert fixed["speedup"] == pytest.approx(fixed["tokens_per_s"] / (12 * settings.min_batches / hf_seconds), rel=2e-3)
     assert set(report["floor"]) == {"1", "2"}
     assert results["ours_plain"]["2"]["tokens_per_step"] == 1.0
     # steps per tree shape: our plain loop takes none, the fixed tree always the configured one

@@ -103,7 +103,11 @@ HF_METHODS = ("hf_greedy", "hf_prompt_lookup", "hf_assisted")
 # ours_lookup: the prompt-lookup branch alone; ours_fixed: the speculator's fixed tree alone
 # (the paper's method); ours_adaptive: the policy's pick among both and their sum, per step
 OUR_METHODS = ("ours_plain", "ours_lookup", "ours_fixed", "ours_adaptive")
-BATCH_ONE_ONLY = ("hf_prompt_lookup", "hf_assisted")  # transformers' assisted decoding is batch 1
+# transformers' assisted decoding is batch 1; ours_lookup stands beside transformers' prompt
+# lookup, and alone at batch 4-16 it ran at 0.37-0.68x HF greedy and took two minutes of the bench
+BATCH_ONE_ONLY = ("hf_prompt_lookup", "hf_assisted", "ours_lookup")
+# what the floor compares (ours adaptive against the best plain method) gets extra batches
+FLOOR_METHODS = ("hf_greedy", "ours_plain", "ours_adaptive")
 
 
 @dataclass
@@ -120,11 +124,15 @@ class BenchSettings:
     # this asks for more). With 3, batch 4 was about 5 s a method, and the bench gave the
     # adaptive policy 0.967x there where 12 interleaved batches gave it 1.03x
     min_batches: int = 6
+    # ... and at least this many for FLOOR_METHODS: at batch 8-16 ours adaptive decodes
+    # plain, so the floor is one plain loop's pace over another's, and one batch at 16 read
+    # anywhere from 240 to 305 tokens/s for either (v31); over 6 batches the floor there
+    # read 0.93-1.00 from run to run
+    floor_batches: int = 12
 
 
 def _methods_at(methods: list[str], batch_size: int) -> list[str]:
-    """The methods that run at this batch size (transformers' prompt lookup and assisted
-    decoding take batch 1 only)."""
+    """The methods that run at this batch size (BATCH_ONE_ONLY at batch 1 only)."""
     return [m for m in methods if batch_size == 1 or m not in BATCH_ONE_ONLY]
 
 
@@ -173,20 +181,24 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     policy = AdaptivePolicy(shape_menu(speculator.config, lookup=settings.lookup))
     raw = {m: {} for m in methods}
     divergences, accepted = [], []
-    # every prompt once per batch size, and at least min_batches batches each, so no figure rests on one run
-    jobs = [(b, i) for b in settings.batch_sizes for i in range(max(settings.min_batches, len(prompts) // b))]
+    # every prompt once per batch size, and at least min_batches batches each, so no figure
+    # rests on one run; the floor's methods go on alone up to floor_batches
+    jobs = []
+    for b in settings.batch_sizes:
+        every = max(settings.min_batches, len(prompts) // b)
+        jobs += [(b, i, i >= every) for i in range(max(every, settings.floor_batches))]
     for b in settings.batch_sizes:  # warm-up: every method once at every batch size
         ids, mask = encode_prompts(tokenizer, (prompts * b)[:b], chat=False)
         for method in _methods_at(methods, b):
             _run(method, model, speculator, assistant, policy, ids, mask, 4, eos, settings.lookup)
-    for done, (b, i) in enumerate(jobs, start=1):
+    for done, (b, i, floor_only) in enumerate(jobs, start=1):
         batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
         ids, mask = (t.to(model.device) for t in encode_prompts(tokenizer, batch, chat=False))
         # a new order for every batch, among the methods that run at this batch size: a
         # rotation kept each method right after the same one (at batch > 1, ours_adaptive
         # after ours_fixed in 5 batches of 6), and the method after the most memory-hungry
         # one is not always timed alike
-        here = _methods_at(methods, b)
+        here = [m for m in _methods_at(methods, b) if not floor_only or m in FLOOR_METHODS]
         order = [here[k] for k in torch.randperm(len(here), generator=torch.Generator().manual_seed(done)).tolist()]
         outputs = {}
         for method in order:
@@ -194,12 +206,9 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
                                    settings.max_new_tokens, eos, settings.lookup)
         reference = outputs["hf_greedy"][0] if "hf_greedy" in outputs else None
         for method, (sequences, seconds, stats) in outputs.items():
-            entry = raw[method].setdefault(b, {"tokens": 0, "seconds": 0.0, "steps": 0, "accepted": [], "batches": [],
-                                               "shapes": Counter()})
+            entry = raw[method].setdefault(b, {"runs": {}, "steps": 0, "accepted": [], "shapes": Counter()})
             tokens = sum(_new_token_count(r, ids.size(1), set(eos)) for r in sequences.tolist())
-            entry["tokens"] += tokens
-            entry["seconds"] += seconds
-            entry["batches"].append(tokens / seconds)
+            entry["runs"][i] = (tokens, seconds)
             if stats is not None:
                 entry["steps"] += stats.row_steps
                 entry["accepted"] += stats.accepted_lengths
@@ -216,17 +225,21 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     for method, per_batch in raw.items():
         results[method] = {}
         for b, entry in per_batch.items():
+            runs = entry["runs"]
+            tokens, seconds = (sum(column) for column in zip(*runs.values()))
+            # against HF greedy on the very batches this method ran
             base = raw["hf_greedy"].get(b) if "hf_greedy" in raw else None
-            tokens_per_s = entry["tokens"] / entry["seconds"]
+            base_runs = [base["runs"][i] for i in runs if i in base["runs"]] if base else []
+            base_tokens, base_seconds = (sum(column) for column in zip(*base_runs)) if base_runs else (0, 0.0)
             heads = head_acceptance(entry["accepted"], speculator.config.n_predict)
             results[method][str(b)] = {
-                "tokens_per_s": round(tokens_per_s, 2),
-                "speedup": round(tokens_per_s / (base["tokens"] / base["seconds"]), 3) if base else None,
-                "batch_tokens_per_s": [round(x, 2) for x in entry["batches"]],
-                "tokens_per_step": round(entry["tokens"] / entry["steps"], 3) if entry["steps"] else None,
+                "tokens_per_s": round(tokens / seconds, 2),
+                "speedup": round(tokens / seconds / (base_tokens / base_seconds), 3) if base_runs else None,
+                "batch_tokens_per_s": [round(t / s, 2) for t, s in runs.values()],
+                "tokens_per_step": round(tokens / entry["steps"], 3) if entry["steps"] else None,
                 "per_head_acceptance": [round(a, 3) for a in heads] if entry["accepted"] else None,
-                "tokens": entry["tokens"],
-                "seconds": round(entry["seconds"], 3),
+                "tokens": tokens,
+                "seconds": round(seconds, 3),
                 "shapes": dict(entry["shapes"].most_common()),  # steps per tree shape, ours only
             }
     sweep = _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) if settings.prompt_lengths else {}

@@ -150,7 +150,8 @@ def cmd_bench(args) -> None:
                              prompts=read_prompt_file(args.prompts) if args.prompts else None, lookup=args.lookup)
     if args.quick:
         settings = BenchSettings(batch_sizes=[1, 4], max_new_tokens=32, n_code=2, n_chat=2, prompt_lengths=[],
-                                 prompts=settings.prompts[:4] if settings.prompts else None, lookup=args.lookup)
+                                 prompts=settings.prompts[:4] if settings.prompts else None, lookup=args.lookup,
+                                 floor_batches=6)
     model, tokenizer = load_base(args.base, dtype=args.dtype, device=args.device)
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
     assistant = load_base(args.assistant, dtype=args.dtype, device=args.device)[0] if args.assistant else None
