@@ -125,8 +125,8 @@ class DecodeState:
     finished: torch.Tensor  # b   bool
     stats: DecodeStats
     hindsight: list[Hindsight] = field(default_factory=list)  # trees not run, judged once their tokens are out
-    # per row, over the speculator's steps: the candidate tokens it accepted, and what the
-    # adaptive policy's records expected it to (its pace: row_pace)
+    # per row, over the speculator's steps: how often it accepted the first candidate token,
+    # and how often the adaptive policy's records expected it to (its pace: row_pace)
     accepted: torch.Tensor | None = None  # b
     expected: torch.Tensor | None = None  # b
     feature_layers: tuple[int, ...] = ()  # the base layers whose states the speculator reads besides the final one
@@ -249,6 +249,19 @@ def row_pace(state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
     PACE_SPREAD at first, shrinking as the row's steps accumulate."""
     pace = (PACE_PRIOR + state.accepted) / (PACE_PRIOR + state.expected)  # b
     return pace, PACE_SPREAD * torch.sqrt(PACE_PRIOR / (PACE_PRIOR + state.expected))  # b, b
+
+
+def keep_pace(state: DecodeState, policy: AdaptivePolicy, shape: TreeShape, n_accepted: torch.Tensor,
+              active: torch.Tensor, matched: torch.Tensor) -> None:
+    """Count a step toward the pace of its active rows [b] (row_pace), before the policy
+    learns from it: whether each accepted a first candidate token, and the chance the
+    records gave it. Only the speculator's own steps count: a lookup copy's luck says
+    nothing of the drafts."""
+    if not shape.depth or shape.lookup:
+        return
+    first = [next(iter(policy.tails(shape, n)), 0.0) for n in matched[active].tolist()]  # r
+    state.accepted[active] += (n_accepted[active] > 0).to(state.accepted.dtype)
+    state.expected[active] += torch.tensor(first, dtype=state.expected.dtype, device=state.expected.device)
 
 
 def _pairs(pace: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> list[tuple[float, float]]:
@@ -674,10 +687,7 @@ def speculative_generate(
             state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
         state.stats.shapes[str(shape)] = state.stats.shapes.get(str(shape), 0) + 1
         if policy is not None:
-            if shape.depth and not shape.lookup:  # the speculator's own steps: a copy's luck says nothing of its drafts
-                first = [next(iter(policy.tails(shape, n)), 0.0) for n in matched[active].tolist()]  # before this step teaches
-                state.accepted[active] += (n_accepted[active] > 0).to(state.accepted.dtype)
-                state.expected[active] += torch.tensor(first, dtype=state.expected.dtype, device=state.expected.device)
+            keep_pace(state, policy, shape, n_accepted, active, matched)
             policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick, matched[active].tolist(),
                           tree.size)
             state.hindsight += foresee(policy, shape, parts, before, active, matched)
