@@ -43,7 +43,7 @@ def test_load_base_from_a_folder(tiny_llama_folder):
     assert placed.device.type == "meta"
 
 
-def test_tree_attention_packs_grouped_heads_with_the_same_numbers(tiny_llama_folder, monkeypatch):
+def test_tree_attention_reads_grouped_heads_in_place_with_the_same_numbers(tiny_llama_folder, monkeypatch):
     from mlpspec.decode import make_chooser, prefill, verify
     from mlpspec.tree import build_tree
 
@@ -64,10 +64,13 @@ def test_tree_attention_packs_grouped_heads_with_the_same_numbers(tiny_llama_fol
         state = prefill(model, ids, valid, 24, make_chooser(0.0, None, None, None), 1, 2)
         return verify(model, state, build_tree(state.pending, candidates)).logits
 
-    ours = tree_logits(base.TREE_ATTENTION)
+    reference = tree_logits("sdpa")
+    ours = tree_logits(base.TREE_ATTENTION)  # 2 rows of 12 keys: few, read in place by sdpa's enable_gqa
     assert delegated == [12, 12]  # the prefill in each of the 2 layers (a boolean mask), not the tree passes
-    # the same sums in another order: float32 rounding apart (6e-8 here), transformers' numbers
-    torch.testing.assert_close(ours, tree_logits("sdpa"), rtol=0, atol=1e-6)
+    assert torch.equal(ours, reference)
+    monkeypatch.setattr(base, "PACK_FROM_KEYS", 0)  # packed: the same sums in another order
+    torch.testing.assert_close(tree_logits(base.TREE_ATTENTION), reference, rtol=0, atol=1e-6)  # 6e-8 here
+    assert delegated == [12, 12]
 
 
 def test_load_base_errors(tmp_path):

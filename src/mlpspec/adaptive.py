@@ -399,8 +399,9 @@ class AdaptivePolicy:
         behind = [0] * len(matched) if behind is None else behind
         pace = [(1.0, 0.0)] * len(matched) if pace is None else pace
         rows = []  # (mean, sd, count) of each group of like rows' steps to go
+        known = {n: self.tails(shape, n, bonus) for n in set(matched)}
         for (n, lag, (speed, spread)), count in Counter(zip(matched, behind, pace)).items():
-            tails = self.tails(shape, n, bonus)
+            tails = known[n]
             own = not self.key(shape, n)[0].lookup  # the speculator's drafts alone: this row's pace scales them
             if own:
                 tails = list(itertools.accumulate((min(1.0, a * speed ** (j + 1)) for j, a in enumerate(tails)), min))

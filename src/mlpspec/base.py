@@ -93,18 +93,27 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 TREE_ATTENTION = "mlpspec_sdpa"
 
 
+# Packing grouped query heads (below) costs a few copies a layer, about 25 us, and saves
+# reading the keys and values again for each head of a group; it pays once a layer's keys
+# are many. A forward pass of SmolLM2-135M (bf16, this CPU, chat prompts of about 190
+# tokens) over 2 tree tokens: batch 1 20.2 ms with sdpa's enable_gqa, 21.0 packed; batch 2
+# 20.9 / 21.2; batch 4 23.9 / 24.0; batch 8 28.6 / 27.9; batch 16 38.6 / 35.7. Packed from
+# this many cached keys per layer (batch x context) on.
+PACK_FROM_KEYS = 1024
+
+
 def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                         **kwargs):
     """transformers' sdpa attention, except for a masked pass over several new tokens with
     grouped key/value heads: a tree verification. There transformers copies every cached key
     and value once per query head (repeat_kv), each layer and step, which costs more than the
-    attention itself once the context is long or the batch large. This packs the query heads
-    that share a key/value head into one head of g * q queries instead, the mask repeated for
-    each, as transformers does for a single new token: the same arithmetic, with the shared
-    keys and values read in place. Packed, a two-token pass at batch 16 took 0.21-0.41 ms a
-    layer on this CPU where sdpa's own `enable_gqa` took 0.36-0.73 (1.0-1.3 ms at 8 tokens);
-    at batch 1 the two are alike. Single-token steps, unmasked passes and everything else go
-    to transformers as they are.
+    attention itself once the context is long or the batch large. This reads the shared heads
+    in place instead: with many cached keys (PACK_FROM_KEYS) it packs the query heads of a
+    group into one head of g * q queries, the mask repeated for each, as transformers does
+    for a single new token (at batch 16 a two-token pass took 0.21-0.41 ms a layer packed,
+    0.36-0.73 ms with sdpa's `enable_gqa`); with few, `enable_gqa` does it without the
+    copies. The same arithmetic either way. Single-token steps, unmasked passes and
+    everything else go to transformers as they are.
     query [b, heads, q, dh]; key, value [b, kv_heads, S, dh]; attention_mask [b, 1, q, S]."""
     groups = getattr(module, "num_key_value_groups", 1)
     plain = (groups == 1 or query.shape[2] == 1 or attention_mask is None or attention_mask.dtype == torch.bool
@@ -114,6 +123,10 @@ def tree_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     b, heads, q, dh = query.shape
+    if b * key.shape[2] < PACK_FROM_KEYS:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                             enable_gqa=True)  # b heads q dh
+        return out.transpose(1, 2).contiguous(), None  # b q heads dh
     packed = query.reshape(b, heads // groups, groups * q, dh)  # b kv g*q dh   query head h = kv * g + j
     mask = attention_mask.repeat(1, 1, groups, 1)  # b 1 g*q S   row j * q + i is query i's
     out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)  # b kv g*q dh
