@@ -307,8 +307,9 @@ def test_a_batch_step_is_worth_what_its_slowest_row_gains():
     # one row of four matched: the other three gain nothing, and the batch ends with them
     assert policy.expected_tokens(LOOKUP, [3, 0, 0, 0], left=7) == pytest.approx(1.0)
     assert policy.choose(4, max_depth=6, matched=[3, 0, 0, 0]) == PLAIN
-    # every row matched: 5 tokens for 1.5 s, against 1 in 1 s
-    assert policy.expected_tokens(LOOKUP, [3, 3, 3, 3], left=7) == pytest.approx(5.0)
+    # every row matched: 5 tokens a step for 1.5 s, against 1 in 1 s (a step of 5 overshoots
+    # the end by (25 - 5) / 10 = 2 tokens on average: 100 tokens take (100 + 2) / 5 steps)
+    assert policy.expected_tokens(LOOKUP, [3, 3, 3, 3], left=100) == pytest.approx(100 / (102 / 5))
     assert policy.choose(4, max_depth=6, matched=[3, 3, 3, 3]) == LOOKUP
     assert policy.choose(4, max_depth=6, matched=[3]) == LOOKUP  # the one row still far from done matched
     # past twice a plain step a lookup shape is not offered at all, whatever its estimate
@@ -362,23 +363,24 @@ def test_a_batch_is_worth_the_pace_of_its_last_row():
     for shape, at_least in ((CHAIN1, [0.7]), (CHAIN2, [0.5, 0.5])):
         policy.record(shape).uses, policy.record(shape).at_least = 10**6, at_least
     assert policy.expected_tokens(CHAIN2, [0], left=8) == pytest.approx(2.0)  # one row: its mean
-    # CHAIN2 gains 1 or 3 tokens a step (mean 2, variance 1): a row with 8 to go takes about
-    # Normal(8 / 2, 8 * 1 / 2^3) = Normal(4, 1) steps, and the later of two such rows 4 + 1 / sqrt(pi)
-    assert policy.expected_tokens(CHAIN2, [0, 0], left=8) == pytest.approx(8 / (4 + 1 / math.sqrt(math.pi)))
-    # a row 4 tokens ahead takes Normal(2, 0.5) steps, and seldom ends last: Clark's E[max]
-    # of Normal(4, 1) and Normal(2, 0.5) is 4 Phi(a) + 2 Phi(-a) + t phi(a), t = sqrt(1.5), a = 2 / t
-    assert policy.expected_tokens(CHAIN2, [0, 0], behind=[0, 4], left=8) == pytest.approx(8 / 4.026324, rel=1e-6)
+    # CHAIN2 gains 1 or 3 tokens a step (mean 2, variance 1, E[g^2] 5): a row with 8 to go
+    # overshoots its end by (5 - 2) / 4 = 0.75 tokens on average and takes about
+    # Normal((8 + 0.75) / 2, 8 * 1 / 2^3) = Normal(4.375, 1) steps; the later of two, 4.375 + 1 / sqrt(pi)
+    assert policy.expected_tokens(CHAIN2, [0, 0], left=8) == pytest.approx(8 / (4.375 + 1 / math.sqrt(math.pi)))
+    # a row 4 tokens ahead takes Normal(2.375, 0.5) steps, and seldom ends last: Clark's E[max]
+    # is 4.375 Phi(a) + 2.375 Phi(-a) + t phi(a), t = sqrt(1.5), a = 2 / t
+    assert policy.expected_tokens(CHAIN2, [0, 0], behind=[0, 4], left=8) == pytest.approx(8 / 4.401324, rel=1e-6)
     # the more rows tied, the later the last of them
     one, two, eight = (policy.expected_tokens(CHAIN1, [0] * n, left=64) for n in (1, 2, 8))
     assert one == pytest.approx(1.7) and one > two > eight > 1.5
     # a row at half the pace accepts each of its chain's tokens half as often: tails 0.25 and
-    # 0.125, mean 1.375, variance 0.484: Normal(5.818, 1.491) steps for 8 tokens, and it sets the end
+    # 0.125, mean 1.375, variance 0.484: Normal(6.083, 1.491) steps for 8 tokens, and it sets the end
     slow = policy.expected_tokens(CHAIN2, [0, 0], left=8, pace=[(1.0, 0.0), (0.5, 0.0)])
-    assert slow == pytest.approx(8 / 5.915781, rel=1e-6)
+    assert slow == pytest.approx(8 / 6.194838, rel=1e-6)
     # a pace known only to 0.3 moves the mean gain by (1 * 0.5 + 2 * 0.5) * 0.3 = 0.45, each row's
-    # steps by 4 * 0.45 / 2 = 0.9 more (sd), and the later of two rows: 4 + sqrt(1 + 0.81) / sqrt(pi)
+    # steps by 4.375 * 0.45 / 2 = 0.984 more (sd), and the later of two rows: 4.375 + sqrt(1 + 0.969) / sqrt(pi)
     unsure = policy.expected_tokens(CHAIN2, [0, 0], left=8, pace=[(1.0, 0.3)] * 2)
-    assert unsure == pytest.approx(8 / (4 + math.sqrt(1.81) / math.sqrt(math.pi)))
+    assert unsure == pytest.approx(8 / (4.375 + math.sqrt(1 + 0.984375**2) / math.sqrt(math.pi)))
     # chains pay for one row and for eight: 1.6 tokens a step for the last of 8 rows, for 1.2 s
     assert policy.choose(8, max_depth=63, matched=[0]) == CHAIN2
     assert policy.choose(8, max_depth=63, matched=[0] * 8) != PLAIN

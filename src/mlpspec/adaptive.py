@@ -384,7 +384,8 @@ class AdaptivePolicy:
         shape is worth the pace of its last row: if it were kept to the end, row i, with
         r_i = left - behind_i tokens to go, gaining g_i = 1 + accepted a step (mean m_i,
         variance v_i), would take T_i ~ Normal(r_i / m_i, r_i v_i / m_i^3) steps (a
-        renewal count), and the batch E[max_i T_i] (expected_last): the worth is
+        renewal count, its mean counting the last step's overshoot), and the batch
+        E[max_i T_i] (expected_last): the worth is
         left / E[max_i T_i]. Each row's tails are scaled by its pace (capped at 1): the
         bench's prompts differ, and at batch 8 the slowest of its rows set the end, so a
         top-1 chain of one token and one of two took the same 48 steps for 64 tokens.
@@ -408,7 +409,9 @@ class AdaptivePolicy:
             mean = 1.0 + sum(tails)
             variance = sum((2 * j + 1) * a for j, a in enumerate(tails)) - sum(tails) ** 2  # E[A^2] - E[A]^2
             to_go = max(left - lag, 1)
-            steps = to_go / mean
+            # Wald: the last step overshoots the row's end by (E[g^2] - m) / 2m tokens on
+            # average (a lattice renewal), a fifth of a step or so, which counts near the end
+            steps = (to_go + (variance + mean * mean - mean) / (2 * mean)) / mean
             # the pace is known only so well (spread): the mean gain moves with it, by
             # sum_j j a_j / pace, and the steps to go with that
             slope = sum((j + 1) * a for j, a in enumerate(tails)) / max(speed, 1e-9) if own else 0.0
