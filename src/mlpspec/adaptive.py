@@ -375,9 +375,10 @@ class AdaptivePolicy:
                         bonus: bool = False, left: int = 1, pace: Sequence[tuple[float, float]] | None = None) -> float:
         """How far a step of `shape` is expected to move the batch's end, in tokens per step:
         for each active row the n-gram size its lookup matched, how many fewer tokens it has
-        left than the row furthest from done (`behind`; None: all tied), and its `pace`, what
-        it accepted so far over what the records expected of it (None: 1 each); `left`, the
-        tokens that row has left; with `bonus`, the optimism bonus on every tail (tails).
+        left than the row furthest from done (`behind`; None: all tied), and its `pace`
+        (decode.row_pace: how often it accepted the speculator's first token over how often
+        the records expected it to, and how uncertain that is; None: (1, 0) each); `left`,
+        the tokens that row has left; with `bonus`, the optimism bonus on every tail (tails).
 
         A lone row is worth its mean, 1 + the sum of its tails. A batch runs until its last
         row is done, and a row done early still costs its share of every step, so a batch's
@@ -386,15 +387,17 @@ class AdaptivePolicy:
         variance v_i), would take T_i ~ Normal(r_i / m_i, r_i v_i / m_i^3) steps (a
         renewal count, its mean counting the last step's overshoot), and the batch
         E[max_i T_i] (expected_last): the worth is
-        left / E[max_i T_i]. Each row's tails are scaled by its pace (capped at 1): the
-        bench's prompts differ, and at batch 8 the slowest of its rows set the end, so a
+        left / E[max_i T_i]. A row's tail at depth j is scaled by its pace^j (capped at 1,
+        for the speculator's own drafts), and the pace's uncertainty widens its steps to go:
+        the bench's prompts differ, and at batch 8 the slowest of its rows set the end, so a
         top-1 chain of one token and one of two took the same 48 steps for 64 tokens.
 
         This replaces judging a step by how far it moves the end at once (the mean of
         min_i (behind_i + g_i)): 8 tied rows rarely all accept, so that rule saw no gain in
         speculating, kept them tied with plain steps, and never sped them up; at batch 4
-        it decoded plain on 374 steps of 377 and made 0.99x our plain loop, where judged by
-        the last row's pace it made 1.19x with top-1 chains."""
+        it decoded plain on 374 steps of 377 and made 0.99x our plain loop. Judged by the
+        last row's pace, batch 4 made 1.06-1.08x our plain loop interleaved, and 1.17x HF
+        greedy in the bench (v34)."""
         if len(matched) == 1:
             return 1.0 + sum(self.tails(shape, matched[0], bonus))
         behind = [0] * len(matched) if behind is None else behind
