@@ -297,12 +297,9 @@ class AdaptivePolicy:
         what the branch alone accepted at that n (its record's tails; decode.foresee teaches
         it from every step with a branch), 1 where it has not been seen, 0 where nothing
         matched (the branch is empty)."""
-        rows = []
-        for n in matched:
-            record = self.record(TreeShape((), 0, lookup), n) if n else None
-            tails = [] if record is None else list(record.at_least) if record.uses else [1.0] * lookup
-            rows.append((tails + [0.0] * lookup)[:lookup])
-        return torch.tensor(rows, dtype=torch.float)
+        branch = TreeShape((), 0, lookup)
+        rows = [(self.tails(branch, n) if n else []) + [0.0] * lookup for n in matched]
+        return torch.tensor([row[:lookup] for row in rows], dtype=torch.float)
 
     def choose(self, batch_size: int, max_depth: int, matched: Sequence[int] = (0,),
                behind: Sequence[int] | None = None, pace: Sequence[tuple[float, float]] | None = None) -> TreeShape:

@@ -252,16 +252,16 @@ def row_pace(state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def keep_pace(state: DecodeState, policy: AdaptivePolicy, shape: TreeShape, n_accepted: torch.Tensor,
-              active: torch.Tensor, matched: torch.Tensor) -> None:
+              active: torch.Tensor) -> None:
     """Count a step toward the pace of its active rows [b] (row_pace), before the policy
     learns from it: whether each accepted a first candidate token, and the chance the
-    records gave it. Only the speculator's own steps count: a lookup copy's luck says
-    nothing of the drafts."""
+    records gave it (one record for every row: a shape without a lookup branch does not
+    depend on what a row's lookup matched). Only the speculator's own steps count: a lookup
+    copy's luck says nothing of the drafts."""
     if not shape.depth or shape.lookup:
         return
-    first = [next(iter(policy.tails(shape, n)), 0.0) for n in matched[active].tolist()]  # r
     state.accepted[active] += (n_accepted[active] > 0).to(state.accepted.dtype)
-    state.expected[active] += torch.tensor(first, dtype=state.expected.dtype, device=state.expected.device)
+    state.expected[active] += next(iter(policy.tails(shape)), 0.0)
 
 
 def _pairs(pace: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> list[tuple[float, float]]:
@@ -687,7 +687,7 @@ def speculative_generate(
             state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
         state.stats.shapes[str(shape)] = state.stats.shapes.get(str(shape), 0) + 1
         if policy is not None:
-            keep_pace(state, policy, shape, n_accepted, active, matched)
+            keep_pace(state, policy, shape, n_accepted, active)
             policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick, matched[active].tolist(),
                           tree.size)
             state.hindsight += foresee(policy, shape, parts, before, active, matched)
