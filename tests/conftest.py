@@ -1,4 +1,4 @@
-"""Tiny models built in the tests: a Llama-type and a GPT-2-type causal LM, with a
+"""Tiny models built in the tests: Llama-, Qwen2- and GPT-2-type causal LMs, with a
 word-level tokenizer, so nothing is downloaded and every test runs in seconds."""
 
 import itertools
@@ -6,7 +6,15 @@ import itertools
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from mlpspec import run_base, speculator_config_for
 
@@ -28,6 +36,17 @@ def tiny_llama(seed: int = 0, vocab: int = TINY_VOCAB, hidden: int = 32) -> Llam
         pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_qwen2(seed: int = 0, vocab: int = TINY_VOCAB, hidden: int = 32) -> Qwen2ForCausalLM:
+    """Qwen2-type: biases on the query, key and value projections, an untied LM head."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(config).eval()
 
 
 def tiny_gpt2(seed: int = 0, vocab: int = TINY_VOCAB, hidden: int = 32) -> GPT2LMHeadModel:
@@ -96,10 +115,11 @@ class OracleSpeculator(torch.nn.Module):
 
 @pytest.fixture(autouse=True)
 def calibrations_apart(tmp_path_factory, monkeypatch):
-    """Step costs the CLI keeps between calls go to a folder of the test's own, not to the
-    user cache (the converted base model there is still found)."""
+    """Step costs and dtype timings the CLI keeps between calls go to a folder of the test's
+    own, not to the user cache (the converted base model there is still found)."""
     folder = tmp_path_factory.mktemp("cache")
     monkeypatch.setattr("mlpspec.decode.cache_dir", lambda: folder)
+    monkeypatch.setattr("mlpspec.base.dtype_timings_dir", lambda: folder / "dtype")
     return folder / "calibration"
 
 

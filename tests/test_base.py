@@ -58,18 +58,18 @@ def test_tree_attention_reads_grouped_heads_in_place_with_the_same_numbers(tiny_
     monkeypatch.setattr(base, "sdpa_attention_forward", lambda module, query, *a, **k: (
         delegated.append(query.shape[2]), spy(module, query, *a, **k))[1])
 
-    def tree_logits(implementation: str) -> torch.Tensor:
+    def tree_states(implementation: str) -> torch.Tensor:
         model.set_attn_implementation(implementation)
         delegated.clear()
         state = prefill(model, ids, valid, 24, make_chooser(0.0, None, None, None), 1, 2)
-        return verify(model, state, build_tree(state.pending, candidates)).logits
+        return verify(model, state, build_tree(state.pending, candidates))[1]  # b q d
 
-    reference = tree_logits("sdpa")
-    ours = tree_logits(base.TREE_ATTENTION)  # 2 rows of 12 keys: few, read in place by sdpa's enable_gqa
+    reference = tree_states("sdpa")
+    ours = tree_states(base.TREE_ATTENTION)  # 2 rows of 12 keys: few, read in place by sdpa's enable_gqa
     assert delegated == [12, 12]  # the prefill in each of the 2 layers (a boolean mask), not the tree passes
     assert torch.equal(ours, reference)
     monkeypatch.setattr(base, "PACK_FROM_KEYS", 0)  # packed: the same sums in another order
-    torch.testing.assert_close(tree_logits(base.TREE_ATTENTION), reference, rtol=0, atol=1e-6)  # 6e-8 here
+    torch.testing.assert_close(tree_states(base.TREE_ATTENTION), reference, rtol=0, atol=1e-6)  # 6e-8 here
     assert delegated == [12, 12]
 
 

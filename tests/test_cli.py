@@ -41,7 +41,8 @@ def test_info_without_a_shipped_speculator_says_so(tiny_llama_folder, capsys, mo
 
 
 def test_generate_streams_one_prompt_and_prints_stats(tiny_llama_folder, capsys):
-    args = ["generate", "w1 w2 w3", "--base", str(tiny_llama_folder), "--max-new-tokens", "9", "--stats"]
+    args = ["generate", "w1 w2 w3", "--base", str(tiny_llama_folder), "--max-new-tokens", "9", "--stats",
+            "--dtype", "float32"]
     assert main(args) == 0
     speculative = capsys.readouterr()
     assert "freshly initialised, untrained" in speculative.err
@@ -70,6 +71,26 @@ def test_generate_times_the_steps_once_per_machine(tiny_llama_folder, calibratio
     assert capsys.readouterr().out == text
     assert main(args + ["--recalibrate"]) == 0 and len(timed) == 2
     assert main(args + ["--no-adaptive"]) == 0 and len(timed) == 2  # a fixed tree needs no costs
+
+
+def test_generate_dtype_auto_says_what_it_chose_and_times_once(tiny_llama_folder, calibrations_apart, capsys,
+                                                                monkeypatch):
+    import mlpspec.base as base
+
+    timed = []
+    pass_costs = base.pass_costs
+    monkeypatch.setattr(base, "pass_costs", lambda model: timed.append(model.dtype) or pass_costs(model))
+    args = ["generate", "w1 w2 w3", "--base", str(tiny_llama_folder), "--max-new-tokens", "4"]
+    assert main(args) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert timed == [torch.float32, torch.bfloat16]
+    assert first.startswith(("[dtype auto: float32. ", "[dtype auto: bfloat16. ")) and "threads" in first
+    assert "kernels" in first and "ms in float32" in first and "(timed now)" in first
+    assert main(args) == 0 and len(timed) == 2  # kept per machine and model
+    assert "timed earlier, kept in" in capsys.readouterr().err.splitlines()[0]
+    assert main(args + ["--device", "meta"]) == 2
+    assert capsys.readouterr().err == ("mlpspec: error: dtype auto knows CPUs and CUDA GPUs, not meta: "
+                                       "give --dtype float32 or bfloat16\n")
 
 
 def test_generate_refuses_a_negative_lookup(tiny_llama_folder, capsys):

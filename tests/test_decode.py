@@ -5,7 +5,9 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import mlpspec.decode as decode
-from conftest import TINY_VOCAB, OracleSpeculator, tiny_gpt2, tiny_llama
+from conftest import TINY_VOCAB, OracleSpeculator, tiny_gpt2, tiny_llama, tiny_qwen2
+
+ARCHITECTURES = pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_gpt2], ids=["llama", "qwen2", "gpt2"])
 from mlpspec import MLPSpecError, MLPSpeculator, run_base, speculator_config_for
 from mlpspec.decode import speculative_generate, target_probs
 
@@ -34,7 +36,7 @@ def left_padded(lengths, seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@ARCHITECTURES
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("max_new", [1, 2, 4, 5, 23])
 def test_greedy_equals_transformers_batch_1(build, seed, max_new):
@@ -47,7 +49,7 @@ def test_greedy_equals_transformers_batch_1(build, seed, max_new):
         assert int(out.stats.emitted.sum()) == max_new
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@ARCHITECTURES
 @pytest.mark.parametrize("seed", range(3))
 def test_greedy_equals_transformers_batch_4_mixed_lengths(build, seed):
     model = build(seed=seed)
@@ -57,6 +59,44 @@ def test_greedy_equals_transformers_batch_4_mixed_lengths(build, seed):
         speculator = random_speculator(model, seed, top_k_tokens_per_head=top_k, n_candidates=n)
         out = speculative_generate(model, speculator, ids, mask, max_new_tokens=30, eos_token_id=[])
         assert out.sequences.tolist() == expected.tolist()
+
+
+@ARCHITECTURES
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_walk_reads_the_lm_head_only_at_the_nodes_it_visits(build, temperature, monkeypatch):
+    """The verify pass skips the LM head (base.lazy_head holds for all three): the walk
+    computes it for the root and the likeliest path up front, and for any other node it
+    reaches, here a runner-up that carries the truth where the oracle's first child is
+    wrong. Greedy output stays transformers' own; sampled output the same draws as a
+    pass that computed every node's logits."""
+    from mlpspec import base
+
+    model = build(seed=2)
+    assert base.lazy_head(model)
+    ids, mask = left_padded([6, 11], seed=2)
+    expected = hf_greedy(model, ids, mask, 24, eos=None)
+    rows = []
+    head = decode.head_logits
+    monkeypatch.setattr(decode, "head_logits", lambda m, hidden: rows.append(hidden.size(0)) or head(m, hidden))
+    nodes = []
+    verify = decode.verify
+    monkeypatch.setattr(decode, "verify", lambda m, state, tree: nodes.append(tree.tokens.numel()) or verify(m, state, tree))
+
+    def run(lazy: bool):
+        monkeypatch.setattr(decode, "lazy_head", lambda m: lazy)
+        oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=3, wrong=lambda p, j: (p + j) % 3 == 0)
+        rows.clear(), nodes.clear()
+        return speculative_generate(model, oracle, ids, mask, max_new_tokens=24, eos_token_id=[],
+                                    top_k_tokens_per_head=[2, 2, 2], n_candidates=4, temperature=temperature,
+                                    generator=torch.Generator().manual_seed(0))
+
+    lazy = run(True)
+    computed, scored, up_front = sum(rows), sum(nodes), len(nodes)
+    assert computed < 0.7 * scored  # every node: scored
+    if temperature == 0:  # (sampled walks seldom get past the root with a greedy oracle)
+        assert lazy.sequences.tolist() == expected.tolist()
+        assert len(rows) > up_front  # some nodes off the likeliest path were read later
+    assert lazy.sequences.tolist() == run(False).sequences.tolist() and not rows
 
 
 def test_the_speculator_reads_the_feature_layers_of_the_state_that_made_the_pending_token():
@@ -410,7 +450,7 @@ def repetitive(lengths, seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@ARCHITECTURES
 def test_greedy_with_a_lookup_branch_equals_transformers(build):
     """Repetitive prompts, batch 4 with mixed lengths, the lookup branch alone and beside a
     speculator's tree, over three seeds."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mlpspec.tree import (
+    at_nodes,
     build_tree,
     flat_tree,
     hindsight_accepted,
@@ -97,13 +98,13 @@ def argmax(logits):
 def test_walk_accepts_the_longest_matching_path():
     tree = example()  # r a b c d e f
     # after r the model says a, after a it says e, after e it says f, after f it says 3
-    path, n, bonus = walk(tree, one_hot_logits(tree, [A, E, 0, 0, 0, F, 3]), argmax)
+    path, n, bonus = walk(tree, at_nodes(one_hot_logits(tree, [A, E, 0, 0, 0, F, 3])), argmax)
     assert path.tolist() == [[0, 1, 5, 6]] and n.tolist() == [3] and bonus.tolist() == [3]
     # after r the model says b: nothing matches, b is the bonus
-    path, n, bonus = walk(tree, one_hot_logits(tree, [B, 0, 0, 0, 0, 0, 0]), argmax)
+    path, n, bonus = walk(tree, at_nodes(one_hot_logits(tree, [B, 0, 0, 0, 0, 0, 0])), argmax)
     assert path.tolist() == [[0]] and n.tolist() == [0] and bonus.tolist() == [B]
     # a, then b, then 7 (neither c nor d)
-    path, n, bonus = walk(tree, one_hot_logits(tree, [A, B, 7, 0, 0, 0, 0]), argmax)
+    path, n, bonus = walk(tree, at_nodes(one_hot_logits(tree, [A, B, 7, 0, 0, 0, 0])), argmax)
     assert path.tolist() == [[0, 1, 2]] and n.tolist() == [2] and bonus.tolist() == [7]
 
 
@@ -113,14 +114,14 @@ def test_walk_ragged_batch_pads_paths_with_their_last_node():
     logits = torch.zeros(2, 3, 20)
     logits[0, 0, A], logits[0, 1, B], logits[0, 2, 5] = 1, 1, 1  # row 0 accepts a, b
     logits[1, 0, A], logits[1, 1, 9] = 1, 1  # row 1 accepts a only
-    path, n, bonus = walk(tree, logits, argmax)
+    path, n, bonus = walk(tree, at_nodes(logits), argmax)
     assert path.tolist() == [[0, 1, 2], [0, 1, 1]]
     assert n.tolist() == [2, 1] and bonus.tolist() == [5, 9]
 
 
 def test_root_only_tree():
     tree = root_only(torch.tensor([4, 5]))
-    path, n, bonus = walk(tree, one_hot_logits(tree, [7]).expand(2, 1, 20), argmax)
+    path, n, bonus = walk(tree, at_nodes(one_hot_logits(tree, [7]).expand(2, 1, 20)), argmax)
     assert path.tolist() == [[0], [0]] and n.tolist() == [0, 0] and bonus.tolist() == [7, 7]
 
 

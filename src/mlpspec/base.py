@@ -12,6 +12,8 @@ import functools
 import importlib.util
 import inspect
 import os
+import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +25,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .errors import MLPSpecError
+from .cache import TreeCache
 from .fileio import atomic_folder
+from .hardware import PROBE_CONTEXT, PROBE_NODES, DtypeChoice, choose_dtype
+from .kernels import kernels_for, use_kernels
 from .model import MLPSpeculator, MLPSpeculatorConfig
 
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
@@ -155,13 +160,18 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def load_base(name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
-              device: str | torch.device = "cpu"):
+              device: str | torch.device = "cpu", kernels: str = "auto"):
     """Return (model, tokenizer) for a hub id or a local folder, on `device` (see
     resolve_device); None gives the embedded default, SmolLM2-135M-Instruct. Models whose
     attention transformers lets us choose get `tree_sdpa_attention`, which makes tree
-    verification cheaper and changes nothing else."""
-    dtype = resolve_dtype(dtype)
+    verification cheaper and changes nothing else.
+
+    dtype "auto" takes the fastest dtype for this machine and model (hardware.choose_dtype:
+    a short timing, kept in the user cache). `kernels` chooses the CPU matmul path of
+    run_base's passes (kernels.use_kernels: "auto" packs the linear weights for oneDNN on
+    the CPU, "aten" leaves PyTorch's own)."""
     device = resolve_device(device)
+    dtype = pick_dtype(name_or_path, dtype, device, kernels).dtype
     path = default_base_folder() if name_or_path is None else name_or_path
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -170,11 +180,59 @@ def load_base(name_or_path: str | Path | None = None, dtype: torch.dtype | str =
         raise MLPSpecError(f"could not load base model {str(path)!r}: {' '.join(str(e).split())}") from None
     if model.config._attn_implementation == "sdpa" and model._supports_attention_backend:
         model.set_attn_implementation(TREE_ATTENTION)  # on our own freshly loaded model, through the public API
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    use_kernels(model, kernels)
+    return model, tokenizer
+
+
+def pick_dtype(name_or_path: str | Path | None, dtype: torch.dtype | str, device: str | torch.device = "cpu",
+               kernels: str = "auto", speculate: bool = True, again: bool = False) -> DtypeChoice:
+    """The dtype load_base will use, and why: the one asked for, or for "auto" the fastest
+    here (hardware.choose_dtype: the model's passes timed in float32 and bfloat16 once per
+    machine and model, kept in the user cache; `again` times them anew)."""
+    device = resolve_device(device)
+    if not (isinstance(dtype, str) and dtype == "auto"):
+        return DtypeChoice(resolve_dtype(dtype), "as asked", {})
+
+    def costs(candidate: torch.dtype) -> dict[str, float]:
+        return pass_costs(load_base(name_or_path, candidate, device, kernels)[0])
+
+    name = str(name_or_path) if name_or_path is not None else str(default_gguf_file())
+    return choose_dtype(costs, name, device, dtype_timings_dir(), kernels, speculate, again)
+
+
+def dtype_timings_dir() -> Path:
+    """Where pick_dtype keeps what it timed: the user cache's dtype/ folder."""
+    return cache_dir() / "dtype"
+
+
+@torch.no_grad()
+def pass_costs(model: PreTrainedModel, repeats: int = 5) -> dict[str, float]:
+    """Milliseconds of a one-token and a PROBE_NODES-token pass of `model` through run_base
+    after a PROBE_CONTEXT-token context, the best of `repeats` rounds (after one to warm
+    up), the sizes taking turns; keyed "1" and str(PROBE_NODES)."""
+    vocab = base_dims(model)[1]
+    ids = torch.randint(vocab // 4, vocab // 2, (1, PROBE_CONTEXT + PROBE_NODES),
+                        generator=torch.Generator().manual_seed(0)).to(model.device)
+    cache = TreeCache(model.config.get_text_config().num_hidden_layers, PROBE_CONTEXT + PROBE_NODES)
+    run_base(model, ids[:, :PROBE_CONTEXT], cache=cache, last_logits_only=True)
+    best = {1: float("inf"), PROBE_NODES: float("inf")}
+    for round_ in range(repeats + 1):
+        for q in best:
+            tick = time.perf_counter()
+            positions = torch.arange(PROBE_CONTEXT, PROBE_CONTEXT + q, device=model.device).unsqueeze(0)
+            run_base(model, ids[:, PROBE_CONTEXT : PROBE_CONTEXT + q], position_ids=positions, cache=cache,
+                     logits=q == 1 or not lazy_head(model))  # a tree's walk reads the head at a few nodes
+            if model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            if round_:
+                best[q] = min(best[q], time.perf_counter() - tick)
+            cache.keep(PROBE_CONTEXT, ids.new_zeros(1, 0))
+    return {str(q): round(1000 * seconds, 2) for q, seconds in best.items()}
 
 
 class BaseOutput(NamedTuple):
-    logits: torch.Tensor  # b n V
+    logits: torch.Tensor | None  # b n V (None: not computed, run_base's logits=False)
     hidden: torch.Tensor  # b n d, post final norm: exactly what the LM head reads (b n (1+l)d with feature layers)
     cache: object  # the KV cache passed in, now extended (None when none was given)
 
@@ -194,13 +252,16 @@ def run_base(
     cache=None,
     last_logits_only: bool = False,
     feature_layers: Sequence[int] = (),
+    logits: bool = True,
 ) -> BaseOutput:
     """One forward pass returning the logits and the final post-norm hidden states (with
     the states after `feature_layers` behind them, as the speculator reads them; states()).
 
     `last_logits_only` skips the LM head over all but the last position where the model
     allows it (a prefill needs one row of logits; the head over a whole prompt costs as
-    much as several decoding steps).
+    much as several decoding steps). `logits=False` skips it everywhere where the model
+    allows it (BaseOutput.logits is then None): a tree's walk reads the head at the few
+    nodes it visits (head_logits).
 
     `hidden_states[-1]` of a transformers causal LM is the output of its final norm, the
     vector its LM head reads (tested for Llama- and GPT-2-type models). `attention_mask`
@@ -208,16 +269,19 @@ def run_base(
     """
     keyword = _cache_keyword(type(model))
     extra = {"logits_to_keep": 1} if last_logits_only and _keeps_logits(type(model)) else {}
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=cache is not None,
-        output_hidden_states=True,
-        **{keyword: cache},
-        **extra,
-    )
-    return BaseOutput(out.logits, states(out, feature_layers), getattr(out, keyword))
+    if not logits and _keeps_logits(type(model)):
+        extra = {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=input_ids.device)}  # no position
+    with kernels_for(model):
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=cache is not None,
+            output_hidden_states=True,
+            **{keyword: cache},
+            **extra,
+        )
+    return BaseOutput(out.logits if out.logits.size(1) else None, states(out, feature_layers), getattr(out, keyword))
 
 
 def states(out, feature_layers: Sequence[int] = ()) -> torch.Tensor:
@@ -235,12 +299,42 @@ def _keeps_logits(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
+def head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's LM head over final post-norm states [.., d] (no feature layers): its
+    logits [.., V] where lazy_head(model) holds."""
+    with kernels_for(model):
+        return model.get_output_embeddings()(hidden)
+
+
+_LAZY_HEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool, checked once
+
+
+@torch.no_grad()
+def lazy_head(model: PreTrainedModel) -> bool:
+    """Whether a forward pass may skip the LM head (run_base's logits=False) and head_logits
+    give the logits later: the model takes logits_to_keep, and its logits are its output
+    embedding over its last hidden state and nothing more (no soft-capping, no scaling),
+    checked once per model on a 3-token pass."""
+    if model not in _LAZY_HEAD:
+        ok = _keeps_logits(type(model)) and isinstance(model.get_output_embeddings(), torch.nn.Linear)
+        if ok:
+            ids = torch.tensor([[1, 2, 3]], device=model.device) % base_dims(model)[1]
+            out = run_base(model, ids)
+            again = head_logits(model, out.hidden).float()
+            scale = float(out.logits.float().abs().max()) or 1.0
+            ok = torch.allclose(again, out.logits.float(), rtol=1e-2, atol=1e-2 * scale)
+        _LAZY_HEAD[model] = ok
+    return _LAZY_HEAD[model]
+
+
 def base_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 feature_layers: Sequence[int] = ()) -> torch.Tensor:
     """The speculator's input states [b, n, (1 + l) d] for training (states()), skipping the
     LM head over every position where the model allows it (a fifth of a small model's cost)."""
     extra = {"logits_to_keep": 1} if _keeps_logits(type(model)) else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True, **extra)
+    with kernels_for(model):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
+                    **extra)
     return states(out, feature_layers)
 
 
@@ -249,7 +343,8 @@ def base_outputs(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     """The speculator's input states [b, n, (1 + l) d] (states()) and the logits at every
     position [b, n, V] (position j's logits predict token j + 1; their argmax is the base
     model's own choice)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
+    with kernels_for(model):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
     return states(out, feature_layers), out.logits
 
 

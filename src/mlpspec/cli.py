@@ -43,6 +43,17 @@ def _speculator_for(model, name_or_path: str | None, default_base: bool):
     return speculator, origin
 
 
+def _load(args, speculate: bool = True):
+    """The base model as the command's --base, --dtype, --device and --kernels say; for
+    --dtype auto, one line on stderr says which dtype it chose and why."""
+    from .base import load_base, pick_dtype
+
+    choice = pick_dtype(args.base, args.dtype, args.device, args.kernels, speculate=speculate)
+    if args.dtype == "auto":
+        print(f"[dtype auto: {choice.name}. {choice.reason}]", file=sys.stderr)
+    return load_base(args.base, dtype=choice.dtype, device=args.device, kernels=args.kernels)
+
+
 def cmd_info(args) -> None:
     from .base import describe_base, load_base
 
@@ -77,14 +88,13 @@ def cmd_generate(args) -> None:
     import torch
     from transformers import TextStreamer
 
-    from .base import load_base
     from .decode import remember_calibration, remembered_policy, speculative_generate
     from .text import decode_new_tokens, encode_prompts, read_prompt_file
 
     if bool(args.prompt) == bool(args.batch_file):
         raise MLPSpecError("give prompts as arguments or with --batch-file, not both or neither")
     prompts = list(args.prompt) if args.prompt else read_prompt_file(args.batch_file)
-    model, tokenizer = load_base(args.base, dtype=args.dtype, device=args.device)
+    model, tokenizer = _load(args, speculate=not args.no_speculate)
     speculator = None
     if not args.no_speculate:
         speculator, origin = _speculator_for(model, args.speculator, args.base is None)
@@ -118,7 +128,7 @@ def cmd_generate(args) -> None:
             print(f"--- {i + 1}\n{text}")
     if args.stats:
         mode = "plain decoding" if speculator is None else "adaptive speculative" if args.adaptive else "speculative"
-        print(f"[{mode}, {args.dtype}] {out.stats.summary()}", file=sys.stderr)
+        print(f"[{mode}, {str(model.dtype).removeprefix('torch.')}] {out.stats.summary()}", file=sys.stderr)
         if out.stats.shapes and args.adaptive:
             shapes = ", ".join(f"{shape} {n}" for shape, n in sorted(out.stats.shapes.items(), key=lambda kv: -kv[1]))
             print(f"[tree shapes chosen, steps each: {shapes}]", file=sys.stderr)
@@ -152,9 +162,9 @@ def cmd_bench(args) -> None:
         settings = BenchSettings(batch_sizes=[1, 4], max_new_tokens=32, n_code=2, n_chat=2, prompt_lengths=[],
                                  prompts=settings.prompts[:4] if settings.prompts else None, lookup=args.lookup,
                                  floor_batches=6)
-    model, tokenizer = load_base(args.base, dtype=args.dtype, device=args.device)
+    model, tokenizer = _load(args)
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
-    assistant = load_base(args.assistant, dtype=args.dtype, device=args.device)[0] if args.assistant else None
+    assistant = load_base(args.assistant, dtype=model.dtype, device=args.device)[0] if args.assistant else None
     print(f"[speculator: {origin}]", file=sys.stderr)
     bar = tqdm(desc="bench", unit="batch")
     report = run_bench(model, tokenizer, speculator, settings, assistant=assistant,
@@ -199,10 +209,10 @@ def cmd_export(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .base import DEFAULT_BASE_NAME, load_base
+    from .base import DEFAULT_BASE_NAME
     from .serve import serve
 
-    model, tokenizer = load_base(args.base, dtype=args.dtype, device=args.device)
+    model, tokenizer = _load(args, speculate=not args.no_speculate)
     speculator = None
     if not args.no_speculate:
         speculator, origin = _speculator_for(model, args.speculator, args.base is None)
@@ -263,6 +273,16 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
                                                          "else the CPU), cpu, cuda:1, ...")
 
 
+def _add_speed(parser: argparse.ArgumentParser) -> None:
+    """--dtype (auto by default) and --kernels, for the commands that decode."""
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto (default): the fastest here, timed once per machine and model and kept in the "
+                             "user cache; float32 reproduces transformers' float32 greedy output token for token")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "onednn", "aten"],
+                        help="CPU matmuls: auto (default) packs the base model's linear weights for oneDNN where "
+                             "it can (a second copy of them); aten leaves PyTorch's own choice")
+
+
 def _layer_list(text: str) -> list[int]:
     try:
         return [int(layer) for layer in text.split(",") if layer.strip()]
@@ -318,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "on this machine (kept in the user cache)")
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     gen.add_argument("--stats", action="store_true", help="print tokens/step, tokens/s, per-head acceptance")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_speed(gen)
     _add_device(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -332,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--assistant", help="a draft model for HF assisted generation")
     be.add_argument("--lookup", type=_non_negative, default=DEFAULT_LOOKUP,
                     help=f"prompt-lookup branch of ours_lookup and ours_adaptive (default {DEFAULT_LOOKUP}; 0: none)")
-    be.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    _add_speed(be)
     _add_device(be)
     be.add_argument("--out", default="bench", help="folder for results.json, report.md and plots")
     be.add_argument("--quick", action="store_true", help="2 code + 2 chat prompts, batch 1 and 4, 32 tokens")
@@ -350,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"batches of up to 16, the load check measured 0.93-0.97x with it; generate and bench use "
                          f"{DEFAULT_LOOKUP})")
     sv.add_argument("--model-id", help="the model name clients send (default: the base model's)")
-    sv.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    _add_speed(sv)
     _add_device(sv)
     sv.set_defaults(func=cmd_serve)
 

@@ -163,26 +163,27 @@ def prompt_positions(prompt_valid: torch.Tensor) -> torch.Tensor:
     return (prompt_valid.long().cumsum(dim=1) - 1).clamp(min=0)  # b P
 
 
-def walk(tree: Tree, logits: torch.Tensor, choose) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def walk(tree: Tree, logits_at, choose) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Follow the base model's own choices down the tree.
 
-    logits [b, q, V] are the base model's outputs at every node. From the root, `choose`
-    picks the base model's next token from the logits of the current node (argmax for
-    greedy, a draw from the target distribution for sampling). If a child of the current
-    node carries that token, move there and repeat; otherwise that token is the bonus and
-    the walk ends. Returns (path [b, A + 1] node ids, root first, where A is the longest
-    acceptance in the batch and shorter paths repeat their last node; n_accepted [b]
-    candidate tokens accepted; bonus [b] the next token).
+    logits_at(nodes [b]) gives the base model's logits [b, V] at one node of each row
+    (decode.NodeLogits computes them only there; `at_nodes` reads a full [b, q, V]). From
+    the root, `choose` picks the base model's next token from the logits of the current
+    node (argmax for greedy, a draw from the target distribution for sampling). If a child
+    of the current node carries that token, move there and repeat; otherwise that token is
+    the bonus and the walk ends. Returns (path [b, A + 1] node ids, root first, where A is
+    the longest acceptance in the batch and shorter paths repeat their last node;
+    n_accepted [b] candidate tokens accepted; bonus [b] the next token).
     """
     b, q = tree.tokens.shape
-    rows = torch.arange(b, device=logits.device)
-    current = torch.zeros(b, dtype=torch.long, device=logits.device)
-    done = torch.zeros(b, dtype=torch.bool, device=logits.device)
-    n_accepted = torch.zeros(b, dtype=torch.long, device=logits.device)
-    bonus = torch.zeros(b, dtype=tree.tokens.dtype, device=logits.device)
+    device = tree.tokens.device
+    current = torch.zeros(b, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    n_accepted = torch.zeros(b, dtype=torch.long, device=device)
+    bonus = torch.zeros(b, dtype=tree.tokens.dtype, device=device)
     path = [current]
     for _ in range(int(tree.depth.max()) + 1):
-        token = choose(logits[rows, current])  # b
+        token = choose(logits_at(current))  # b
         is_child = (tree.parent == current.unsqueeze(1)) & (tree.tokens == token.unsqueeze(1))  # b q
         found = is_child.any(dim=1) & ~done
         bonus = torch.where(~done & ~found, token, bonus)
@@ -193,6 +194,12 @@ def walk(tree: Tree, logits: torch.Tensor, choose) -> tuple[torch.Tensor, torch.
         if bool(done.all()):
             break
     return torch.stack(path, dim=1)[:, : int(n_accepted.max()) + 1], n_accepted, bonus
+
+
+def at_nodes(logits: torch.Tensor):
+    """walk's logits_at for logits already computed at every node [b, q, V]."""
+    rows = torch.arange(logits.size(0), device=logits.device)
+    return lambda nodes: logits[rows, nodes]  # b V
 
 
 def hindsight_accepted(candidates: torch.Tensor, emitted: torch.Tensor, known: torch.Tensor) -> torch.Tensor:

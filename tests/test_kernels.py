@@ -1,0 +1,80 @@
+"""oneDNN's prepacked linears (kernels.py): the same numbers within float rounding, and
+decoding on them as lossless as on PyTorch's own kernels."""
+
+import pytest
+import torch
+
+import mlpspec.kernels as kernels
+from conftest import TINY_VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
+from mlpspec import MLPSpecError, MLPSpeculator, run_base, speculator_config_for
+from mlpspec.decode import speculative_generate
+from mlpspec.kernels import can_pack, kernels_for, kernels_of, use_kernels
+
+pytestmark = pytest.mark.skipif(not can_pack(torch.float32), reason="this PyTorch build has no oneDNN")
+ARCHITECTURES = pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_gpt2], ids=["llama", "qwen2", "gpt2"])
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """How many matmuls went to oneDNN."""
+    calls = []
+    onednn = kernels.onednn_linear
+    monkeypatch.setattr(kernels, "onednn_linear", lambda *args: calls.append(args[0].shape) or onednn(*args))
+    return calls
+
+
+@ARCHITECTURES
+def test_packed_linears_give_pytorchs_numbers_within_rounding(build, onednn_calls):
+    model = build(seed=3)
+    ids = torch.randint(3, TINY_VOCAB, (2, 7))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        assert use_kernels(model) == "onednn" and kernels_of(model) == "onednn"
+        packed = run_base(model, ids).logits
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert len(onednn_calls) == linears  # GPT-2's Conv1D layers are no linears: only its head goes
+    torch.testing.assert_close(packed, reference, rtol=1e-5, atol=1e-5)
+
+
+@ARCHITECTURES
+def test_greedy_on_packed_kernels_equals_transformers(build, onednn_calls):
+    model = build(seed=1)
+    torch.manual_seed(1)
+    ids = torch.randint(3, TINY_VOCAB, (2, 9))
+    expected = model.generate(input_ids=ids, max_new_tokens=25, do_sample=False, eos_token_id=None, pad_token_id=0)
+    use_kernels(model, "onednn")
+    with kernels_for(model):  # transformers on the same kernels
+        same_kernels = model.generate(input_ids=ids, max_new_tokens=25, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)
+    torch.manual_seed(0)
+    speculator = MLPSpeculator(speculator_config_for(model, n_predict=3, inner_dim=16)).eval()
+    for spec in (None, speculator):
+        out = speculative_generate(model, spec, ids, max_new_tokens=25, eos_token_id=[], lookup=3)
+        assert out.sequences.tolist() == same_kernels.tolist() == expected.tolist()
+    assert onednn_calls
+
+
+def test_bfloat16_weights_are_read_in_float32_from_many_rows_where_onednn_packs_only_float32(monkeypatch,
+                                                                                            onednn_calls):
+    """As on an AVX2-only CPU: below WIDEN_FROM_ROWS rows PyTorch's own bfloat16 kernels run,
+    from there oneDNN over a float32 copy, which sums the same exact products."""
+    monkeypatch.setattr(kernels, "can_pack", lambda dtype: dtype == torch.float32)
+    model = tiny_llama(seed=4).to(torch.bfloat16)
+    assert use_kernels(model) == "onednn"
+    few = torch.randint(3, TINY_VOCAB, (1, kernels.WIDEN_FROM_ROWS - 1))
+    many = torch.randint(3, TINY_VOCAB, (2, kernels.WIDEN_FROM_ROWS))
+    with torch.no_grad():
+        assert torch.equal(run_base(model, few).logits, model(input_ids=few).logits) and not onednn_calls
+        torch.testing.assert_close(run_base(model, many).logits, model(input_ids=many).logits, rtol=0.02, atol=0.02)
+    assert onednn_calls and all(shape[:-1].numel() >= kernels.WIDEN_FROM_ROWS for shape in onednn_calls)
+
+
+def test_use_kernels_refuses_what_it_cannot_do():
+    model = tiny_llama()
+    with pytest.raises(MLPSpecError, match="kernels must be one of auto, onednn, aten, got 'mkl'"):
+        use_kernels(model, "mkl")
+    assert use_kernels(model, "aten") == "aten" and kernels_of(model) == "aten"
+    half = tiny_llama().to(torch.float16)
+    assert use_kernels(half) == "aten"  # auto: where oneDNN packs nothing, PyTorch's own
+    with pytest.raises(MLPSpecError, match="oneDNN cannot pack float16 weights on cpu here"):
+        use_kernels(half, "onednn")
