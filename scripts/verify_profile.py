@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mlpspec.base import load_base
-from mlpspec.bench import _machine
+from mlpspec.hardware import describe_machine
 from mlpspec.decode import make_chooser, prefill, verify
 from mlpspec.tree import flat_tree
 
@@ -77,7 +77,7 @@ def main() -> None:
     profile = [int(s) for s in args.profile.split(",") if s]
     env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
            if k in os.environ}
-    results = {"kernels": args.kernels, "machine": _machine(torch.device("cpu")), "env": env, "context": args.context, "ms": {}}
+    results = {"kernels": args.kernels, "machine": describe_machine("cpu"), "env": env, "context": args.context, "ms": {}}
     for dtype in args.dtype or ["float32", "bfloat16"]:
         model, _ = load_base(None, dtype=dtype, kernels=args.kernels)
         ms = time_passes(model, args.context, sizes, args.repeats, profile, args.out, dtype)

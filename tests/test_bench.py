@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from conftest import tiny_llama, tiny_tokenizer
 from mlpspec.bench import chat_prompts, code_prompts, compare
@@ -35,9 +36,18 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     model, tok = tiny_llama(), tiny_tokenizer()
     settings = BenchSettings(batch_sizes=[1, 2], max_new_tokens=6, prompt_lengths=[4, 8],
                              prompts=["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"])
-    report = run_bench(model, tok, random_speculator(model), settings)
+    other = tiny_llama().to(torch.bfloat16)  # the same model in the other dtype: its plain methods at batch 1
+    report = run_bench(model, tok, random_speculator(model), settings, other=other)
     results = report["results"]
-    assert set(results) == {"hf_greedy", "hf_prompt_lookup", "ours_plain", "ours_lookup", "ours_fixed", "ours_adaptive"}
+    assert set(results) == {"hf_greedy", "hf_prompt_lookup", "ours_plain", "ours_lookup", "ours_fixed", "ours_adaptive",
+                            "hf_greedy_bfloat16", "ours_plain_bfloat16"}
+    assert set(results["hf_greedy_bfloat16"]) == set(results["ours_plain_bfloat16"]) == {"1"}
+    every = len(results["ours_fixed"]["1"]["batch_tokens_per_s"])  # the floor's methods go on alone
+    assert len(results["ours_plain_bfloat16"]["1"]["batch_tokens_per_s"]) == (every + 1) // 2  # every other batch
+    assert set(report["fastest_plain"]) == {"1", "2"}  # at batch 2 the float32 methods alone
+    machine = report["machine"]
+    assert machine["capability"] == torch.backends.cpu.get_cpu_capability() and machine["torch_threads"] >= 1
+    assert machine["cpu"] and report["settings"]["dtype"] == "float32" and report["settings"]["kernels"] == "aten"
     assert set(results["ours_fixed"]) == {"1", "2"} and set(results["hf_prompt_lookup"]) == {"1"}
     assert set(results["ours_lookup"]) == {"1"}
     assert results["hf_greedy"]["1"]["speedup"] == 1.0
@@ -61,6 +71,10 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     assert set(report["prompt_length"]) == {"4", "8"}
     write_report(report, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["results"]["ours_fixed"]["1"]["tokens"] > 0
+    header = (tmp_path / "report.md").read_text().splitlines()[2]
+    assert header.startswith(report["date"]) and f"{machine['capability']} kernels" in header
+    assert "threads; float32 (kernels aten)" in header
+    assert "Fastest plain decoding measured" in (tmp_path / "report.md").read_text()
     assert "| ours_adaptive | 2 |" in (tmp_path / "report.md").read_text()
     assert "- batch 2: " in (tmp_path / "report.md").read_text()
     without = run_bench(model, tok, random_speculator(model), BenchSettings(batch_sizes=[1], max_new_tokens=4, lookup=0,
@@ -68,6 +82,30 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     assert "ours_lookup" not in without["results"] and "lookup" not in without["adaptive_policy"]
     for plot in ("batch_size.png", "prompt_length.png", "accepted_length.png"):
         assert (tmp_path / plot).stat().st_size > 1000
+
+
+def test_the_fixed_tree_and_batch_one_methods_stop_where_they_are_told():
+    from mlpspec.bench import HF_METHODS, OUR_METHODS, _methods_at
+
+    everything = [*HF_METHODS, *OUR_METHODS, "ours_plain_float32"]
+    assert _methods_at(everything, 1, 4) == everything
+    assert _methods_at(everything, 4, 4) == ["hf_greedy", "ours_plain", "ours_fixed", "ours_adaptive"]
+    assert _methods_at(everything, 8, 4) == ["hf_greedy", "ours_plain", "ours_adaptive"]
+
+
+def test_fastest_plain_is_the_best_plain_method_in_either_dtype():
+    from mlpspec.bench import fastest_plain
+
+    results = {"hf_greedy": {"1": {"tokens_per_s": 15.0}, "4": {"tokens_per_s": 50.0}},
+               "ours_plain": {"1": {"tokens_per_s": 16.0}, "4": {"tokens_per_s": 52.0}},
+               "hf_greedy_bfloat16": {"1": {"tokens_per_s": 28.0}},
+               "ours_plain_bfloat16": {"1": {"tokens_per_s": 30.0}},
+               "ours_fixed": {"1": {"tokens_per_s": 40.0}},
+               "ours_adaptive": {"1": {"tokens_per_s": 45.0}, "4": {"tokens_per_s": 65.0}}}
+    assert fastest_plain(results) == {
+        "1": {"method": "ours_plain_bfloat16", "tokens_per_s": 30.0, "ours_adaptive": 1.5},
+        "4": {"method": "ours_plain", "tokens_per_s": 52.0, "ours_adaptive": 1.25},
+    }
 
 
 def test_the_floor_divides_adaptive_by_the_best_plain_method():

@@ -78,3 +78,19 @@ def test_use_kernels_refuses_what_it_cannot_do():
     assert use_kernels(half) == "aten"  # auto: where oneDNN packs nothing, PyTorch's own
     with pytest.raises(MLPSpecError, match="oneDNN cannot pack float16 weights on cpu here"):
         use_kernels(half, "onednn")
+
+
+@pytest.mark.skipif(not can_pack(torch.bfloat16), reason="oneDNN packs no bfloat16 on this CPU")
+def test_one_bfloat16_row_runs_on_pytorchs_own_kernels_and_more_on_onednn(onednn_calls):
+    from mlpspec.kernels import oneDNN_off
+
+    model = tiny_llama(seed=5).to(torch.bfloat16)
+    assert use_kernels(model) == "onednn"
+    one, many = torch.randint(3, TINY_VOCAB, (1, 1)), torch.randint(3, TINY_VOCAB, (1, 6))
+    with torch.no_grad(), oneDNN_off():
+        own = model(input_ids=one).logits, model(input_ids=many).logits
+    with torch.no_grad():
+        assert torch.equal(run_base(model, one).logits, own[0]) and not onednn_calls
+        torch.testing.assert_close(run_base(model, many).logits, own[1], rtol=0.02, atol=0.02)
+    assert onednn_calls
+    assert torch._C._get_mkldnn_enabled()  # switched back on after the pass

@@ -14,6 +14,8 @@ import torch
 
 from .adaptive import AdaptivePolicy, shape_menu
 from .decode import DEFAULT_LOOKUP, head_acceptance, speculative_generate
+from .hardware import describe_machine, hardware_line
+from .kernels import kernels_of
 from .text import encode_prompts, read_prompt_file
 
 # Third-party packages whose source serves as unseen code: training uses the standard
@@ -108,12 +110,24 @@ OUR_METHODS = ("ours_plain", "ours_lookup", "ours_fixed", "ours_adaptive")
 BATCH_ONE_ONLY = ("hf_prompt_lookup", "hf_assisted", "ours_lookup")
 # what the floor compares (ours adaptive against the best plain method) gets extra batches
 FLOOR_METHODS = ("hf_greedy", "ours_plain", "ours_adaptive")
+# the plain methods that also run at batch 1 on the base model in the other dtype (float32
+# beside bfloat16 and back), for the fastest plain decoding the machine offers: on a CPU
+# held to AVX2 kernels, bfloat16 decoded plain at 30 tokens/s and float32 at 16, while
+# float32 is the dtype to speculate in there
+OTHER_DTYPE_METHODS = ("hf_greedy", "ours_plain")
+
+
+def other_dtype_method(method: str, dtype: torch.dtype) -> str:
+    """The name of a plain method run in the other dtype: hf_greedy_float32, ..."""
+    return f"{method}_{str(dtype).removeprefix('torch.')}"
 
 
 @dataclass
 class BenchSettings:
     batch_sizes: list[int]
-    max_new_tokens: int = 64
+    # 48, not 64 as up to v35: with the other dtype's plain methods beside the rest, the
+    # default bench took 20 minutes on a 2-core AMD EPYC that made 20 tokens/s with HF greedy
+    max_new_tokens: int = 48
     n_code: int = 6
     n_chat: int = 6
     prompt_lengths: list[int] | None = None  # batch-1 sweep of prompt length (tokens); None or [] to skip
@@ -127,13 +141,19 @@ class BenchSettings:
     # ... and at least this many for FLOOR_METHODS: at batch 8-16 ours adaptive decodes
     # plain, so the floor is one plain loop's pace over another's, and one batch at 16 read
     # anywhere from 240 to 305 tokens/s for either (v31); over 6 batches the floor there
-    # read 0.93-1.00 from run to run
-    floor_batches: int = 12
+    # read 0.93-1.00 from run to run. 12 took 4 of the default bench's 20 minutes above
+    floor_batches: int = 8
+    # the largest batch size ours_fixed runs at: the fixed tree made 0.50x and 0.40x HF
+    # greedy at batch 8 and 16 in every bench up to v35, and took 3 of those 20 minutes
+    fixed_up_to: int = 4
 
 
-def _methods_at(methods: list[str], batch_size: int) -> list[str]:
-    """The methods that run at this batch size (BATCH_ONE_ONLY at batch 1 only)."""
-    return [m for m in methods if batch_size == 1 or m not in BATCH_ONE_ONLY]
+def _methods_at(methods: list[str], batch_size: int, fixed_up_to: int) -> list[str]:
+    """The methods that run at this batch size: BATCH_ONE_ONLY and the other dtype's at
+    batch 1 only, ours_fixed up to fixed_up_to."""
+    ours = (*HF_METHODS, *OUR_METHODS)
+    return [m for m in methods if (batch_size == 1 or (m not in BATCH_ONE_ONLY and m in ours))
+            and (m != "ours_fixed" or batch_size <= fixed_up_to)]
 
 
 def _new_token_count(row: list[int], prompt_length: int, eos: set[int]) -> int:
@@ -144,8 +164,11 @@ def _new_token_count(row: list[int], prompt_length: int, eos: set[int]) -> int:
     return len(new)
 
 
-def _run(method, model, speculator, assistant, policy, ids, mask, max_new_tokens, eos, lookup):
-    """One method on one batch: (sequences, seconds, stats or None)."""
+def _run(method, model, speculator, assistant, policy, ids, mask, max_new_tokens, eos, lookup, other=None):
+    """One method on one batch: (sequences, seconds, stats or None). A method of the other
+    dtype (other_dtype_method) runs its plain method on `other`."""
+    if other is not None and method.endswith("_" + str(other.dtype).removeprefix("torch.")):
+        model, method = other, method.rsplit("_", 1)[0]
     ids, mask = ids.to(model.device), mask.to(model.device)
     start = time.perf_counter()
     if method in HF_METHODS:
@@ -165,9 +188,12 @@ def _run(method, model, speculator, assistant, policy, ids, mask, max_new_tokens
     return out.sequences, time.perf_counter() - start, out.stats
 
 
-def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=None, progress=None) -> dict:
+def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=None, progress=None,
+              other=None) -> dict:
     """Measure every method at every batch size on the same prompts; check that every
-    greedy method emitted the base model's greedy tokens (bf16 near ties aside)."""
+    greedy method emitted the base model's greedy tokens (bf16 near ties aside). `other`,
+    the base model in the other dtype, runs the plain methods at batch 1 too, for the
+    fastest plain decoding here (fastest_plain)."""
     from .equality import find_divergences
 
     # code prompts are plain text, chat prompts message lists (encode_prompts templates those)
@@ -176,6 +202,8 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     methods = settings.methods or [m for m in (*HF_METHODS, *OUR_METHODS) if (m != "hf_assisted" or assistant is not None)
                                    and (m != "ours_lookup" or settings.lookup)]
+    if other is not None and 1 in settings.batch_sizes:
+        methods += [other_dtype_method(m, other.dtype) for m in OTHER_DTYPE_METHODS]
     # One policy learns across the run, as a server's would: tokens per step carry over
     # between batch sizes, costs are calibrated for each.
     policy = AdaptivePolicy(shape_menu(speculator.config, lookup=settings.lookup))
@@ -189,8 +217,8 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
         jobs += [(b, i, i >= every) for i in range(max(every, settings.floor_batches))]
     for b in settings.batch_sizes:  # warm-up: every method once at every batch size
         ids, mask = encode_prompts(tokenizer, (prompts * b)[:b], chat=False)
-        for method in _methods_at(methods, b):
-            _run(method, model, speculator, assistant, policy, ids, mask, 4, eos, settings.lookup)
+        for method in _methods_at(methods, b, settings.fixed_up_to):
+            _run(method, model, speculator, assistant, policy, ids, mask, 4, eos, settings.lookup, other)
     for done, (b, i, floor_only) in enumerate(jobs, start=1):
         batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
         ids, mask = (t.to(model.device) for t in encode_prompts(tokenizer, batch, chat=False))
@@ -198,12 +226,15 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
         # rotation kept each method right after the same one (at batch > 1, ours_adaptive
         # after ours_fixed in 5 batches of 6), and the method after the most memory-hungry
         # one is not always timed alike
-        here = [m for m in _methods_at(methods, b) if not floor_only or m in FLOOR_METHODS]
+        # the other dtype's plain methods every other batch: plain decoding's pace hardly
+        # depends on the prompt, and they are the slowest methods at batch 1
+        here = [m for m in _methods_at(methods, b, settings.fixed_up_to) if (not floor_only or m in FLOOR_METHODS)
+                and (m in (*HF_METHODS, *OUR_METHODS) or i % 2 == 0)]
         order = [here[k] for k in torch.randperm(len(here), generator=torch.Generator().manual_seed(done)).tolist()]
         outputs = {}
         for method in order:
             outputs[method] = _run(method, model, speculator, assistant, policy, ids, mask,
-                                   settings.max_new_tokens, eos, settings.lookup)
+                                   settings.max_new_tokens, eos, settings.lookup, other)
         reference = outputs["hf_greedy"][0] if "hf_greedy" in outputs else None
         for method, (sequences, seconds, stats) in outputs.items():
             entry = raw[method].setdefault(b, {"runs": {}, "steps": 0, "accepted": [], "shapes": Counter()})
@@ -213,7 +244,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
                 entry["steps"] += stats.row_steps
                 entry["accepted"] += stats.accepted_lengths
                 entry["shapes"].update(stats.shapes)
-            if reference is not None and method != "hf_greedy":
+            if reference is not None and method != "hf_greedy" and method in (*HF_METHODS, *OUR_METHODS):
                 for d in find_divergences(model, ids, mask, sequences, reference, eos):
                     divergences.append({"method": method, "batch_size": b, **d.__dict__})
         if progress is not None:
@@ -245,11 +276,14 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     sweep = _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) if settings.prompt_lengths else {}
     near = [d for d in divergences if d["near_tie"]]
     return {
-        "machine": _machine(model.device),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": describe_machine(model.device),
         "settings": {**{k: v for k, v in settings.__dict__.items() if k != "prompts"}, "dtype": str(model.dtype).removeprefix("torch."),
+                     "kernels": kernels_of(model),
                      "speculator": speculator.config.to_dict(), "n_prompts": len(prompts)},
         "results": results,
         "floor": adaptive_floor(results),
+        "fastest_plain": fastest_plain(results),
         "mismatches": len(divergences) - len(near),
         "near_ties": len(near),
         "divergences": divergences,
@@ -269,6 +303,20 @@ def adaptive_floor(results: dict) -> dict:
             for b, r in results["ours_adaptive"].items()}
 
 
+def fastest_plain(results: dict) -> dict:
+    """Per batch size: the fastest plain decoding measured (HF greedy or ours_plain, in
+    either dtype where the other ran), its tokens/s, and ours adaptive's tokens/s over it."""
+    plain = [m for m in results if m.startswith(("hf_greedy", "ours_plain"))]
+    fastest = {}
+    for b, r in results.get("ours_adaptive", {}).items():
+        here = {m: results[m][b]["tokens_per_s"] for m in plain if b in results[m]}
+        if here:
+            best = max(here, key=here.get)
+            fastest[b] = {"method": best, "tokens_per_s": here[best],
+                          "ours_adaptive": round(r["tokens_per_s"] / here[best], 3)}
+    return fastest
+
+
 def _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) -> dict:
     """Batch 1: speedup of ours (fixed and adaptive) over HF greedy as the prompt grows."""
     text = "\n".join(code_prompts(40, context_lines=60))
@@ -286,24 +334,6 @@ def _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) ->
     return sweep
 
 
-def _machine(device: torch.device) -> dict:
-    import os
-    import platform
-
-    import transformers
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
 def write_report(report: dict, out: Path) -> None:
     """results.json, report.md and PNG plots in `out`."""
     import json
@@ -317,12 +347,14 @@ def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     results = report["results"]
+    machine = report["machine"]
     lines = [
         "# mlpspec bench",
         "",
-        f"{report['machine']['platform']}, {report['machine']['cpus']} CPUs, torch {report['machine']['torch']}, "
-        f"transformers {report['machine']['transformers']}; dtype {report['settings']['dtype']}; "
-        f"{report['settings']['n_prompts']} prompts, {report['settings']['max_new_tokens']} new tokens, greedy.",
+        f"{report['date']}, {hardware_line(machine, report['settings']['dtype'])} (kernels "
+        f"{report['settings']['kernels']}); {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
+        f"transformers {machine['transformers']}; {report['settings']['n_prompts']} prompts, "
+        f"{report['settings']['max_new_tokens']} new tokens, greedy.",
         "",
         "| method | batch | tokens/s | speedup vs HF greedy | tokens/step | per-head acceptance |",
         "|---|---|---|---|---|---|",
@@ -331,9 +363,15 @@ def write_report(report: dict, out: Path) -> None:
         for b, r in per_batch.items():
             heads = " ".join(f"{a:.2f}" for a in r["per_head_acceptance"]) if r["per_head_acceptance"] else ""
             step = f"{r['tokens_per_step']:.2f}" if r["tokens_per_step"] else ""
-            lines.append(f"| {method} | {b} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {step} | {heads} |")
+            speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else ""
+            lines.append(f"| {method} | {b} | {r['tokens_per_s']:.1f} | {speedup} | {step} | {heads} |")
     lines += ["", "Speedup: a method's tokens/s over HF greedy's, totals over the same batches (results.json "
               "also holds each batch's tokens/s)."]
+    if report.get("fastest_plain"):
+        lines += ["", "Fastest plain decoding measured (HF greedy or ours_plain, in either dtype where both ran), "
+                  "and ours_adaptive over it: " + ", ".join(
+                      f"batch {b} {f['method']} {f['tokens_per_s']:.1f} tokens/s, ours_adaptive {f['ours_adaptive']:.2f}x"
+                      for b, f in report["fastest_plain"].items()) + "."]
     if report.get("floor"):
         lines += ["", "Floor, ours_adaptive over the best plain method (HF greedy or ours_plain): " + ", ".join(
             f"batch {b} {f:.3f}" for b, f in report["floor"].items()) + "."]

@@ -150,14 +150,15 @@ def cmd_train(args) -> None:
 def cmd_bench(args) -> None:
     from tqdm import tqdm
 
+    import torch
+
     from .base import load_base
-    from .bench import BenchSettings, run_bench, write_report
-    from .text import read_prompt_file
+    from .bench import BenchSettings, named_prompts, run_bench, write_report
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     lengths = [int(n) for n in args.prompt_lengths.split(",")] if args.prompt_lengths else []
     settings = BenchSettings(batch_sizes=sizes, max_new_tokens=args.max_new_tokens, prompt_lengths=lengths,
-                             prompts=read_prompt_file(args.prompts) if args.prompts else None, lookup=args.lookup)
+                             prompts=named_prompts(args.prompts) if args.prompts else None, lookup=args.lookup)
     if args.quick:
         settings = BenchSettings(batch_sizes=[1, 4], max_new_tokens=32, n_code=2, n_chat=2, prompt_lengths=[],
                                  prompts=settings.prompts[:4] if settings.prompts else None, lookup=args.lookup,
@@ -165,9 +166,13 @@ def cmd_bench(args) -> None:
     model, tokenizer = _load(args)
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
     assistant = load_base(args.assistant, dtype=model.dtype, device=args.device)[0] if args.assistant else None
+    other = None
+    if model.device.type == "cpu" and not args.one_dtype:  # the plain methods in the other dtype too, at batch 1
+        other_dtype = torch.bfloat16 if model.dtype == torch.float32 else torch.float32
+        other = load_base(args.base, dtype=other_dtype, device=args.device, kernels=args.kernels)[0]
     print(f"[speculator: {origin}]", file=sys.stderr)
     bar = tqdm(desc="bench", unit="batch")
-    report = run_bench(model, tokenizer, speculator, settings, assistant=assistant,
+    report = run_bench(model, tokenizer, speculator, settings, assistant=assistant, other=other,
                        progress=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
     bar.close()
     write_report(report, args.out)
@@ -345,8 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="measure every decoding method at every batch size, with plots")
     be.add_argument("--base", help="HF model id or folder (default: embedded SmolLM2-135M-Instruct)")
     be.add_argument("--speculator", help="speculator folder or hub id (default: the shipped one)")
-    be.add_argument("--prompts", help="JSONL prompt file (default: unseen code and chat prompts)")
-    be.add_argument("--max-new-tokens", type=int, default=64)
+    be.add_argument("--prompts", help="JSONL prompt file, or 'code' or 'chat': 12 prompts of that kind (default: "
+                                      "6 unseen code and 6 chat prompts)")
+    be.add_argument("--one-dtype", action="store_true",
+                    help="no plain decoding in the other dtype at batch 1 (by default, on the CPU, HF greedy and "
+                         "ours_plain also run in float32 beside bfloat16 or back, for the fastest plain decoding)")
+    be.add_argument("--max-new-tokens", type=int, default=48)
     be.add_argument("--batch-sizes", default="1,2,4,8,16")
     be.add_argument("--prompt-lengths", default="64,256,1024", help="batch-1 prompt-length sweep ('' to skip)")
     be.add_argument("--assistant", help="a draft model for HF assisted generation")

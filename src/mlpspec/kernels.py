@@ -42,10 +42,14 @@ def can_pack(dtype: torch.dtype) -> bool:
     return bool((out == 8).all())
 
 
-# A pass of SmolLM2-135M over q tokens (a 2-core AMD EPYC held to AVX2 kernels, bfloat16,
-# ms): PyTorch's kernels q = 1 / 2 / 4 / 8 / 16: 28 / 32 / 47 / 78 / 145; its weights read
-# in float32 by oneDNN 29 / 55 / 59 / 66 / 78. The float32 copy is twice the bytes to read,
-# and pays from about 8 rows on.
+# Below these many rows a bfloat16 matmul runs on PyTorch's own kernels, with oneDNN off.
+# They convert and multiply row by row, but read the weights fastest for one row: a pass
+# of SmolLM2-135M over one token took 23.5 ms on them and 39.5 on oneDNN (a 2-core AMD EPYC
+# with native bfloat16). Where oneDNN packs bfloat16, from 2 rows on it is oneDNN's. Where
+# it packs only float32 (AVX2), the float32 copy is twice the bytes to read and pays from
+# about 8 rows: held to AVX2 kernels, q = 1 / 2 / 4 / 8 / 16 tokens took 28 / 32 / 47 / 78 /
+# 145 ms on PyTorch's kernels and 29 / 55 / 59 / 66 / 78 on the float32 copy.
+OWN_KERNELS_BELOW_ROWS = 2
 WIDEN_FROM_ROWS = 8
 
 
@@ -66,18 +70,36 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+@contextlib.contextmanager
+def oneDNN_off():
+    """PyTorch's own CPU kernels inside: the switch torch.backends.mkldnn.flags sets, without
+    that context manager's other flags and cost (it runs 200 times a pass below)."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
+def own_kernels(func, args, kwargs):
+    """func(*args, **kwargs) on PyTorch's own CPU kernels (oneDNN_off)."""
+    with oneDNN_off():
+        return func(*args, **kwargs)
+
+
 class PackedLinears(TorchFunctionMode):
     """A model's linear weights prepacked for oneDNN, used inside `with packed:`.
 
-    A bfloat16 weight that oneDNN packs only in float32 (packing_dtype) is read in float32
-    from WIDEN_FROM_ROWS rows on (a tree), where PyTorch's own bfloat16 matmul emulates
-    bfloat16 slowly, and left to PyTorch below that, whose kernels read the bfloat16 weight
-    at half the memory traffic."""
+    A bfloat16 weight goes to PyTorch's own kernels (oneDNN off) for fewer rows than
+    OWN_KERNELS_BELOW_ROWS, or WIDEN_FROM_ROWS where oneDNN packs it only in float32
+    (packing_dtype): those read it at half float32's bytes, which is what one token's pass
+    waits for, but multiply row by row."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        # id(weight) -> (weight, packed weight, whether one row stays with PyTorch)
-        self.packed: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+        # id(weight) -> (weight, packed weight, whether it was packed in float32, rows below which PyTorch's own run)
+        self.packed: dict[int, tuple[torch.Tensor, torch.Tensor, bool, int]] = {}
         weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is not None and isinstance(getattr(head, "weight", None), torch.Tensor):
@@ -86,7 +108,13 @@ class PackedLinears(TorchFunctionMode):
             into = packing_dtype(weight.dtype) if weight.device.type == "cpu" and weight.dim() == 2 else None
             if into is not None and id(weight) not in self.packed:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(into))
-                self.packed[id(weight)] = (weight, packed, into != weight.dtype)
+                own_below = (WIDEN_FROM_ROWS if into != weight.dtype else OWN_KERNELS_BELOW_ROWS) \
+                    if weight.dtype == torch.bfloat16 else 0
+                self.packed[id(weight)] = (weight, packed, into != weight.dtype, own_below)
+        # a pass over fewer rows sends every packed linear to PyTorch's own kernels, so it
+        # need not run under this mode at all: the mode itself cost 12 ms of a 24 ms pass
+        # (bfloat16, one token, SmolLM2-135M: ~2000 torch calls each through Python)
+        self.own_below = min((entry[3] for entry in self.packed.values()), default=0)
 
     def __len__(self) -> int:
         return len(self.packed)
@@ -99,11 +127,12 @@ class PackedLinears(TorchFunctionMode):
             entry = self.packed.get(id(weight))
             if (entry is not None and entry[0] is weight and x.dtype == weight.dtype and x.device.type == "cpu"
                     and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-                _, packed, widened = entry
-                if not widened:
-                    return onednn_linear(x, packed, bias)
-                if x.numel() >= WIDEN_FROM_ROWS * x.size(-1):
+                _, packed, widened, own_below = entry
+                if x.numel() < own_below * x.size(-1):
+                    return own_kernels(func, args, kwargs)
+                if widened:
                     return onednn_linear(x.float(), packed, bias.float() if bias is not None else None).to(x.dtype)
+                return onednn_linear(x, packed, bias)
         return func(*args, **kwargs)
 
 
@@ -138,6 +167,13 @@ def kernels_of(model: torch.nn.Module) -> str:
     return "onednn" if _PACKED.get(model) else "aten"
 
 
-def kernels_for(model: torch.nn.Module):
-    """The context a forward pass of `model` runs in: its packed linears, or nothing."""
-    return _PACKED.get(model) or contextlib.nullcontext()
+def kernels_for(model: torch.nn.Module, rows: int | None = None):
+    """The context a forward pass of `model` over `rows` tokens (all rows of the batch; None:
+    not known) runs in: its packed linears; PyTorch's own kernels where they take every
+    linear of so few rows (PackedLinears.own_below); or nothing."""
+    packed = _PACKED.get(model)
+    if not packed:
+        return contextlib.nullcontext()
+    if rows is not None and rows < packed.own_below:
+        return oneDNN_off()
+    return packed
