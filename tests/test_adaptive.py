@@ -312,8 +312,9 @@ def test_a_batch_step_is_worth_what_its_slowest_row_gains():
     assert policy.expected_tokens(LOOKUP, [3, 3, 3, 3], left=100) == pytest.approx(100 / (102 / 5))
     assert policy.choose(4, max_depth=6, matched=[3, 3, 3, 3]) == LOOKUP
     assert policy.choose(4, max_depth=6, matched=[3]) == LOOKUP  # the one row still far from done matched
-    # past twice a plain step a lookup shape is not offered at all, whatever its estimate
-    policy.seconds[4][LOOKUP] = 2.1
+    # past lookup_cost_ratio plain steps a lookup shape is not offered at all, whatever its estimate
+    assert policy.seconds[4][PLAIN] == 1.0
+    policy.seconds[4][LOOKUP] = policy.lookup_cost_ratio + 0.1
     assert policy.choose(4, max_depth=6, matched=[3, 3, 3, 3]) == PLAIN
     # a step of rows with and without a match updates each row's own record
     policy.update(LOOKUP, 4, [3.0, 1.0, 1.0, 1.0], 2.1, [2, 0, 0, 0])

@@ -172,8 +172,12 @@ class AdaptivePolicy:
     # a lookup shape is offered only where its step costs at most this many plain steps: a
     # copy's yield averages 2-3 tokens over the rows that matched, so beyond that it cannot
     # pay, though its reach (1 + 10 tokens) says it could (the bench lost 16% at batch 8,
-    # where the policy picked lookup steps expecting 3.7 tokens a row and got 2.7)
-    lookup_cost_ratio: float = 2.0
+    # where the policy picked lookup steps expecting 3.7 tokens a row and got 2.7). 3, not 2:
+    # once a one-token bfloat16 pass ran on PyTorch's own kernels (24 ms against 41-50 ms for
+    # 2-16 tree nodes on oneDNN, native bfloat16), every tree with the branch cost over two
+    # plain steps, and on unseen code at batch 1 the policy decoded plain on 406 steps of 445
+    # (1.09x our plain loop) where the branch alone made 1.33x
+    lookup_cost_ratio: float = 3.0
     # after n plain picks in a row at a batch size, the next min(n, rest_limit) steps there are
     # plain without asking (see resting)
     rest_limit: int = 8

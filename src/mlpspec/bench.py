@@ -125,9 +125,10 @@ def other_dtype_method(method: str, dtype: torch.dtype) -> str:
 @dataclass
 class BenchSettings:
     batch_sizes: list[int]
-    # 48, not 64 as up to v35: with the other dtype's plain methods beside the rest, the
-    # default bench took 20 minutes on a 2-core AMD EPYC that made 20 tokens/s with HF greedy
-    max_new_tokens: int = 48
+    # 40, not 64 as up to v35: with the other dtype's plain methods beside the rest, the
+    # default bench took 20 minutes on a 2-core AMD EPYC that made 20 tokens/s with HF
+    # greedy; with 48 tokens and the cuts below, 11
+    max_new_tokens: int = 40
     n_code: int = 6
     n_chat: int = 6
     prompt_lengths: list[int] | None = None  # batch-1 sweep of prompt length (tokens); None or [] to skip

@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--one-dtype", action="store_true",
                     help="no plain decoding in the other dtype at batch 1 (by default, on the CPU, HF greedy and "
                          "ours_plain also run in float32 beside bfloat16 or back, for the fastest plain decoding)")
-    be.add_argument("--max-new-tokens", type=int, default=48)
+    be.add_argument("--max-new-tokens", type=int, default=40)
     be.add_argument("--batch-sizes", default="1,2,4,8,16")
     be.add_argument("--prompt-lengths", default="64,256,1024", help="batch-1 prompt-length sweep ('' to skip)")
     be.add_argument("--assistant", help="a draft model for HF assisted generation")
