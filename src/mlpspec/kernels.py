@@ -45,11 +45,14 @@ def can_pack(dtype: torch.dtype) -> bool:
 # Below these many rows a bfloat16 matmul runs on PyTorch's own kernels, with oneDNN off.
 # They convert and multiply row by row, but read the weights fastest for one row: a pass
 # of SmolLM2-135M over one token took 23.5 ms on them and 39.5 on oneDNN (a 2-core AMD EPYC
-# with native bfloat16). Where oneDNN packs bfloat16, from 2 rows on it is oneDNN's. Where
+# with native bfloat16). Where oneDNN packs bfloat16, from 4 rows on it is oneDNN's: over
+# q = 1 / 2 / 3 / 4 / 5 tree nodes a pass took 22.4 / 39.5 / 37.8 / 37.1 / 38.1 ms with one row
+# on PyTorch's kernels, 23.0 / 30.4 / 36.2 / 40.8 / 40.7 with three (a chain of one token
+# costs 30 ms, not 40, against a plain step's 23). Where
 # it packs only float32 (AVX2), the float32 copy is twice the bytes to read and pays from
 # about 8 rows: held to AVX2 kernels, q = 1 / 2 / 4 / 8 / 16 tokens took 28 / 32 / 47 / 78 /
 # 145 ms on PyTorch's kernels and 29 / 55 / 59 / 66 / 78 on the float32 copy.
-OWN_KERNELS_BELOW_ROWS = 2
+OWN_KERNELS_BELOW_ROWS = 4
 WIDEN_FROM_ROWS = 8
 
 
