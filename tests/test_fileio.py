@@ -1,6 +1,6 @@
 import pytest
 
-from mlpspec.fileio import atomic_folder, atomic_write
+from mlpspec.fileio import atomic_folder, atomic_write, keyed_file
 
 
 def test_atomic_folder_leaves_nothing_on_failure(tmp_path):
@@ -31,3 +31,10 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
     atomic_write(target, lambda path: open(path, "w").write("new"))
     assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+
+
+def test_keyed_file_names_a_file_by_everything_it_depends_on(tmp_path):
+    one = keyed_file(tmp_path, {"host": "a", "threads": 2})
+    assert one.parent == tmp_path and one.suffix == ".json" and len(one.stem) == 16
+    assert keyed_file(tmp_path, {"threads": 2, "host": "a"}) == one  # the order of the keys is no change
+    assert keyed_file(tmp_path, {"host": "a", "threads": 4}) != one

@@ -21,7 +21,6 @@ it the honest in-process baseline.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -37,7 +36,7 @@ from .adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
 from .base import cache_dir, check_pair, head_logits, lazy_head, run_base
 from .cache import TreeCache
 from .errors import MLPSpecError
-from .fileio import atomic_write
+from .fileio import atomic_write, keyed_file
 from .kernels import kernels_of
 from .model import MLPSpeculator, best_paths, check_proposal_shape, is_inside, likeliest_nodes, sub_paths
 from .tree import (
@@ -508,8 +507,7 @@ def calibration_file(model, speculator: MLPSpeculator, menu: list[TreeShape]) ->
         "base": str(getattr(model.config, "_name_or_path", "")), "parameters": sum(p.numel() for p in model.parameters()),
         "speculator": speculator.config.to_dict(), "menu": [str(shape) for shape in menu],
     }
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return cache_dir() / "calibration" / f"{key}.json"
+    return keyed_file(cache_dir() / "calibration", identity)
 
 
 def remembered_policy(model, speculator: MLPSpeculator, lookup: int = 0,

@@ -4,6 +4,8 @@ old version or the new one."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -44,3 +46,10 @@ def atomic_folder(final: str | Path):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def keyed_file(folder: str | Path, identity: dict) -> Path:
+    """The JSON file in `folder` kept for `identity` (what the kept figures depend on): named
+    by a hash of it, so a change in any of it reads as a new file."""
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(folder) / f"{key}.json"

@@ -2,16 +2,15 @@
 
 CPUs differ in what decides speculation. On a 2-core AMD EPYC with native bfloat16
 (AVX512-BF16), a bfloat16 pass of SmolLM2-135M over 16 tree nodes cost 1.3x a one-token
-pass; with PyTorch's and oneDNN's kernels held to AVX2 on the same CPU, where bfloat16
-matmuls are emulated, it cost 6.3x, and float32 was the dtype to speculate in. So no
-dtype is right everywhere: `choose_dtype` times both on the machine at hand (a second
+pass on PyTorch's kernels; with its and oneDNN's kernels held to AVX2 on the same CPU,
+where bfloat16 matmuls are emulated, 6.3x, and float32 was then the faster dtype for trees
+(kernels.py narrowed that gap). So no dtype is right everywhere: `choose_dtype` times both on the machine at hand (a second
 or two, kept per machine and model), and every figure mlpspec reports carries
 `describe_machine`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -23,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import MLPSpecError
-from .fileio import atomic_write
+from .fileio import atomic_write, keyed_file
 
 # What the probe times: a one-token pass (plain decoding) and a pass over this many tree
 # nodes (a step of the shipped default's tree), after a context of PROBE_CONTEXT tokens.
@@ -132,8 +131,7 @@ def choose_dtype(pass_costs: Callable[[torch.dtype], dict[str, float]], model_na
     machine = describe_machine(device)
     identity = {key: machine[key] for key in ("cpu", "capability", "native_bf16", "isa_env", "torch_threads", "torch")}
     identity.update(host=platform.node(), model=model_name, kernels=kernels, nodes=PROBE_NODES, context=PROBE_CONTEXT)
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    file = keep_in / f"{key}.json"
+    file = keyed_file(keep_in, identity)
     costs = None
     if file.is_file() and not again:
         try:

@@ -85,12 +85,6 @@ def oneDNN_off():
         torch._C._set_mkldnn_enabled(enabled)
 
 
-def own_kernels(func, args, kwargs):
-    """func(*args, **kwargs) on PyTorch's own CPU kernels (oneDNN_off)."""
-    with oneDNN_off():
-        return func(*args, **kwargs)
-
-
 class PackedLinears(TorchFunctionMode):
     """A model's linear weights prepacked for oneDNN, used inside `with packed:`.
 
@@ -133,7 +127,8 @@ class PackedLinears(TorchFunctionMode):
                     and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
                 _, packed, widened, own_below = entry
                 if x.numel() < own_below * x.size(-1):
-                    return own_kernels(func, args, kwargs)
+                    with oneDNN_off():
+                        return func(*args, **kwargs)
                 if widened:
                     return onednn_linear(x.float(), packed, bias.float() if bias is not None else None).to(x.dtype)
                 return onednn_linear(x, packed, bias)
