@@ -23,6 +23,7 @@ import torch
 
 from mlpspec.base import load_base
 from mlpspec.hardware import describe_machine
+from mlpspec.kernels import KERNELS
 from mlpspec.decode import make_chooser, prefill, verify
 from mlpspec.tree import flat_tree
 
@@ -69,7 +70,7 @@ def main() -> None:
     parser.add_argument("--profile", default="1,16", help="tree sizes to profile by operator ('' for none)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--flush-denormal", action="store_true")
-    parser.add_argument("--kernels", choices=("auto", "onednn", "aten"), default="auto")
+    parser.add_argument("--kernels", choices=KERNELS, default="auto")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_flush_denormal(args.flush_denormal)

@@ -1,6 +1,6 @@
 import torch
 
-from mlpspec.cache import TreeCache
+from mlpspec.cache import StaticTreeCache, TreeCache
 
 
 def filled(b=2, slots=6, layers=2):
@@ -33,3 +33,23 @@ def test_keep_of_slots_already_in_place_only_moves_the_end():
     assert cache.length == 4 and contents(cache) == [[0, 1, 2, 3], [10, 11, 12, 13]]
     cache.keep(0, torch.tensor([[0, 3], [1, 2]]))  # compaction-like: squeeze out holes
     assert cache.length == 2 and contents(cache) == [[0, 3], [11, 12]]
+
+
+def test_a_static_cache_pass_writes_its_padded_width_and_keeps_its_nodes():
+    cache = StaticTreeCache(1, capacity=8)
+    prompt = torch.ones(1, 1, 3, 2)
+    keys, _ = cache.update(prompt, -prompt, 0)  # an eager pass (the prompt): as a TreeCache
+    assert keys.shape == (1, 1, 3, 2) and cache.length == 3
+    width = cache.pass_width(3)
+    assert [cache.pass_width(q) for q in (1, 2, 3, 4, 5, 9)] == [1, 2, 4, 4, 8, 16] and width == 4
+    assert cache.mask_slots(width) == 8  # the mask spans every slot
+    cache.open(width)
+    tree = 2 + torch.arange(width, dtype=torch.float).view(1, 1, width, 1).expand(1, 1, width, 2)
+    keys, values = cache.update(tree, -tree, 0)
+    assert keys.shape == (1, 1, 8, 2)  # all slots, whatever the length
+    assert keys[0, 0, :, 0].tolist() == [1, 1, 1, 2, 3, 4, 5, 0] and torch.equal(values, -keys)
+    assert cache.get_mask_sizes(width, 0) == (8, 0)
+    cache.close(3)  # three real nodes; the padding node's slot 6 lies beyond the length
+    assert cache.length == 6 and cache.layers[0].write_at is None
+    cache.keep(3, torch.tensor([[3, 5]]))
+    assert cache.length == 5 and cache.layers[0].keys[0, 0, :5, 0].tolist() == [1, 1, 1, 2, 4]

@@ -4,6 +4,7 @@ decoding on them as lossless as on PyTorch's own kernels."""
 import pytest
 import torch
 
+import mlpspec.base as base
 import mlpspec.kernels as kernels
 from conftest import TINY_VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
 from mlpspec import MLPSpecError, MLPSpeculator, run_base, speculator_config_for
@@ -71,7 +72,7 @@ def test_bfloat16_weights_are_read_in_float32_from_many_rows_where_onednn_packs_
 
 def test_use_kernels_refuses_what_it_cannot_do():
     model = tiny_llama()
-    with pytest.raises(MLPSpecError, match="kernels must be one of auto, onednn, aten, got 'mkl'"):
+    with pytest.raises(MLPSpecError, match="kernels must be one of auto, onednn, aten, compiled, got 'mkl'"):
         use_kernels(model, "mkl")
     assert use_kernels(model, "aten") == "aten" and kernels_of(model) == "aten"
     half = tiny_llama().to(torch.float16)
@@ -94,3 +95,28 @@ def test_one_bfloat16_row_runs_on_pytorchs_own_kernels_and_more_on_onednn(onednn
         torch.testing.assert_close(run_base(model, many).logits, own[1], rtol=0.02, atol=0.02)
     assert onednn_calls
     assert torch._C._get_mkldnn_enabled()  # switched back on after the pass
+
+
+@ARCHITECTURES
+def test_greedy_on_the_compiled_static_path_equals_transformers(build, monkeypatch):
+    """kernels "compiled": tree passes padded to bucketed widths on a static cache, through
+    inductor's graphs (one per width), one-row passes eagerly. float32 output stays
+    transformers' own, token for token, with trees of several widths and ragged rows."""
+    model = build(seed=1)
+    torch.manual_seed(1)
+    ids = torch.randint(3, TINY_VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # a left-padded row
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    assert use_kernels(model, "compiled") == "compiled" and kernels_of(model) == "compiled"
+    widths = []
+    compiled = kernels.compiled_forward
+    monkeypatch.setattr(base, "compiled_forward",
+                        lambda m, **kw: widths.append(kw["input_ids"].size(1)) or compiled(m, **kw))
+    torch.manual_seed(0)
+    speculator = MLPSpeculator(speculator_config_for(model, n_predict=3, inner_dim=16)).eval()
+    out = speculative_generate(model, speculator, ids, mask, max_new_tokens=20, eos_token_id=[], lookup=3,
+                               top_k_tokens_per_head=[3, 2, 1], n_candidates=4)
+    assert out.sequences.tolist() == expected.tolist()
+    assert max(widths) > 1 and all(w & (w - 1) == 0 for w in widths), sorted(set(widths))  # powers of two

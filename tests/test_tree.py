@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from mlpspec.tree import (
+    PAD_NODE_TOKEN,
     at_nodes,
     build_tree,
     flat_tree,
     hindsight_accepted,
+    pad_tree,
     prompt_positions,
     root_only,
     tree_attention_mask,
@@ -76,6 +78,28 @@ def test_tree_mask_after_context_with_a_hole():
         [1, 0, 1, 1, 0, 0, 1, 1],
     ]
     assert mask[0, 0, 0, 1] == MIN
+
+
+def test_padded_tree_in_a_static_cache_mask():
+    # r, a, b padded to 4 nodes, after 2 context slots (slot 0 a hole), in a cache of 8 slots
+    tree = pad_tree(build_tree(torch.tensor([R]), torch.tensor([[[A, B]]])), 4)
+    assert tree.tokens.tolist() == [[R, A, B, PAD_NODE_TOKEN]]
+    assert tree.parent.tolist() == [[-1, 0, 1, -1]]
+    assert tree.depth.tolist() == [[0, 1, 2, 0]]
+    mask = tree_attention_mask(tree, torch.tensor([[False, True]]), torch.float32, slots=8)
+    assert mask.shape == (1, 1, 4, 8)
+    assert (mask[0, 0] == 0).int().tolist() == [
+        # ctx   r  a  b  pad  unused
+        [0, 1, 1, 0, 0, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0, 0, 0],
+        [0, 1, 1, 1, 1, 0, 0, 0],
+        [0, 1, 0, 0, 0, 1, 0, 0],
+    ]
+
+
+def test_padding_a_tree_to_its_own_size_changes_nothing():
+    tree = build_tree(torch.tensor([R]), torch.tensor([[[A, B]]]))
+    assert pad_tree(tree, 3) is tree
 
 
 def test_positions_of_a_left_padded_prompt():

@@ -8,6 +8,7 @@ a plain safetensors folder in the user cache; later loads take well under a seco
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -28,7 +29,7 @@ from .errors import MLPSpecError
 from .cache import TreeCache
 from .fileio import atomic_folder
 from .hardware import PROBE_CONTEXT, PROBE_NODES, DtypeChoice, choose_dtype
-from .kernels import kernels_for, use_kernels
+from .kernels import compiled_forward, compiles, kernels_for, use_kernels
 from .model import MLPSpeculator, MLPSpeculatorConfig
 
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
@@ -259,6 +260,7 @@ def run_base(
     last_logits_only: bool = False,
     feature_layers: Sequence[int] = (),
     logits: bool = True,
+    compiled: bool = False,
 ) -> BaseOutput:
     """One forward pass returning the logits and the final post-norm hidden states (with
     the states after `feature_layers` behind them, as the speculator reads them; states()).
@@ -267,7 +269,9 @@ def run_base(
     allows it (a prefill needs one row of logits; the head over a whole prompt costs as
     much as several decoding steps). `logits=False` skips it everywhere where the model
     allows it (BaseOutput.logits is then None): a tree's walk reads the head at the few
-    nodes it visits (head_logits).
+    nodes it visits (head_logits). `compiled` sends the pass to the model's compiled graph
+    where use_kernels gave it one (kernels.compiled_forward): for passes whose shapes recur,
+    a tree's on a static cache.
 
     `hidden_states[-1]` of a transformers causal LM is the output of its final norm, the
     vector its LM head reads (tested for Llama- and GPT-2-type models). `attention_mask`
@@ -277,8 +281,9 @@ def run_base(
     extra = {"logits_to_keep": 1} if last_logits_only and _keeps_logits(type(model)) else {}
     if not logits and _keeps_logits(type(model)):
         extra = {"logits_to_keep": torch.zeros(0, dtype=torch.long, device=input_ids.device)}  # no position
-    with kernels_for(model, input_ids.numel()):
-        out = model(
+    graph = compiled and compiles(model, input_ids.numel())
+    with contextlib.nullcontext() if graph else kernels_for(model, input_ids.numel()):
+        out = (functools.partial(compiled_forward, model) if graph else model)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,

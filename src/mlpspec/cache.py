@@ -57,10 +57,50 @@ class SlotLayer(CacheLayerMixin):
         self.length = start + n
 
 
+class StaticSlotLayer(SlotLayer):
+    """A SlotLayer whose tree passes have the same shapes at every length, so that one
+    compiled graph serves every step: while its cache holds a pass open, it writes the new
+    keys at the slots named by `write_at` (a tensor: the slot is data, not part of the
+    graph) and returns all `capacity` slots, for a mask as wide (tree_attention_mask's
+    `slots`) to hide those not in use. Other passes (the prompt) it takes as a SlotLayer."""
+
+    write_at: torch.Tensor | None = None  # q   slots of an open pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.write_at is None:
+            return super().update(key_states, value_states)
+        self.keys.index_copy_(2, self.write_at, key_states)
+        self.values.index_copy_(2, self.write_at, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return (self.capacity, 0) if self.write_at is not None else super().get_mask_sizes(query_length)
+
+
 class TreeCache(Cache):
+    """A tree pass runs as: `width = pass_width(q)` nodes (the tree padded), a mask over
+    `mask_slots(width)` slots, `open(width)`, the forward pass, `close(q)`. Here that is the
+    plain pass: q nodes, a mask over length + q slots, the layers advancing themselves."""
+
+    layer_class = SlotLayer
+    static = False
+
     def __init__(self, num_layers: int, capacity: int):
-        super().__init__(layers=[SlotLayer(capacity) for _ in range(num_layers)])
+        super().__init__(layers=[self.layer_class(capacity) for _ in range(num_layers)])
         self.capacity = capacity
+
+    @staticmethod
+    def pass_width(nodes: int) -> int:
+        return nodes
+
+    def mask_slots(self, width: int) -> int:
+        return self.length + width
+
+    def open(self, width: int) -> None:
+        pass
+
+    def close(self, nodes: int) -> None:
+        pass
 
     @property
     def length(self) -> int:
@@ -78,3 +118,30 @@ class TreeCache(Cache):
         first = int(moved.long().argmax()) if bool(moved.any()) else n  # the first column that moves
         for layer in self.layers:
             layer.keep(start + first, slots[:, first:])
+
+
+class StaticTreeCache(TreeCache):
+    """The TreeCache of a compiled forward (kernels "compiled"): a tree pass has a fixed
+    shape, its nodes padded to the next power of two (1, 2, 4, 8, ...: one graph each) and
+    its mask over every slot, so neither depends on the context's length. The padding
+    nodes' keys land in the slots after the tree's, beyond `length` once the pass closes."""
+
+    layer_class = StaticSlotLayer
+    static = True
+
+    @staticmethod
+    def pass_width(nodes: int) -> int:
+        return 1 << (nodes - 1).bit_length()
+
+    def mask_slots(self, width: int) -> int:
+        return self.capacity
+
+    def open(self, width: int) -> None:
+        at = torch.arange(self.length, self.length + width, device=self.layers[0].keys.device)  # w
+        for layer in self.layers:
+            layer.write_at = at
+
+    def close(self, nodes: int) -> None:
+        for layer in self.layers:
+            layer.write_at = None
+            layer.length += nodes

@@ -34,7 +34,7 @@ import torch
 
 from .adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
 from .base import cache_dir, check_pair, head_logits, lazy_head, run_base
-from .cache import TreeCache
+from .cache import StaticTreeCache, TreeCache
 from .errors import MLPSpecError
 from .fileio import atomic_write, keyed_file
 from .kernels import kernels_of
@@ -46,6 +46,7 @@ from .tree import (
     flat_tree,
     hindsight_accepted,
     lookup_branch,
+    pad_tree,
     prompt_positions,
     root_only,
     tree_attention_mask,
@@ -188,10 +189,17 @@ def make_chooser(
     return sample
 
 
+def cache_class(model) -> type[TreeCache]:
+    """The cache a decoding of `model` keeps: a static one where its tree passes go to
+    compiled graphs (kernels "compiled")."""
+    return StaticTreeCache if kernels_of(model) == "compiled" else TreeCache
+
+
 def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predict, feature_layers=()) -> DecodeState:
-    """Run the prompt, pick the first new token, and set up the state."""
+    """Run the prompt, pick the first new token, and set up the state. `capacity`: cache
+    slots for the prompt, the new tokens and the widest tree pass (cache_class's pass_width)."""
     b, P = input_ids.shape
-    cache = TreeCache(model.config.get_text_config().num_hidden_layers, capacity)
+    cache = cache_class(model)(model.config.get_text_config().num_hidden_layers, capacity)
     out = run_base(
         model,
         input_ids,
@@ -454,19 +462,25 @@ class NodeLogits:
 def verify(model, state: DecodeState, tree: Tree) -> tuple[NodeLogits, torch.Tensor]:
     """Score every tree node in one forward pass after the committed context. Returns the
     logits at its nodes, as the walk reads them, and the states there [b, q, (1+l)d]."""
-    if state.cache.length + tree.size > state.cache.capacity:
+    cache, q = state.cache, tree.size
+    width = cache.pass_width(q)  # q, or q padded to a compiled graph's width
+    if cache.length + width > cache.capacity:
         compact(state)
-    L = state.cache.length
-    mask = tree_attention_mask(tree, state.valid[:, :L], model.dtype)  # b 1 q L+q
+    nodes = pad_tree(tree, width)
+    mask = tree_attention_mask(nodes, state.valid[:, : cache.length], model.dtype, cache.mask_slots(width))  # b 1 w S
+    cache.open(width)
     out = run_base(
         model,
-        tree.tokens,
+        nodes.tokens,
         attention_mask=mask,
-        position_ids=state.position.unsqueeze(1) + tree.depth,
-        cache=state.cache,
+        position_ids=state.position.unsqueeze(1) + nodes.depth,
+        cache=cache,
         feature_layers=state.feature_layers,
         logits=not lazy_head(model),
+        compiled=cache.static,
     )
+    cache.close(q)
+    out = out._replace(logits=None if out.logits is None else out.logits[:, :q], hidden=out.hidden[:, :q])
     return NodeLogits(model, tree, out), out.hidden
 
 
@@ -694,8 +708,8 @@ def speculative_generate(
     if streamer is not None:
         streamer.put(input_ids[0].cpu())
     choose = make_chooser(temperature, top_k, top_p, generator)
-    max_tree = max(s.max_nodes for s in menu)
-    state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + max_tree, choose, max_new_tokens + reach + 1, h,
+    widest = cache_class(model).pass_width(max(s.max_nodes for s in menu))
+    state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + widest, choose, max_new_tokens + reach + 1, h,
                     cfg.feature_layers if cfg is not None else ())
     first = _emit(state, state.pending.unsqueeze(1), torch.ones_like(state.n_emitted), eos, max_new_tokens)
     if policy is not None and not policy.calibrated(b) and not bool(state.finished.all()):

@@ -22,6 +22,7 @@ import functools
 import weakref
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -135,22 +136,60 @@ class PackedLinears(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-KERNELS = ("auto", "onednn", "aten")
+KERNELS = ("auto", "onednn", "aten", "compiled")
+
+# Graphs a compiled forward may build (one per batch size and tree width) before torch
+# gives up compiling and runs eagerly; its default, 8, is one batch size's widths.
+RECOMPILE_LIMIT = 64
+
+
+def _forward(model: torch.nn.Module, kwargs: dict):
+    return model(**kwargs)
+
+
+@functools.cache
+def _compiled(autotune: bool):
+    """`_forward` compiled by inductor for fixed shapes, with the weights frozen into the
+    graphs (prepacked for oneDNN, as kernels "onednn" packs them) and, with `autotune`,
+    inductor's own C++ GEMMs timed against oneDNN's for each shape: where oneDNN packs only
+    float32, they read bfloat16 weights and multiply in float32 for many rows at once."""
+    options = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"} if autotune else {}
+    return torch.compile(_forward, dynamic=False, options=options)
+
+
+def compiled_forward(model: torch.nn.Module, **kwargs):
+    """One forward pass of `model` (use_kernels "compiled") on its compiled graph for
+    these shapes, built on first use: tens of seconds for SmolLM2-135M on 2 CPU cores."""
+    weight = next(model.parameters())
+    autotune = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not can_pack(torch.bfloat16)
+    # freezing is read before torch.compile's options apply: as an option it froze nothing
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), torch._inductor.config.patch(freezing=True):
+        return _compiled(autotune)(model, kwargs)
+
 
 # model -> its PackedLinears, kept while the model lives: derived from the weights, like a
 # cache, and never stored on the model itself
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> rows below which its eager passes run on PyTorch's own kernels (as PackedLinears'
+# own_below), for the models whose tree passes go to compiled_forward
+_COMPILING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def use_kernels(model: torch.nn.Module, kernels: str = "auto") -> str:
     """Choose the CPU matmul path for `model`'s forward passes through base.run_base:
     "onednn" packs its linear weights for oneDNN (a second copy of them), "aten" leaves
     PyTorch's own choice, "auto" is "onednn" where the weights are on the CPU and oneDNN
-    packs their dtype here, else "aten". Returns the path taken."""
+    packs their dtype here, else "aten". "compiled" sends tree passes to compiled_forward
+    (on any device), on a static cache (decode.prefill makes one), and leaves the
+    others, the prompt's, to PyTorch. Returns the path taken."""
     if kernels not in KERNELS:
         raise MLPSpecError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     _PACKED.pop(model, None)
+    _COMPILING.pop(model, None)
     weight = next(model.parameters())
+    if kernels == "compiled":
+        _COMPILING[model] = OWN_KERNELS_BELOW_ROWS if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 else 0
+        return "compiled"
     packable = weight.device.type == "cpu" and packing_dtype(weight.dtype) is not None
     if kernels == "onednn" and not packable:
         raise MLPSpecError(f"oneDNN cannot pack {str(weight.dtype).removeprefix('torch.')} weights on "
@@ -162,7 +201,9 @@ def use_kernels(model: torch.nn.Module, kernels: str = "auto") -> str:
 
 
 def kernels_of(model: torch.nn.Module) -> str:
-    """The CPU matmul path use_kernels took for `model`: "onednn" or "aten"."""
+    """The matmul path use_kernels took for `model`: "compiled", "onednn" or "aten"."""
+    if model in _COMPILING:
+        return "compiled"
     return "onednn" if _PACKED.get(model) else "aten"
 
 
@@ -171,8 +212,20 @@ def kernels_for(model: torch.nn.Module, rows: int | None = None):
     not known) runs in: its packed linears; PyTorch's own kernels where they take every
     linear of so few rows (PackedLinears.own_below); or nothing."""
     packed = _PACKED.get(model)
-    if not packed:
-        return contextlib.nullcontext()
-    if rows is not None and rows < packed.own_below:
+    own_below = packed.own_below if packed else _COMPILING.get(model, 0)
+    if rows is not None and rows < own_below:
         return oneDNN_off()
-    return packed
+    return packed or contextlib.nullcontext()
+
+
+# A pass over one row runs eagerly on a compiled model: on PyTorch's own kernels a bfloat16
+# one-token pass of SmolLM2-135M took 24.5 ms, its compiled graph 28.1 (2-core AMD EPYC,
+# native bfloat16); from two rows the graph wins (2 / 4 / 16 rows: 26 / 25 / 33 ms against
+# 30 / 42 / 50 on oneDNN).
+COMPILED_FROM_ROWS = 2
+
+
+def compiles(model: torch.nn.Module, rows: int) -> bool:
+    """Whether a pass of `model` over `rows` tokens, of a shape that recurs, goes to
+    compiled_forward."""
+    return model in _COMPILING and rows >= COMPILED_FROM_ROWS

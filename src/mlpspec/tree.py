@@ -139,15 +139,41 @@ def flat_tree(root: torch.Tensor, q: int) -> Tree:
     return build_tree(root, children)
 
 
-def tree_attention_mask(tree: Tree, context_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def pad_tree(tree: Tree, width: int) -> Tree:
+    """The tree with padding nodes appended up to `width` nodes (PAD_NODE_TOKEN, no parent,
+    depth 0, seeing only themselves), as build_tree pads its shorter rows: a pass of a
+    fixed, bucketed shape scores them and the walk never reaches them."""
+    b, q = tree.tokens.shape
+    extra = width - q
+    if extra <= 0:
+        return tree
+    eye = torch.eye(width, dtype=torch.bool, device=tree.tokens.device).expand(b, width, width)
+    ancestors = eye.clone()  # b w w
+    ancestors[:, :q, :q] = tree.ancestors
+    return Tree(
+        tokens=torch.cat([tree.tokens, tree.tokens.new_full((b, extra), PAD_NODE_TOKEN)], dim=1),  # b w
+        parent=torch.cat([tree.parent, tree.parent.new_full((b, extra), -1)], dim=1),  # b w
+        depth=torch.cat([tree.depth, tree.depth.new_zeros(b, extra)], dim=1),  # b w
+        ancestors=ancestors,
+        node_of=tree.node_of,
+    )
+
+
+def tree_attention_mask(tree: Tree, context_valid: torch.Tensor, dtype: torch.dtype,
+                        slots: int | None = None) -> torch.Tensor:
     """The 4D additive mask for scoring the tree after a committed context.
 
     context_valid [b, L] marks the cache slots that hold committed tokens (holes left by
-    ragged acceptance and prompt padding are False). Returns [b, 1, q, L + q]: 0 where a
-    node may attend, the dtype's minimum where not."""
+    ragged acceptance and prompt padding are False); the tree's q nodes sit in slots L..L+q.
+    Returns [b, 1, q, slots] (slots: L + q unless given, for a cache that attends over all
+    of its slots): 0 where a node may attend, the dtype's minimum where not."""
     b, q = tree.tokens.shape
-    allowed = torch.cat([context_valid.unsqueeze(1).expand(b, q, -1), tree.ancestors], dim=-1)  # b q L+q
-    return _additive(allowed, dtype)  # b 1 q L+q
+    L = context_valid.size(1)
+    slots = L + q if slots is None else slots
+    allowed = torch.zeros(b, q, slots, dtype=torch.bool, device=tree.tokens.device)  # b q S
+    allowed[:, :, :L] = context_valid.unsqueeze(1)
+    allowed[:, :, L : L + q] = tree.ancestors
+    return _additive(allowed, dtype)  # b 1 q S
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
