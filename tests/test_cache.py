@@ -37,18 +37,19 @@ def test_keep_of_slots_already_in_place_only_moves_the_end():
 
 def test_a_static_cache_pass_writes_its_padded_width_and_keeps_its_nodes():
     cache = StaticTreeCache(1, capacity=8)
+    assert cache.capacity == 256 and StaticTreeCache(1, capacity=300).capacity == 512  # powers of two
     prompt = torch.ones(1, 1, 3, 2)
     keys, _ = cache.update(prompt, -prompt, 0)  # an eager pass (the prompt): as a TreeCache
     assert keys.shape == (1, 1, 3, 2) and cache.length == 3
     width = cache.pass_width(3)
-    assert [cache.pass_width(q) for q in (1, 2, 3, 4, 5, 9)] == [1, 2, 4, 4, 8, 16] and width == 4
-    assert cache.mask_slots(width) == 8  # the mask spans every slot
+    assert [cache.pass_width(q) for q in (1, 2, 3, 4, 5, 9)] == [1, 4, 4, 4, 8, 16] and width == 4
+    assert cache.mask_slots(width) == 256  # the mask spans every slot
     cache.open(width)
     tree = 2 + torch.arange(width, dtype=torch.float).view(1, 1, width, 1).expand(1, 1, width, 2)
     keys, values = cache.update(tree, -tree, 0)
-    assert keys.shape == (1, 1, 8, 2)  # all slots, whatever the length
-    assert keys[0, 0, :, 0].tolist() == [1, 1, 1, 2, 3, 4, 5, 0] and torch.equal(values, -keys)
-    assert cache.get_mask_sizes(width, 0) == (8, 0)
+    assert keys.shape == (1, 1, 256, 2)  # all slots, whatever the length
+    assert keys[0, 0, :8, 0].tolist() == [1, 1, 1, 2, 3, 4, 5, 0] and torch.equal(values, -keys)
+    assert cache.get_mask_sizes(width, 0) == (256, 0)
     cache.close(3)  # three real nodes; the padding node's slot 6 lies beyond the length
     assert cache.length == 6 and cache.layers[0].write_at is None
     cache.keep(3, torch.tensor([[3, 5]]))

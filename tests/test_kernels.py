@@ -100,7 +100,7 @@ def test_one_bfloat16_row_runs_on_pytorchs_own_kernels_and_more_on_onednn(onednn
 @ARCHITECTURES
 def test_greedy_on_the_compiled_static_path_equals_transformers(build, monkeypatch):
     """kernels "compiled": tree passes padded to bucketed widths on a static cache, through
-    inductor's graphs (one per width), one-row passes eagerly. float32 output stays
+    inductor's graphs (one per width, all built before the first step). float32 output stays
     transformers' own, token for token, with trees of several widths and ragged rows."""
     model = build(seed=1)
     torch.manual_seed(1)
@@ -120,3 +120,5 @@ def test_greedy_on_the_compiled_static_path_equals_transformers(build, monkeypat
                                top_k_tokens_per_head=[3, 2, 1], n_candidates=4)
     assert out.sequences.tolist() == expected.tolist()
     assert max(widths) > 1 and all(w & (w - 1) == 0 for w in widths), sorted(set(widths))  # powers of two
+    built = sorted(set(widths))  # decode.build_graphs runs each width once, before any step
+    assert sorted(widths[: len(built)]) == built

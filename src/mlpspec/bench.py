@@ -216,10 +216,18 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     for b in settings.batch_sizes:
         every = max(settings.min_batches, len(prompts) // b)
         jobs += [(b, i, i >= every) for i in range(max(every, settings.floor_batches))]
-    for b in settings.batch_sizes:  # warm-up: every method once at every batch size
-        ids, mask = encode_prompts(tokenizer, (prompts * b)[:b], chat=False)
-        for method in _methods_at(methods, b, settings.fixed_up_to):
-            _run(method, model, speculator, assistant, policy, ids, mask, 4, eos, settings.lookup, other)
+    # warm-up: every method once at every batch size; on compiled graphs, which are built
+    # for each cache capacity (a power of two past the prompt and the new tokens), also on
+    # the shortest and the longest prompt at full length, so that no timed batch builds one
+    shortest, longest = min(prompts, key=len), max(prompts, key=len)
+    for b in settings.batch_sizes:
+        warm = [((prompts * b)[:b], 4)]
+        if kernels_of(model) == "compiled":
+            warm += [([shortest] * b, settings.max_new_tokens), ([longest] * b, settings.max_new_tokens)]
+        for batch, new_tokens in warm:
+            ids, mask = encode_prompts(tokenizer, batch, chat=False)
+            for method in _methods_at(methods, b, settings.fixed_up_to):
+                _run(method, model, speculator, assistant, policy, ids, mask, new_tokens, eos, settings.lookup, other)
     for done, (b, i, floor_only) in enumerate(jobs, start=1):
         batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
         ids, mask = (t.to(model.device) for t in encode_prompts(tokenizer, batch, chat=False))

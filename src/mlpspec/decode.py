@@ -37,7 +37,7 @@ from .base import cache_dir, check_pair, head_logits, lazy_head, run_base
 from .cache import StaticTreeCache, TreeCache
 from .errors import MLPSpecError
 from .fileio import atomic_write, keyed_file
-from .kernels import kernels_of
+from .kernels import compiles, graph_built, kernels_of
 from .model import MLPSpeculator, best_paths, check_proposal_shape, is_inside, likeliest_nodes, sub_paths
 from .tree import (
     NO_TOKEN,
@@ -484,6 +484,20 @@ def verify(model, state: DecodeState, tree: Tree) -> tuple[NodeLogits, torch.Ten
     return NodeLogits(model, tree, out), out.hidden
 
 
+def build_graphs(model, state: DecodeState, largest: int) -> None:
+    """On a static cache (a compiled model), one pass of every width that trees of up to
+    `largest` nodes pad to, rolled back: each builds its graph on first use, tens of
+    seconds, which must not land in a step that the adaptive policy times."""
+    if not state.cache.static:
+        return
+    b, L = state.pending.size(0), state.cache.length
+    nothing = torch.empty(b, 0, dtype=torch.long, device=state.pending.device)
+    for width in sorted({state.cache.pass_width(n) for n in range(1, largest + 1)}):
+        if compiles(model, b * width) and not graph_built(model, b, width, state.cache.capacity):
+            verify(model, state, flat_tree(state.pending, width))
+            state.cache.keep(L, nothing)
+
+
 def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLPSpeculator) -> None:
     """Time the base model's forward over trees of a few sizes, and the speculator's
     proposals, on the real context; nothing is committed, the cache is rolled back."""
@@ -708,9 +722,10 @@ def speculative_generate(
     if streamer is not None:
         streamer.put(input_ids[0].cpu())
     choose = make_chooser(temperature, top_k, top_p, generator)
-    widest = cache_class(model).pass_width(max(s.max_nodes for s in menu))
-    state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + widest, choose, max_new_tokens + reach + 1, h,
-                    cfg.feature_layers if cfg is not None else ())
+    largest = max(s.max_nodes for s in menu)
+    state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + cache_class(model).pass_width(largest), choose,
+                    max_new_tokens + reach + 1, h, cfg.feature_layers if cfg is not None else ())
+    build_graphs(model, state, largest)
     first = _emit(state, state.pending.unsqueeze(1), torch.ones_like(state.n_emitted), eos, max_new_tokens)
     if policy is not None and not policy.calibrated(b) and not bool(state.finished.all()):
         calibrate(policy, model, state, speculator)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch._inductor.config
@@ -157,21 +158,46 @@ def _compiled(autotune: bool):
     return torch.compile(_forward, dynamic=False, options=options)
 
 
+@dataclass
+class Compiled:
+    """How a model's passes run under kernels "compiled", and the graphs built so far."""
+
+    autotune: bool  # inductor's C++ GEMMs timed in: bfloat16 weights where oneDNN packs none
+    from_rows: int  # passes over fewer rows run eagerly
+    own_below: int  # eager passes over fewer rows run on PyTorch's own kernels (PackedLinears.own_below)
+    built: set[tuple[int, int, int]] = field(default_factory=set)  # (batch, tree width, cache slots)
+
+
+def compiling(weight: torch.Tensor) -> Compiled:
+    """The compiled path for a model with weights like `weight`. A one-token pass stays
+    eager where oneDNN packs bfloat16: on PyTorch's own kernels it took 24.5 ms, its graph
+    28.1 (SmolLM2-135M, bfloat16, 2-core AMD EPYC with native bfloat16; from two rows the
+    graph wins, 2 / 4 / 16 rows: 26 / 25 / 33 ms against 30 / 42 / 50 on oneDNN). Held to
+    AVX2 kernels the autotuned graph wins from one row: 15.6 ms against 25 eager, and 16.6 /
+    19.5 / 42.5 ms at 2 / 4 / 16 rows against 31 / 44 / 84."""
+    bfloat16_cpu = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+    autotune = bfloat16_cpu and not can_pack(torch.bfloat16)
+    return Compiled(autotune, 1 if autotune else 2, OWN_KERNELS_BELOW_ROWS if bfloat16_cpu else 0)
+
+
 def compiled_forward(model: torch.nn.Module, **kwargs):
     """One forward pass of `model` (use_kernels "compiled") on its compiled graph for
-    these shapes, built on first use: tens of seconds for SmolLM2-135M on 2 CPU cores."""
-    weight = next(model.parameters())
-    autotune = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not can_pack(torch.bfloat16)
+    these shapes, built on first use: tens of seconds for SmolLM2-135M on 2 CPU cores.
+    Tensors go in with fresh strides: the graphs are specialised to their inputs' strides
+    too, even along dimensions of size 1, where `contiguous()` keeps whatever they had."""
+    kwargs = {k: v.clone(memory_format=torch.contiguous_format) if isinstance(v, torch.Tensor) else v
+              for k, v in kwargs.items()}
+    compiled = _COMPILING[model]
+    compiled.built.add((*kwargs["input_ids"].shape, kwargs["attention_mask"].size(-1)))
     # freezing is read before torch.compile's options apply: as an option it froze nothing
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), torch._inductor.config.patch(freezing=True):
-        return _compiled(autotune)(model, kwargs)
+        return _compiled(compiled.autotune)(model, kwargs)
 
 
 # model -> its PackedLinears, kept while the model lives: derived from the weights, like a
 # cache, and never stored on the model itself
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# model -> rows below which its eager passes run on PyTorch's own kernels (as PackedLinears'
-# own_below), for the models whose tree passes go to compiled_forward
+# model -> its Compiled, for the models whose tree passes go to compiled_forward
 _COMPILING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -188,7 +214,7 @@ def use_kernels(model: torch.nn.Module, kernels: str = "auto") -> str:
     _COMPILING.pop(model, None)
     weight = next(model.parameters())
     if kernels == "compiled":
-        _COMPILING[model] = OWN_KERNELS_BELOW_ROWS if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 else 0
+        _COMPILING[model] = compiling(weight)
         return "compiled"
     packable = weight.device.type == "cpu" and packing_dtype(weight.dtype) is not None
     if kernels == "onednn" and not packable:
@@ -212,20 +238,21 @@ def kernels_for(model: torch.nn.Module, rows: int | None = None):
     not known) runs in: its packed linears; PyTorch's own kernels where they take every
     linear of so few rows (PackedLinears.own_below); or nothing."""
     packed = _PACKED.get(model)
-    own_below = packed.own_below if packed else _COMPILING.get(model, 0)
+    compiled = _COMPILING.get(model)
+    own_below = packed.own_below if packed else compiled.own_below if compiled else 0
     if rows is not None and rows < own_below:
         return oneDNN_off()
     return packed or contextlib.nullcontext()
 
 
-# A pass over one row runs eagerly on a compiled model: on PyTorch's own kernels a bfloat16
-# one-token pass of SmolLM2-135M took 24.5 ms, its compiled graph 28.1 (2-core AMD EPYC,
-# native bfloat16); from two rows the graph wins (2 / 4 / 16 rows: 26 / 25 / 33 ms against
-# 30 / 42 / 50 on oneDNN).
-COMPILED_FROM_ROWS = 2
+def graph_built(model: torch.nn.Module, batch: int, width: int, slots: int) -> bool:
+    """Whether compiled_forward has run `model` on a pass of this shape (its graph exists)."""
+    compiled = _COMPILING.get(model)
+    return compiled is not None and (batch, width, slots) in compiled.built
 
 
 def compiles(model: torch.nn.Module, rows: int) -> bool:
     """Whether a pass of `model` over `rows` tokens, of a shape that recurs, goes to
     compiled_forward."""
-    return model in _COMPILING and rows >= COMPILED_FROM_ROWS
+    compiled = _COMPILING.get(model)
+    return compiled is not None and rows >= compiled.from_rows
