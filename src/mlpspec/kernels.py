@@ -158,26 +158,29 @@ def _compiled(autotune: bool):
     return torch.compile(_forward, dynamic=False, options=options)
 
 
+# A pass over one row runs eagerly on a compiled model: with native bfloat16 a one-token pass
+# of SmolLM2-135M took 24.5 ms on PyTorch's own kernels and 28.1 on its graph, and from two
+# rows the graph wins (2 / 4 / 16 rows: 26 / 25 / 33 ms against 30 / 42 / 50 on oneDNN;
+# 2-core AMD EPYC). Held to AVX2 kernels, plain decoding ran as fast either way (34.4-35.0
+# tokens/s on the graph, 33.6-35.5 eager), and the graph costs 90 s to build.
+COMPILED_FROM_ROWS = 2
+
+
 @dataclass
 class Compiled:
     """How a model's passes run under kernels "compiled", and the graphs built so far."""
 
     autotune: bool  # inductor's C++ GEMMs timed in: bfloat16 weights where oneDNN packs none
-    from_rows: int  # passes over fewer rows run eagerly
     own_below: int  # eager passes over fewer rows run on PyTorch's own kernels (PackedLinears.own_below)
     built: set[tuple[int, int, int]] = field(default_factory=set)  # (batch, tree width, cache slots)
 
 
 def compiling(weight: torch.Tensor) -> Compiled:
-    """The compiled path for a model with weights like `weight`. A one-token pass stays
-    eager where oneDNN packs bfloat16: on PyTorch's own kernels it took 24.5 ms, its graph
-    28.1 (SmolLM2-135M, bfloat16, 2-core AMD EPYC with native bfloat16; from two rows the
-    graph wins, 2 / 4 / 16 rows: 26 / 25 / 33 ms against 30 / 42 / 50 on oneDNN). Held to
-    AVX2 kernels the autotuned graph wins from one row: 15.6 ms against 25 eager, and 16.6 /
-    19.5 / 42.5 ms at 2 / 4 / 16 rows against 31 / 44 / 84."""
+    """The compiled path for a model with weights like `weight`. Held to AVX2 kernels the
+    autotuned graphs read bfloat16 weights and multiply in float32: 16.6 / 19.5 / 42.5 ms
+    over 2 / 4 / 16 rows against 31 / 44 / 84 eager."""
     bfloat16_cpu = weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-    autotune = bfloat16_cpu and not can_pack(torch.bfloat16)
-    return Compiled(autotune, 1 if autotune else 2, OWN_KERNELS_BELOW_ROWS if bfloat16_cpu else 0)
+    return Compiled(bfloat16_cpu and not can_pack(torch.bfloat16), OWN_KERNELS_BELOW_ROWS if bfloat16_cpu else 0)
 
 
 def compiled_forward(model: torch.nn.Module, **kwargs):
@@ -254,5 +257,4 @@ def graph_built(model: torch.nn.Module, batch: int, width: int, slots: int) -> b
 def compiles(model: torch.nn.Module, rows: int) -> bool:
     """Whether a pass of `model` over `rows` tokens, of a shape that recurs, goes to
     compiled_forward."""
-    compiled = _COMPILING.get(model)
-    return compiled is not None and rows >= compiled.from_rows
+    return model in _COMPILING and rows >= COMPILED_FROM_ROWS
