@@ -4,9 +4,9 @@ CPUs differ in what decides speculation. On a 2-core AMD EPYC with native bfloat
 (AVX512-BF16), a bfloat16 pass of SmolLM2-135M over 16 tree nodes cost 1.3x a one-token
 pass on PyTorch's kernels; with its and oneDNN's kernels held to AVX2 on the same CPU,
 where bfloat16 matmuls are emulated, 6.3x, and float32 was then the faster dtype for trees
-(kernels.py narrowed that gap). So no dtype is right everywhere: `choose_dtype` times both on the machine at hand (a second
-or two, kept per machine and model), and every figure mlpspec reports carries
-`describe_machine`.
+(kernels.py narrowed that gap). So no dtype is right everywhere: `choose_dtype` times both
+on the machine at hand (a second or two, kept per machine and model), and every figure
+mlpspec reports carries `describe_machine`.
 """
 
 from __future__ import annotations

@@ -241,9 +241,8 @@ def kernels_for(model: torch.nn.Module, rows: int | None = None):
     not known) runs in: its packed linears; PyTorch's own kernels where they take every
     linear of so few rows (PackedLinears.own_below); or nothing."""
     packed = _PACKED.get(model)
-    compiled = _COMPILING.get(model)
-    own_below = packed.own_below if packed else compiled.own_below if compiled else 0
-    if rows is not None and rows < own_below:
+    owner = packed or _COMPILING.get(model)  # both know below how many rows PyTorch's own kernels run
+    if owner and rows is not None and rows < owner.own_below:
         return oneDNN_off()
     return packed or contextlib.nullcontext()
 
