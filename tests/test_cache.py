@@ -41,8 +41,9 @@ def test_a_static_cache_pass_writes_its_padded_width_and_keeps_its_nodes():
     prompt = torch.ones(1, 1, 3, 2)
     keys, _ = cache.update(prompt, -prompt, 0)  # an eager pass (the prompt): as a TreeCache
     assert keys.shape == (1, 1, 3, 2) and cache.length == 3
-    width = cache.pass_width(3)
-    assert [cache.pass_width(q) for q in (1, 2, 3, 4, 5, 9)] == [1, 4, 4, 4, 8, 16] and width == 4
+    width = cache.pass_width(3, 1)
+    assert [cache.pass_width(q, 1) for q in (1, 2, 3, 4, 5, 9)] == [4, 4, 4, 4, 8, 16] and width == 4
+    assert [cache.pass_width(q, 2) for q in (1, 2, 5)] == [1, 4, 8]  # from batch 2 one token is rows enough
     assert cache.mask_slots(width) == 256  # the mask spans every slot
     cache.open(width)
     tree = 2 + torch.arange(width, dtype=torch.float).view(1, 1, width, 1).expand(1, 1, width, 2)

@@ -78,7 +78,7 @@ class StaticSlotLayer(SlotLayer):
 
 
 class TreeCache(Cache):
-    """A tree pass runs as: `width = pass_width(q)` nodes (the tree padded), a mask over
+    """A tree pass runs as: `width = pass_width(q, b)` nodes a row (the tree padded), a mask over
     `mask_slots(width)` slots, `open(width)`, the forward pass, `close(q)`. Here that is the
     plain pass: q nodes, a mask over length + q slots, the layers advancing themselves."""
 
@@ -90,7 +90,7 @@ class TreeCache(Cache):
         self.capacity = capacity
 
     @staticmethod
-    def pass_width(nodes: int) -> int:
+    def pass_width(nodes: int, batch: int) -> int:
         return nodes
 
     def mask_slots(self, width: int) -> int:
@@ -120,16 +120,19 @@ class TreeCache(Cache):
             layer.keep(start + first, slots[:, first:])
 
 
-# Trees of 2-4 nodes share one graph: compiled, a pass over 2 or 4 nodes took 24.8 / 23.3 ms
-# (SmolLM2-135M, bfloat16, 2-core AMD EPYC with native bfloat16; 16.6 / 19.5 held to AVX2
-# kernels), and a graph costs 35-90 s to build.
+# Trees of 1-4 nodes share one graph at batch 1: compiled, a pass over 2 or 4 nodes took
+# 24.8 / 23.3 ms (SmolLM2-135M, bfloat16, 2-core AMD EPYC with native bfloat16; 16.6 / 19.5
+# held to AVX2 kernels), and a graph costs 35-90 s to build. A one-token pass with the LM
+# head took 20.4 ms padded to 4 nodes, 24.6 on a graph of its own and 22.7 eagerly (14.8 /
+# 14.4 / 22.5 held to AVX2 kernels). From batch 2 a one-token pass has rows enough alone.
 SMALLEST_TREE_WIDTH = 4
 SMALLEST_CAPACITY = 256
 
 
 class StaticTreeCache(TreeCache):
     """The TreeCache of a compiled forward (kernels "compiled"): a tree pass has a fixed
-    shape, its nodes padded to a power of two (1, then 4, 8, 16, ...: one graph each) and
+    shape, its nodes padded to a power of two (4, 8, 16, ...: one graph each; a one-token
+    pass stays one token wide from batch 2) and
     its mask over every slot, so neither depends on the context's length (its capacity is
     a power of two too). The padding nodes' keys land in the slots after the tree's,
     beyond `length` once the pass closes."""
@@ -143,8 +146,10 @@ class StaticTreeCache(TreeCache):
         super().__init__(num_layers, max(SMALLEST_CAPACITY, 1 << (capacity - 1).bit_length()))
 
     @staticmethod
-    def pass_width(nodes: int) -> int:
-        return 1 if nodes == 1 else max(SMALLEST_TREE_WIDTH, 1 << (nodes - 1).bit_length())
+    def pass_width(nodes: int, batch: int) -> int:
+        if nodes == 1 and batch > 1:
+            return 1
+        return max(SMALLEST_TREE_WIDTH, 1 << (nodes - 1).bit_length())
 
     def mask_slots(self, width: int) -> int:
         return self.capacity

@@ -158,11 +158,9 @@ def _compiled(autotune: bool):
     return torch.compile(_forward, dynamic=False, options=options)
 
 
-# A pass over one row runs eagerly on a compiled model: with native bfloat16 a one-token pass
-# of SmolLM2-135M took 24.5 ms on PyTorch's own kernels and 28.1 on its graph, and from two
-# rows the graph wins (2 / 4 / 16 rows: 26 / 25 / 33 ms against 30 / 42 / 50 on oneDNN;
-# 2-core AMD EPYC). Held to AVX2 kernels, plain decoding ran as fast either way (34.4-35.0
-# tokens/s on the graph, 33.6-35.5 eager), and the graph costs 90 s to build.
+# A pass over one row runs eagerly on a compiled model. Decoding makes none: at batch 1 a
+# one-token pass is padded to cache.SMALLEST_TREE_WIDTH nodes, whose graph (LM head
+# included) took 20.4 ms where a one-row graph took 24.6 (native bfloat16, 2-core AMD EPYC).
 COMPILED_FROM_ROWS = 2
 
 
