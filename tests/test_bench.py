@@ -116,3 +116,29 @@ def test_the_floor_divides_adaptive_by_the_best_plain_method():
                "ours_adaptive": {"1": {"speedup": 1.80}, "16": {"speedup": 1.01}}}
     assert adaptive_floor(results) == {"1": 1.8, "16": pytest.approx(1.01 / 1.04, abs=1e-3)}
     assert adaptive_floor({"hf_greedy": results["hf_greedy"]}) == {}
+
+
+def test_batches_come_in_rounds_of_every_batch_size():
+    from mlpspec.bench import BenchSettings, _schedule, _take_turns
+
+    settings = BenchSettings(batch_sizes=[1, 4], min_batches=2, floor_batches=3)
+    # batch 1: every one of 6 prompts once; batch 4: min_batches, then one more for the floor's methods
+    assert _schedule(settings, 6) == [(1, 0, False), (4, 0, False), (1, 1, False), (4, 1, False), (1, 2, False),
+                                      (4, 2, True), (1, 3, False), (1, 4, False), (1, 5, False)]
+    assert _take_turns(["c0", "c1", "c2"], ["h0"]) == ["c0", "h0", "c1", "c2"]
+
+
+def test_a_spent_budget_leaves_two_batches_per_batch_size(tmp_path):
+    from mlpspec.bench import REQUIRED_BATCHES, BenchSettings, run_bench, write_report
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    settings = BenchSettings(batch_sizes=[1, 2], max_new_tokens=4, methods=["hf_greedy", "ours_plain", "ours_adaptive"],
+                             prompts=["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"], minutes=1e-6)
+    report = run_bench(model, tok, random_speculator(model), settings)
+    for b in ("1", "2"):
+        assert len(report["results"]["ours_plain"][b]["batch_tokens_per_s"]) == REQUIRED_BATCHES
+        assert report["batches"][b] == {"run": REQUIRED_BATCHES, "left_out": settings.floor_batches - REQUIRED_BATCHES}
+    write_report(report, tmp_path)
+    assert "batch 2 2 of 8" in (tmp_path / "report.md").read_text()
+    unlimited = run_bench(model, tok, random_speculator(model), BenchSettings(**{**settings.__dict__, "minutes": None}))
+    assert unlimited["batches"]["2"] == {"run": settings.floor_batches, "left_out": 0}

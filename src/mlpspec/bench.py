@@ -3,6 +3,8 @@ speculative decoding with plain decoding in one process, on the same prompts."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import sysconfig
 import time
 from collections import Counter
@@ -147,6 +149,15 @@ class BenchSettings:
     # the largest batch size ours_fixed runs at: the fixed tree made 0.50x and 0.40x HF
     # greedy at batch 8 and 16 in every bench up to v35, and took 3 of those 20 minutes
     fixed_up_to: int = 4
+    # a time budget for the whole run (None: none): past the first REQUIRED_BATCHES of each
+    # batch size, a batch runs only where its batch size's batches so far say it ends in
+    # time. On a 2-core AMD EPYC held to AVX2 kernels the default bench took 21 minutes
+    # (bfloat16 emulated: HF greedy made 27 tokens/s at batch 16, and batch 16 took 7 of them)
+    minutes: float | None = None
+
+
+# batches every batch size gets whatever the budget, so that no figure rests on one run
+REQUIRED_BATCHES = 2
 
 
 def _methods_at(methods: list[str], batch_size: int, fixed_up_to: int) -> list[str]:
@@ -198,7 +209,9 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     from .equality import find_divergences
 
     # code prompts are plain text, chat prompts message lists (encode_prompts templates those)
-    prompts = settings.prompts or code_prompts(settings.n_code) + chat_prompts()[: settings.n_chat]
+    start = time.perf_counter()
+    # code and chat prompts take turns, so that batches cut by the budget leave the mix as it was
+    prompts = settings.prompts or _take_turns(code_prompts(settings.n_code), chat_prompts()[: settings.n_chat])
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     methods = settings.methods or [m for m in (*HF_METHODS, *OUR_METHODS) if (m != "hf_assisted" or assistant is not None)
@@ -212,10 +225,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     divergences, accepted = [], []
     # every prompt once per batch size, and at least min_batches batches each, so no figure
     # rests on one run; the floor's methods go on alone up to floor_batches
-    jobs = []
-    for b in settings.batch_sizes:
-        every = max(settings.min_batches, len(prompts) // b)
-        jobs += [(b, i, i >= every) for i in range(max(every, settings.floor_batches))]
+    jobs = _schedule(settings, len(prompts))
     # warm-up: every method once at every batch size; on compiled graphs, which are built
     # for each cache capacity (a power of two past the prompt and the new tokens), also on
     # the shortest and the longest prompt at full length, so that no timed batch builds one
@@ -228,7 +238,18 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
             ids, mask = encode_prompts(tokenizer, batch, chat=False)
             for method in _methods_at(methods, b, settings.fixed_up_to):
                 _run(method, model, speculator, assistant, policy, ids, mask, new_tokens, eos, settings.lookup, other)
+    # before the timed batches, so that the budget covers it too; the warm-up calibrated the policy
+    sweep = _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) if settings.prompt_lengths else {}
+    deadline = start + 60 * settings.minutes if settings.minutes else math.inf
+    batch_seconds, skipped = {}, Counter()  # batch size -> seconds of each batch run; batches left out
     for done, (b, i, floor_only) in enumerate(jobs, start=1):
+        so_far = batch_seconds.setdefault(b, [])
+        if i >= REQUIRED_BATCHES and time.perf_counter() + sum(so_far) / len(so_far) > deadline:
+            skipped[b] += 1
+            if progress is not None:
+                progress(done, len(jobs))
+            continue
+        tick = time.perf_counter()
         batch = [prompts[(i * b + j) % len(prompts)] for j in range(b)]
         ids, mask = (t.to(model.device) for t in encode_prompts(tokenizer, batch, chat=False))
         # a new order for every batch, among the methods that run at this batch size: a
@@ -256,6 +277,7 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
             if reference is not None and method != "hf_greedy" and method in (*HF_METHODS, *OUR_METHODS):
                 for d in find_divergences(model, ids, mask, sequences, reference, eos):
                     divergences.append({"method": method, "batch_size": b, **d.__dict__})
+        so_far.append(time.perf_counter() - tick)
         if progress is not None:
             progress(done, len(jobs))
     for entry in raw.get("ours_fixed", {}).values():
@@ -282,7 +304,6 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
                 "seconds": round(seconds, 3),
                 "shapes": dict(entry["shapes"].most_common()),  # steps per tree shape, ours only
             }
-    sweep = _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) if settings.prompt_lengths else {}
     near = [d for d in divergences if d["near_tie"]]
     return {
         "date": time.strftime("%Y-%m-%d"),
@@ -298,8 +319,27 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
         "divergences": divergences,
         "accepted_lengths": accepted,
         "prompt_length": sweep,
+        "batches": {str(b): {"run": len(batch_seconds.get(b, [])), "left_out": skipped[b]} for b in settings.batch_sizes},
+        "minutes": round((time.perf_counter() - start) / 60, 2),
         "adaptive_policy": policy.summary(),
     }
+
+
+def _take_turns(*kinds: list) -> list:
+    """[a0, b0, a1, b1, ...]: the lists' items in turn, the rest of the longer one at the end."""
+    return [x for group in itertools.zip_longest(*kinds) for x in group if x is not None]
+
+
+def _schedule(settings: BenchSettings, n_prompts: int) -> list[tuple[int, int, bool]]:
+    """The timed batches, (batch size, batch index, floor methods only): every prompt once
+    per batch size and at least min_batches each, the floor's methods alone up to
+    floor_batches; in rounds (every batch size's first batch, then every one's second, ...)
+    so that a budget that ends the run early cuts every batch size alike."""
+    jobs = []
+    for b in settings.batch_sizes:
+        every = max(settings.min_batches, n_prompts // b)
+        jobs += [(b, i, i >= every) for i in range(max(every, settings.floor_batches))]
+    return sorted(jobs, key=lambda job: (job[1], settings.batch_sizes.index(job[0])))
 
 
 def adaptive_floor(results: dict) -> dict:
@@ -334,6 +374,9 @@ def _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) ->
     for length in settings.prompt_lengths:
         ids = ids_all[:, -length:]
         mask = torch.ones_like(ids)
+        if kernels_of(model) == "compiled":  # this length's cache capacity has graphs of its own: built untimed
+            for method in ("ours_fixed", "ours_adaptive"):
+                _run(method, model, speculator, None, policy, ids, mask, settings.max_new_tokens, eos, settings.lookup)
         times = {}
         for method in ("hf_greedy", "ours_fixed", "ours_adaptive"):
             _, seconds, _ = _run(method, model, speculator, None, policy, ids, mask, settings.max_new_tokens, eos,
@@ -376,6 +419,11 @@ def write_report(report: dict, out: Path) -> None:
             lines.append(f"| {method} | {b} | {r['tokens_per_s']:.1f} | {speedup} | {step} | {heads} |")
     lines += ["", "Speedup: a method's tokens/s over HF greedy's, totals over the same batches (results.json "
               "also holds each batch's tokens/s)."]
+    left_out = {b: n for b, n in report["batches"].items() if n["left_out"]}
+    if left_out:
+        lines += ["", f"The run took {report['minutes']:.1f} minutes; within its budget of "
+                  f"{report['settings']['minutes']:g} (--minutes) these batch sizes ran fewer batches than planned: "
+                  + ", ".join(f"batch {b} {n['run']} of {n['run'] + n['left_out']}" for b, n in left_out.items()) + "."]
     if report.get("fastest_plain"):
         lines += ["", "Fastest plain decoding measured (HF greedy or ours_plain, in either dtype where both ran), "
                   "and ours_adaptive over it: " + ", ".join(

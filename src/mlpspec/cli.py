@@ -155,14 +155,17 @@ def cmd_bench(args) -> None:
     from .base import load_base
     from .bench import BenchSettings, named_prompts, run_bench, write_report
 
+    if args.minutes < 0:
+        raise MLPSpecError(f"--minutes must be >= 0 (0: no budget), got {args.minutes:g}")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     lengths = [int(n) for n in args.prompt_lengths.split(",")] if args.prompt_lengths else []
     settings = BenchSettings(batch_sizes=sizes, max_new_tokens=args.max_new_tokens, prompt_lengths=lengths,
-                             prompts=named_prompts(args.prompts) if args.prompts else None, lookup=args.lookup)
+                             prompts=named_prompts(args.prompts) if args.prompts else None, lookup=args.lookup,
+                             minutes=args.minutes or None)
     if args.quick:
         settings = BenchSettings(batch_sizes=[1, 4], max_new_tokens=32, n_code=2, n_chat=2, prompt_lengths=[],
                                  prompts=settings.prompts[:4] if settings.prompts else None, lookup=args.lookup,
-                                 floor_batches=6)
+                                 floor_batches=6, minutes=settings.minutes)
     model, tokenizer = _load(args)
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
     assistant = load_base(args.assistant, dtype=model.dtype, device=args.device)[0] if args.assistant else None
@@ -360,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--max-new-tokens", type=int, default=40)
     be.add_argument("--batch-sizes", default="1,2,4,8,16")
     be.add_argument("--prompt-lengths", default="64,256,1024", help="batch-1 prompt-length sweep ('' to skip)")
+    be.add_argument("--minutes", type=float, default=9.0,
+                    help="time budget: past 2 batches per batch size, only batches that end within it run (0: no budget)")
     be.add_argument("--assistant", help="a draft model for HF assisted generation")
     be.add_argument("--lookup", type=_non_negative, default=DEFAULT_LOOKUP,
                     help=f"prompt-lookup branch of ours_lookup and ours_adaptive (default {DEFAULT_LOOKUP}; 0: none)")
