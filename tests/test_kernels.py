@@ -111,6 +111,7 @@ def test_greedy_on_the_compiled_static_path_equals_transformers(build, monkeypat
     expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
     assert use_kernels(model, "compiled") == "compiled" and kernels_of(model) == "compiled"
+    assert isinstance(kernels_for(model, 18), kernels.PackedLinears)  # the prompt's pass: "auto"'s kernels
     widths = []
     compiled = kernels.compiled_forward
     monkeypatch.setattr(base, "compiled_forward",
