@@ -133,6 +133,18 @@ def test_export_cli(tmp_path, capsys):
     assert config["base_model_archs"] == ["LlamaForCausalLM"] and config["base_model_name_or_path"] == str(base)
     assert main([*args, "--out", str(tmp_path / "arctic")]) == 2  # never over an existing export
     assert "already exists" in capsys.readouterr().err
+    # vllm: vLLM's view of a one-layer model of the base model's shape, the released config inside
+    assert main([*args[:-4], "--format", "vllm", "--base", str(base), "--out", str(tmp_path / "vllm")]) == 0
+    config = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    base_config = tiny_llama().config
+    assert config["architectures"] == ["MLPSpeculatorPreTrainedModel"] and config["num_hidden_layers"] == 1
+    assert (config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (
+        base_config.hidden_size, base_config.num_attention_heads, base_config.num_key_value_heads,
+        base_config.hidden_size // base_config.num_attention_heads)
+    assert MLPSpeculatorConfig.from_dict(config["mlpspec_speculator"]) == load_speculator(tmp_path / "arctic").config
+    vllm_tensors, released_tensors = (load_file(tmp_path / f / "model.safetensors") for f in ("vllm", "arctic"))
+    assert vllm_tensors.keys() == released_tensors.keys()
+    assert all(torch.equal(vllm_tensors[k], released_tensors[k]) for k in vllm_tensors)
     draft = MLPSpeculator(MLPSpeculatorConfig(vocab_size=64, emb_dim=32, n_predict=2, draft_vocab_size=8))
     draft.set_draft_vocab(torch.arange(8))
     draft.save_pretrained(tmp_path / "draft")

@@ -113,8 +113,14 @@ def load_speculator_folder(path: str | Path, dtype: torch.dtype | None = None, b
     path = Path(path)
     if not path.is_dir():
         raise MLPSpecError(f"{path}: no such speculator folder")
-    config = read_config(path)
-    tensors = read_tensors(path)
+    return speculator_from(read_config(path), read_tensors(path), path, dtype, base)
+
+
+def speculator_from(config: MLPSpeculatorConfig, tensors: dict[str, torch.Tensor], path: str | Path,
+                    dtype: torch.dtype | None = None, base=None) -> MLPSpeculator:
+    """A speculator of this config holding these tensors (named as in a speculator folder,
+    `path` naming where they came from in errors), every one checked against the config."""
+    path = Path(path)
     # Build on the meta device: initialising weights that are about to be overwritten
     # costs seconds for a full-vocab speculator.
     with torch.device("meta"):

@@ -212,7 +212,8 @@ def cmd_export(args) -> None:
     check_exportable(speculator.config, args.format)
     base_name = args.base or speculator.config.base_model_name_or_path or DEFAULT_BASE_HUB_ID
     out = export_speculator(speculator, args.out, args.format, base_model_name_or_path=base_name,
-                            base_architectures=list(model.config.architectures or [type(model).__name__]))
+                            base_architectures=list(model.config.architectures or [type(model).__name__]),
+                            base_config=model.config.get_text_config().to_dict())
     print(f"{args.format} export of {args.speculator or 'the shipped default'} (base {base_name}) written to {out}")
 
 
@@ -390,9 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(sv)
     sv.set_defaults(func=cmd_serve)
 
-    ex = sub.add_parser("export", help="write a speculator in a serving engine's format (ibm, arctic)")
+    ex = sub.add_parser("export", help="write a speculator in a serving engine's format (ibm, arctic, vllm)")
     ex.add_argument("--speculator", help="folder or hub id (default: the shipped default speculator)")
-    ex.add_argument("--format", required=True, choices=["ibm", "arctic"])
+    ex.add_argument("--format", required=True, choices=["ibm", "arctic", "vllm"])
     ex.add_argument("--out", required=True, help="a new folder")
     ex.add_argument("--base", help="the base model, for tied embeddings and the config's base fields "
                                    "(default: the embedded default)")

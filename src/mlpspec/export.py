@@ -6,6 +6,10 @@
   only base models whose first architecture is listed in `base_model_archs`. It honours
   tie_weights and scale_input as the released format defines them, and proposes a chain
   (top-1 per head), ignoring the tree fields.
+- `vllm`: the same tensors, for mlpspec's own vLLM plugin (`mlpspec.vllm_drafter`, through
+  vLLM's EAGLE proposer): config.json is vLLM's view, a one-layer model with the base
+  model's attention shape and hidden size (the proposer sizes its buffers and the drafter's
+  KV cache from it), and the released config sits inside it under `mlpspec_speculator`.
 
 Both formats are plain MLP speculators: every tensor stored, every head over the whole
 vocabulary, every stage reading the sampled token. Our extensions are mapped onto that
@@ -25,8 +29,11 @@ from .errors import MLPSpecError
 from .fileio import atomic_folder
 from .model import MLPSpeculator, MLPSpeculatorConfig
 
-FORMATS = ("ibm", "arctic")
+FORMATS = ("ibm", "arctic", "vllm")
 ARCTIC_ARCHITECTURE = "ArcticMLPSpeculatorPreTrainedModel"
+# what vLLM reads of the base model's config to size the drafter's buffers and KV cache
+VLLM_BASE_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                    "max_position_embeddings", "rms_norm_eps", "intermediate_size")
 
 
 def check_exportable(config: MLPSpeculatorConfig, fmt: str) -> None:
@@ -48,9 +55,11 @@ def check_exportable(config: MLPSpeculatorConfig, fmt: str) -> None:
 
 
 def export_speculator(speculator: MLPSpeculator, out: str | Path, fmt: str,
-                      base_model_name_or_path: str | None = None, base_architectures: list[str] | None = None) -> Path:
+                      base_model_name_or_path: str | None = None, base_architectures: list[str] | None = None,
+                      base_config: dict | None = None) -> Path:
     """Write `speculator` to `out` in format `fmt`. Tensors tied to the base model must be
-    attached (load the speculator with base=...), and are written out in full."""
+    attached (load the speculator with base=...), and are written out in full. The vllm
+    format needs the base model's config (`base_config`, its text config as a dict)."""
     cfg = speculator.config
     check_exportable(cfg, fmt)
     base_name = base_model_name_or_path or cfg.base_model_name_or_path
@@ -58,6 +67,8 @@ def export_speculator(speculator: MLPSpeculator, out: str | Path, fmt: str,
         raise MLPSpecError("the export needs the base model's name: pass --base (the config does not record it)")
     if fmt == "arctic" and not base_architectures:
         raise MLPSpecError("the arctic format records the base model's architectures: pass the base model")
+    if fmt == "vllm" and not base_config:
+        raise MLPSpecError("the vllm format records the base model's attention shape: pass the base model")
     plain = MLPSpeculatorConfig(
         vocab_size=cfg.vocab_size, emb_dim=cfg.emb_dim, inner_dim=cfg.width, n_predict=cfg.n_predict,
         top_k_tokens_per_head=list(cfg.top_k_tokens_per_head), n_candidates=cfg.n_candidates,
@@ -81,4 +92,17 @@ def export_speculator(speculator: MLPSpeculator, out: str | Path, fmt: str,
             config["architectures"] = [ARCTIC_ARCHITECTURE]
             config["base_model_archs"] = list(base_architectures)
             (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if fmt == "vllm":
+            released = json.loads((folder / CONFIG_FILE).read_text())
+            (folder / CONFIG_FILE).write_text(json.dumps(vllm_config(released, base_config), indent=2) + "\n")
     return out
+
+
+def vllm_config(released: dict, base: dict) -> dict:
+    """The config.json vLLM reads for the drafter: a one-layer Llama-type model of the base
+    model's shape (never run: the plugin's drafter reads `mlpspec_speculator`, the released config)."""
+    shape = {k: base[k] for k in VLLM_BASE_FIELDS if base.get(k) is not None}
+    shape.setdefault("head_dim", base["hidden_size"] // base["num_attention_heads"])
+    shape.setdefault("num_key_value_heads", base["num_attention_heads"])
+    return {"model_type": "llama", "architectures": list(released["architectures"]), "num_hidden_layers": 1, **shape,
+            "torch_dtype": released.get("torch_dtype"), "mlpspec_speculator": released}
