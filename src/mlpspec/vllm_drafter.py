@@ -20,9 +20,6 @@ from .chain_state import advance, is_packed, one_hot_logits, pack
 from .checkpoint import speculator_from
 from .model import MLPSpeculator, MLPSpeculatorConfig
 
-ARCHITECTURE = "EagleMLPSpeculatorPreTrainedModel"  # vLLM prefixes "Eagle" to the folder's architecture
-
-
 class EagleMLPSpeculator(nn.Module):
     has_own_embed_tokens = True
     has_own_lm_head = True
