@@ -208,9 +208,9 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     fastest plain decoding here (fastest_plain)."""
     from .equality import find_divergences
 
-    # code prompts are plain text, chat prompts message lists (encode_prompts templates those)
     start = time.perf_counter()
-    # code and chat prompts take turns, so that batches cut by the budget leave the mix as it was
+    # code prompts are plain text, chat prompts message lists (encode_prompts templates those);
+    # they take turns, so that batches cut by the budget leave the mix as it was
     prompts = settings.prompts or _take_turns(code_prompts(settings.n_code), chat_prompts()[: settings.n_chat])
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])

@@ -132,9 +132,8 @@ SMALLEST_CAPACITY = 256
 class StaticTreeCache(TreeCache):
     """The TreeCache of a compiled forward (kernels "compiled"): a tree pass has a fixed
     shape, its nodes padded to a power of two (4, 8, 16, ...: one graph each; a one-token
-    pass stays one token wide from batch 2) and
-    its mask over every slot, so neither depends on the context's length (its capacity is
-    a power of two too). The padding nodes' keys land in the slots after the tree's,
+    pass stays one token wide from batch 2) and its mask over every slot, so neither
+    depends on the context's length (its capacity is a power of two too). The padding nodes' keys land in the slots after the tree's,
     beyond `length` once the pass closes."""
 
     layer_class = StaticSlotLayer

@@ -423,10 +423,11 @@ def learn_in_hindsight(policy: AdaptivePolicy, state: DecodeState) -> None:
 
 class NodeLogits:
     """The base model's logits at a verified tree's nodes, for the walk (tree.walk's
-    logits_at). Where the model allows it (base.lazy_head) and the pass ran eagerly (not on a
-    compiled graph), the forward pass skipped the LM head, and it runs here only on the nodes the walk reads: the root and the first
-    candidate's nodes (the speculator's likeliest path, or the lookup branch) in one product
-    up front, any other node when the walk reaches it. A walk reads at most D + 1 of q nodes,
+    logits_at). Where the model allows it (base.lazy_head) and the pass ran eagerly (not on
+    a compiled graph), the forward pass skipped the LM head, and it runs here only on the
+    nodes the walk reads: the root and the first candidate's nodes (the speculator's
+    likeliest path, or the lookup branch) in one product up front, any other node when the
+    walk reaches it. A walk reads at most D + 1 of q nodes,
     and the head is 49152 x 576 for the default, a fifth of its weights: in float32 on
     oneDNN with AVX2 kernels it took 10.2 ms over 16 rows and 6.4 over 4, where a 16-node
     pass took 71 ms."""

@@ -87,14 +87,14 @@ def export_speculator(speculator: MLPSpeculator, out: str | Path, fmt: str,
         raise MLPSpecError(f"{out}: already exists and is not empty; choose a new --out")
     with atomic_folder(out) as folder:
         save_speculator(exported, folder)
-        if fmt == "arctic":
+        if fmt != "ibm":  # the released config, rewritten for the engine that reads it
             config = json.loads((folder / CONFIG_FILE).read_text())
-            config["architectures"] = [ARCTIC_ARCHITECTURE]
-            config["base_model_archs"] = list(base_architectures)
+            if fmt == "arctic":
+                config["architectures"] = [ARCTIC_ARCHITECTURE]
+                config["base_model_archs"] = list(base_architectures)
+            else:
+                config = vllm_config(config, base_config)
             (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if fmt == "vllm":
-            released = json.loads((folder / CONFIG_FILE).read_text())
-            (folder / CONFIG_FILE).write_text(json.dumps(vllm_config(released, base_config), indent=2) + "\n")
     return out
 
 
