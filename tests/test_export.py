@@ -146,11 +146,28 @@ def test_export_cli(tmp_path, capsys):
     assert vllm_tensors.keys() == released_tensors.keys()
     assert all(torch.equal(vllm_tensors[k], released_tensors[k]) for k in vllm_tensors)
     draft = MLPSpeculator(MLPSpeculatorConfig(vocab_size=64, emb_dim=32, n_predict=2, draft_vocab_size=8))
-    draft.set_draft_vocab(torch.arange(8))
+    draft.set_draft_vocab(torch.arange(50, 58))
     draft.save_pretrained(tmp_path / "draft")
     assert main(["export", "--speculator", str(tmp_path / "draft"), "--format", "ibm", "--base", str(base),
                  "--out", str(tmp_path / "x")]) == 2
-    assert "draft vocabulary" in capsys.readouterr().err
+    assert "draft vocabulary" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # the vllm drafter runs mlpspec's own heads: a draft vocabulary is kept, token ids and all
+    assert main(["export", "--speculator", str(tmp_path / "draft"), "--format", "vllm", "--base", str(base),
+                 "--out", str(tmp_path / "vllm-draft")]) == 0
+    config = json.loads((tmp_path / "vllm-draft" / "config.json").read_text())
+    kept = MLPSpeculator(MLPSpeculatorConfig.from_dict(config["mlpspec_speculator"]))
+    kept.load_state_dict({k.removeprefix("speculator."): v
+                          for k, v in load_file(tmp_path / "vllm-draft" / "model.safetensors").items()})
+    same_outputs(kept, draft, 32, 64, 2)
+    assert kept.draft_vocab.tolist() == list(range(50, 58))
+    # a speculator of another width than the base: one line, nothing written
+    MLPSpeculator(MLPSpeculatorConfig(vocab_size=64, emb_dim=48, n_predict=2)).save_pretrained(tmp_path / "wide")
+    capsys.readouterr()
+    assert main(["export", "--speculator", str(tmp_path / "wide"), "--format", "vllm", "--base", str(base),
+                 "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "emb_dim 48 does not match the base model's hidden size 32" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "y").exists()
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))

@@ -203,12 +203,13 @@ def cmd_prompts(args) -> None:
 def cmd_export(args) -> None:
     import torch
 
-    from .base import DEFAULT_BASE_HUB_ID, load_base
+    from .base import DEFAULT_BASE_HUB_ID, check_pair, load_base
     from .checkpoint import load_speculator
     from .export import check_exportable, export_speculator
 
     model, _ = load_base(args.base, dtype=args.dtype)
     speculator = load_speculator(args.speculator, dtype=getattr(torch, args.dtype), base=model)
+    check_pair(model, speculator)  # an export for a base it does not fit would fail only when served
     check_exportable(speculator.config, args.format)
     base_name = args.base or speculator.config.base_model_name_or_path or DEFAULT_BASE_HUB_ID
     out = export_speculator(speculator, args.out, args.format, base_model_name_or_path=base_name,

@@ -10,13 +10,15 @@
   vLLM's EAGLE proposer): config.json is vLLM's view, a one-layer model with the base
   model's attention shape and hidden size (the proposer sizes its buffers and the drafter's
   KV cache from it), and the released config sits inside it under `mlpspec_speculator`.
+  Since the drafter runs mlpspec's own heads, a draft vocabulary is kept (its `draft_vocab`
+  tensor maps head rows to token ids).
 
-Both formats are plain MLP speculators: every tensor stored, every head over the whole
-vocabulary, every stage reading the sampled token. Our extensions are mapped onto that
-where the math allows it (embeddings tied to the base model are materialised, through
-the emb_adapter where there is one) and refused
-where it does not (a draft vocabulary, a speculator without token conditioning, feature layers): a file
-that loads but proposes different tokens would be worse than no file.
+All three are plain MLP speculators: every tensor stored, every stage reading the sampled
+token, and (but for vllm's draft vocabulary) every head over the whole vocabulary. Our
+extensions are mapped onto that where the math allows it (embeddings tied to the base
+model are materialised, through the emb_adapter where there is one) and refused where it
+does not (a speculator without token conditioning, feature layers, a draft vocabulary
+outside vllm): a file that loads but proposes different tokens would be worse than no file.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ def check_exportable(config: MLPSpeculatorConfig, fmt: str) -> None:
     """Refuse, in one line, what `fmt` cannot express."""
     if fmt not in FORMATS:
         raise MLPSpecError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if config.draft_vocab_size:
+    if config.draft_vocab_size and fmt != "vllm":  # mlpspec's own drafter runs mlpspec's heads
         raise MLPSpecError(
             f"this speculator's heads score a draft vocabulary of {config.draft_vocab_size} tokens; "
-            f"the {fmt} format has full-vocabulary heads only (train without --draft-vocab-size to export)"
+            f"the {fmt} format has full-vocabulary heads only (export --format vllm, or train without "
+            f"--draft-vocab-size)"
         )
     if not config.token_conditioning:
         raise MLPSpecError(f"a Medusa-style speculator (no token conditioning) has no {fmt} equivalent")
@@ -73,6 +76,7 @@ def export_speculator(speculator: MLPSpeculator, out: str | Path, fmt: str,
         vocab_size=cfg.vocab_size, emb_dim=cfg.emb_dim, inner_dim=cfg.width, n_predict=cfg.n_predict,
         top_k_tokens_per_head=list(cfg.top_k_tokens_per_head), n_candidates=cfg.n_candidates,
         tie_weights=cfg.tie_weights, scale_input=cfg.scale_input, base_model_name_or_path=base_name,
+        draft_vocab_size=cfg.draft_vocab_size,  # check_exportable let it through for vllm only
     )
     exported = MLPSpeculator(plain).to(speculator.dtype)
     state = speculator.state_dict()
