@@ -78,6 +78,15 @@ class ReferenceSpeculator:
             out.append(s @ self.head[i].T)
         return torch.stack(out)
 
+    def chain(self, state, last_token):
+        """The top-1 path, stage by stage: state [d], last_token int -> h token ids."""
+        s, t, path = self.input_state(state.float()), int(last_token), []
+        for i in range(self.h):
+            s = self.stage(i, s, torch.tensor(t))
+            t = int((s @ self.head[i].T).argmax())
+            path.append(t)
+        return path
+
     def propose(self, state, last_token, top_k, n_candidates):
         """Enumerate every path of the vocabulary^h tree, keep those whose every token is in
         its stage's top-k, rank by summed log-prob. Returns per row a list of (tokens, score)."""

@@ -124,6 +124,9 @@ def test_ours_reads_reference(tmp_path, tie, scale):
     last = torch.tensor([[6], [2]])
     candidates, _ = model.propose(state[:, :1], last, [3, 2, 2], 5)
     assert candidates.tolist() == [[p for p, _ in row] for row in ref.propose(state[:, :1], last, [3, 2, 2], 5)]
+    chains = [ref.chain(state[b, 0], last[b, 0]) for b in range(2)]  # the reference's own top-1 path
+    assert chains == [row[0][0] for row in ref.propose(state[:, :1], last, [1, 1, 1], 1)]
+    assert chains == model.propose(state[:, :1], last, [1, 1, 1], 1)[0][:, 0].tolist()
 
 
 def test_tied_copies_that_differ_are_refused(tmp_path):

@@ -30,7 +30,7 @@ from .cache import TreeCache
 from .fileio import atomic_folder
 from .hardware import PROBE_CONTEXT, PROBE_NODES, DtypeChoice, choose_dtype
 from .kernels import compiled_forward, compiles, kernels_for, use_kernels
-from .model import MLPSpeculator, MLPSpeculatorConfig
+from .model import MLPSpeculator, MLPSpeculatorConfig, check_fits
 
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_BASE_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model's hub id, for exported configs
@@ -369,22 +369,7 @@ def base_dims(model: PreTrainedModel) -> tuple[int, int]:
 def check_pair(model: PreTrainedModel, speculator: MLPSpeculator) -> None:
     """Refuse a speculator whose input width or vocabulary does not fit the base model."""
     hidden, vocab = base_dims(model)
-    cfg = speculator.config
-    if cfg.emb_dim != hidden:
-        raise MLPSpecError(
-            f"speculator emb_dim {cfg.emb_dim} does not match the base model's hidden size {hidden}"
-        )
-    if cfg.vocab_size != vocab:
-        raise MLPSpecError(
-            f"speculator vocab_size {cfg.vocab_size} does not match the base model's vocabulary {vocab}"
-        )
-    layers = model.config.get_text_config().num_hidden_layers
-    beyond = [layer for layer in cfg.feature_layers if layer >= layers]
-    if beyond:
-        raise MLPSpecError(
-            f"speculator feature_layers {beyond} lie beyond the base model's {layers} layers "
-            f"(layer L is the state after L of them, 0 the embedding output; the last one's is the final state)"
-        )
+    check_fits(speculator.config, hidden, vocab, model.config.get_text_config().num_hidden_layers)
 
 
 def speculator_config_for(model: PreTrainedModel, **overrides) -> MLPSpeculatorConfig:

@@ -201,27 +201,21 @@ def cmd_prompts(args) -> None:
 
 
 def cmd_export(args) -> None:
-    import torch
+    from .export import export_for_base
 
-    from .base import DEFAULT_BASE_HUB_ID, check_pair, load_base
-    from .checkpoint import load_speculator
-    from .export import check_exportable, export_speculator
-
-    model, _ = load_base(args.base, dtype=args.dtype)
-    speculator = load_speculator(args.speculator, dtype=getattr(torch, args.dtype), base=model)
-    check_pair(model, speculator)  # an export for a base it does not fit would fail only when served
-    check_exportable(speculator.config, args.format)
-    base_name = args.base or speculator.config.base_model_name_or_path or DEFAULT_BASE_HUB_ID
-    out = export_speculator(speculator, args.out, args.format, base_model_name_or_path=base_name,
-                            base_architectures=list(model.config.architectures or [type(model).__name__]),
-                            base_config=model.config.get_text_config().to_dict())
-    print(f"{args.format} export of {args.speculator or 'the shipped default'} (base {base_name}) written to {out}")
+    out = export_for_base(args.speculator, args.base, args.format, args.out, dtype=args.dtype)
+    print(f"{args.format} export of {args.speculator or 'the shipped default'} written to {out}")
 
 
 def cmd_serve(args) -> None:
     from .base import DEFAULT_BASE_NAME
     from .serve import serve
 
+    if args.engine == "vllm":
+        return _serve_with_vllm(args)
+    if args.vllm_args or args.num_speculative_tokens or args.tensor_parallel_size != 1:
+        raise MLPSpecError("--num-speculative-tokens, --tensor-parallel-size and arguments after -- are for "
+                           "--engine vllm")
     model, tokenizer = _load(args, speculate=not args.no_speculate)
     speculator = None
     if not args.no_speculate:
@@ -229,6 +223,21 @@ def cmd_serve(args) -> None:
         print(f"[speculator: {origin}]", file=sys.stderr)
     serve(model, tokenizer, speculator, args.model_id or args.base or DEFAULT_BASE_NAME,
           host=args.host, port=args.port, max_batch=args.max_batch, lookup=0 if args.no_speculate else args.lookup)
+
+
+def _serve_with_vllm(args) -> None:
+    from .base import cache_dir, default_base_folder
+    from .vllm_serve import VLLMServeConfig, export_once, installed_vllm, serve_with_vllm
+
+    if args.kernels != "auto" or args.device != "auto" or args.lookup:
+        raise MLPSpecError("--kernels, --device and --lookup are for mlpspec's own engine; vLLM chooses its own")
+    installed_vllm()  # before any work: one line where vLLM is absent or of a version the drafter does not know
+    speculator = None if args.no_speculate else export_once(args.speculator, args.base, cache_dir())
+    serve_with_vllm(VLLMServeConfig(
+        base=args.base or str(default_base_folder()), speculator=speculator,
+        num_speculative_tokens=args.num_speculative_tokens, host=args.host, port=args.port, dtype=args.dtype,
+        tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_batch,
+        served_model_name=args.model_id, extra=args.vllm_args))
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -388,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
                          f"batches of up to 16, the load check measured 0.93-0.97x with it; generate and bench use "
                          f"{DEFAULT_LOOKUP})")
     sv.add_argument("--model-id", help="the model name clients send (default: the base model's)")
+    sv.add_argument("--engine", default="mlpspec", choices=["mlpspec", "vllm"],
+                    help="mlpspec (default): our own engine on this machine; vllm: vLLM's server with the "
+                         "speculator (mlpspec's plugin; needs vLLM 0.32, see docs/vllm-plugin.md), exported "
+                         "to vLLM's format once if it is not already")
+    sv.add_argument("--num-speculative-tokens", type=_non_negative, default=0,
+                    help="vllm: drafts per step (default: all the speculator's heads)")
+    sv.add_argument("--tensor-parallel-size", type=_positive, default=1, help="vllm: GPUs to shard the base model over")
+    sv.add_argument("vllm_args", nargs="*", metavar="-- VLLM_ARG", help="vllm: more `vllm serve` arguments, after --")
     _add_speed(sv)
     _add_device(sv)
     sv.set_defaults(func=cmd_serve)

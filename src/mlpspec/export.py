@@ -102,6 +102,27 @@ def export_speculator(speculator: MLPSpeculator, out: str | Path, fmt: str,
     return out
 
 
+def export_for_base(speculator_name: str | None, base_name: str | None, fmt: str, out: str | Path,
+                    dtype: str = "float32") -> Path:
+    """Load a speculator (folder, hub id, or None for the shipped default) with its base
+    model (folder, hub id, or None for the embedded default), check that they fit, and
+    export it to `out` in format `fmt`."""
+    import torch
+
+    from .base import DEFAULT_BASE_HUB_ID, check_pair, load_base
+    from .checkpoint import load_speculator
+
+    model, _ = load_base(base_name, dtype=dtype)
+    speculator = load_speculator(speculator_name, dtype=getattr(torch, dtype), base=model)
+    check_pair(model, speculator)  # an export for a base it does not fit would fail only when served
+    check_exportable(speculator.config, fmt)
+    return export_speculator(speculator, out, fmt,
+                             base_model_name_or_path=base_name or speculator.config.base_model_name_or_path
+                             or DEFAULT_BASE_HUB_ID,
+                             base_architectures=list(model.config.architectures or [type(model).__name__]),
+                             base_config=model.config.get_text_config().to_dict())
+
+
 def vllm_config(released: dict, base: dict) -> dict:
     """The config.json vLLM reads for the drafter: a one-layer Llama-type model of the base
     model's shape (never run: the plugin's drafter reads `mlpspec_speculator`, the released config)."""

@@ -165,6 +165,23 @@ class MLPSpeculatorConfig:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
+def check_fits(config: MLPSpeculatorConfig, hidden: int, vocab: int, layers: int) -> None:
+    """Refuse a speculator that does not fit a base model of this hidden size, vocabulary
+    (as its LM head scores it) and number of layers."""
+    if config.emb_dim != hidden:
+        raise MLPSpecError(f"speculator emb_dim {config.emb_dim} does not match the base model's hidden size {hidden}")
+    if config.vocab_size != vocab:
+        raise MLPSpecError(
+            f"speculator vocab_size {config.vocab_size} does not match the base model's vocabulary {vocab}"
+        )
+    beyond = [layer for layer in config.feature_layers if layer >= layers]
+    if beyond:
+        raise MLPSpecError(
+            f"speculator feature_layers {beyond} lie beyond the base model's {layers} layers "
+            f"(layer L is the state after L of them, 0 the embedding output; the last one's is the final state)"
+        )
+
+
 def _check_int(name: str, value, minimum: int) -> None:
     # bool is an int subclass; `true` for a size is a typo, not a 1.
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

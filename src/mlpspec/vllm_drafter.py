@@ -12,13 +12,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import vllm
 from torch import nn
 from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 
 from .chain_state import advance, is_packed, one_hot_logits, pack
 from .checkpoint import speculator_from
-from .model import MLPSpeculator, MLPSpeculatorConfig
+from .errors import MLPSpecError
+from .model import MLPSpeculator, MLPSpeculatorConfig, check_fits
+from .vllm_plugin import check_vllm_version
 
 class EagleMLPSpeculator(nn.Module):
     has_own_embed_tokens = True
@@ -26,14 +30,24 @@ class EagleMLPSpeculator(nn.Module):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
+        check_vllm_version(vllm.__version__)
         spec = vllm_config.speculative_config
         self.folder = folder = Path(spec.draft_model_config.model)
         # the folder's config.json is vLLM's view (a one-layer model of the target's shape);
         # the speculator's own config sits inside it
-        self.config = MLPSpeculatorConfig.from_dict(dict(spec.draft_model_config.hf_config.mlpspec_speculator))
+        released = getattr(spec.draft_model_config.hf_config, "mlpspec_speculator", None)
+        if released is None:
+            raise MLPSpecError(f"{folder}: not a folder for mlpspec's vLLM drafter "
+                               f"(write one with mlpspec export --format vllm)")
+        self.config = MLPSpeculatorConfig.from_dict(dict(released))
+        target = vllm_config.model_config.hf_text_config
+        check_fits(self.config, target.hidden_size, target.vocab_size, target.num_hidden_layers)
+        if self.config.feature_layers:  # the EAGLE path passes the target's final states only
+            raise MLPSpecError(f"{folder}: a speculator that reads the base model's layers "
+                               f"{self.config.feature_layers} cannot draft in vLLM")
         if spec.num_speculative_tokens > self.config.n_predict:
-            raise ValueError(f"{folder}: this speculator drafts {self.config.n_predict} tokens at most, "
-                             f"num_speculative_tokens is {spec.num_speculative_tokens}")
+            raise MLPSpecError(f"{folder}: this speculator drafts {self.config.n_predict} tokens at most, "
+                               f"num_speculative_tokens is {spec.num_speculative_tokens}")
         self.speculator = MLPSpeculator(self.config)
         # the proposer looks for these, and shares the target's own in their place otherwise
         self.model = nn.Module()
@@ -41,10 +55,12 @@ class EagleMLPSpeculator(nn.Module):
         self.lm_head = self.speculator.head[0]
         # The proposer wants the drafting layers in one KV-cache group: one attention layer
         # of the target's KV shape, never called (about 3% of the KV capacity for SmolLM2)
-        target = vllm_config.model_config.hf_text_config
+        # per tensor-parallel rank, as the target's own layers count them
+        ranks = get_tensor_model_parallel_world_size()
         head_dim = getattr(target, "head_dim", None) or target.hidden_size // target.num_attention_heads
-        self.kv_group = Attention(target.num_attention_heads, head_dim, head_dim**-0.5,
-                                  num_kv_heads=target.num_key_value_heads, cache_config=vllm_config.cache_config,
+        self.kv_group = Attention(target.num_attention_heads // ranks, head_dim, head_dim**-0.5,
+                                  num_kv_heads=max(1, target.num_key_value_heads // ranks),
+                                  cache_config=vllm_config.cache_config,
                                   # vLLM reads a layer's index from its name: the one after the target's
                                   prefix=f"drafter.layers.{target.num_hidden_layers}.attn")
 
