@@ -9,6 +9,7 @@ hold the drafts to the speculator's own top-1 chain on Hugging Face's hidden sta
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from reference_impl import ReferenceSpeculator
 pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/test_vllm.sh sets up .venv-vllm)")
 pytestmark = pytest.mark.vllm
 
-# One vLLM run, float32, greedy, eager: a job file in, a result file out.
+# One vLLM run, float32, eager, greedy or sampled (a seed per request): a job file in, a result file out.
 RUN = """
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: its drafts can be read
@@ -50,14 +51,17 @@ def main():
             prompt = json.dumps(runner.requests[req_id].prompt_token_ids)
             steps.setdefault(prompt, []).append([list(verified), list(rows[i])])
         return drafts
-    GPUModelRunner.propose_draft_token_ids = recording
+    if job["record"]:
+        GPUModelRunner.propose_draft_token_ids = recording
     extra = {}
     if job["spec"]:
         extra["speculative_config"] = {"method": "eagle", "model": job["spec"],
                                        "num_speculative_tokens": job["k"], **job["spec_extra"]}
     llm = LLM(model=job["base"], dtype="float32", enforce_eager=True, max_model_len=256,
               disable_log_stats=False, **extra)
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in job["max_tokens"]]
+    t = job["temperature"]
+    params = [SamplingParams(temperature=t, max_tokens=n, ignore_eos=True, seed=i if t else None)
+              for i, n in enumerate(job["max_tokens"])]
     outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params)
     metrics = {m.name: getattr(m, "value", getattr(m, "values", None)) for m in llm.get_metrics()
                if m.name.startswith("vllm:spec_decode_num")}
@@ -69,18 +73,20 @@ if __name__ == "__main__":
 """
 
 
-def start_vllm(tmp_path, base, spec, prompts, max_tokens, k=0, **spec_extra) -> tuple[subprocess.CompletedProcess,
-                                                                                      Path]:
+def start_vllm(tmp_path, base, spec, prompts, max_tokens, k=0, temperature=0.0, record=True,
+               **spec_extra) -> tuple[subprocess.CompletedProcess, Path]:
+    """Start one run; `record`: the drafts of every step, by prompt (distinct prompts only)."""
     job, result = tmp_path / f"job-{k}.json", tmp_path / f"result-{k}.json"
     job.write_text(json.dumps({"base": str(base), "spec": str(spec or ""), "k": k, "spec_extra": spec_extra,
-                               "prompts": prompts, "max_tokens": max_tokens}))
+                               "prompts": prompts, "max_tokens": max_tokens, "temperature": temperature,
+                               "record": record}))
     run = subprocess.run([sys.executable, "-c", RUN, str(job), str(result)], capture_output=True, text=True,
                          timeout=900)
     return run, result
 
 
-def run_vllm(tmp_path, base, spec, prompts, max_tokens, k=0, **spec_extra) -> dict:
-    run, result = start_vllm(tmp_path, base, spec, prompts, max_tokens, k, **spec_extra)
+def run_vllm(tmp_path, base, spec, prompts, max_tokens, k=0, temperature=0.0, record=True, **spec_extra) -> dict:
+    run, result = start_vllm(tmp_path, base, spec, prompts, max_tokens, k, temperature, record, **spec_extra)
     assert run.returncode == 0 and result.is_file(), run.stderr[-3000:]
     return json.loads(result.read_text())
 
@@ -186,33 +192,42 @@ def test_released_format_drafts_are_the_authors_math_at_any_number_of_drafts(bas
         s[None, None], torch.tensor([[t]]), [1, 1, 1], 1)[0][0, 0].tolist())
 
 
-def test_trained_speculator_acceptance_matches_mlpspecs_own(base, plain, tmp_path, monkeypatch):
-    """A speculator trained on the base model's own greedy answers to these prompts (so
-    that it accepts often: the test compares two measurements, not the speculator), sharing
-    the base model's embeddings (tie_base_embeddings, written out by the export) and
-    scoring a draft vocabulary of 40 tokens: vLLM's spec-decode metrics report the
-    acceptance mlpspec's own chain decoding reaches."""
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """A speculator trained on the base model's own greedy answers to PROMPTS (so that it
+    accepts often: the tests compare measurements, not the speculator), sharing the base
+    model's embeddings (tie_base_embeddings, written out by the export) and scoring a
+    draft vocabulary of 40 tokens. Returns (mlpspec's run folder, the vllm folder)."""
+    folder, _ = base
+    tmp_path = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("MLPSPEC_CACHE", str(tmp_path / "cache"))
+        words = tiny_tokenizer().convert_ids_to_tokens
+        (tmp_path / "asks.jsonl").write_text("".join(json.dumps({"prompt": " ".join(words(p))}) + "\n" for p in PROMPTS))
+        # every word equally often: the draft vocabulary is decided by the answers
+        (tmp_path / "text.txt").write_text("\n".join(" ".join(f"w{(i + j) % 60}" for j in range(60)) for i in range(8)))
+        assert main(["train", "--no-progress", "--base", str(folder), "--data", str(tmp_path / "text.txt"),
+                     "--out", str(tmp_path / "run"), "--tie-base-embeddings", "--draft-vocab-size", "40",
+                     "--n-predict", "3", "--seq-len", "24", "--batch-size", "8", "--stage1-steps", "0",
+                     "--stage2-steps", "300", "--save-every", "300", "--stage2-prompts", str(tmp_path / "asks.jsonl"),
+                     "--stage2-greedy", "--stage2-rows", "4", "--generate-batch-size", "4", "--stage2-new-tokens", "44",
+                     "--lr", "3e-3", "--warmup-steps", "10", "--eval-rows", "4", "--eval-new-tokens", "12"]) == 0
+        assert main(["export", "--speculator", str(tmp_path / "run"), "--format", "vllm", "--base", str(folder),
+                     "--out", str(tmp_path / "spec")]) == 0
+    return tmp_path / "run", tmp_path / "spec"
+
+
+def test_trained_speculator_acceptance_matches_mlpspecs_own(base, plain, trained, tmp_path):
+    """vLLM's spec-decode metrics report the acceptance mlpspec's own chain decoding
+    reaches with the same speculator on the same prompts."""
     folder, model = base
-    monkeypatch.setenv("MLPSPEC_CACHE", str(tmp_path / "cache"))
-    words = tiny_tokenizer().convert_ids_to_tokens
-    (tmp_path / "asks.jsonl").write_text("".join(json.dumps({"prompt": " ".join(words(p))}) + "\n" for p in PROMPTS))
-    # every word equally often: the draft vocabulary is decided by the answers
-    (tmp_path / "text.txt").write_text("\n".join(" ".join(f"w{(i + j) % 60}" for j in range(60)) for i in range(8)))
-    assert main(["train", "--no-progress", "--base", str(folder), "--data", str(tmp_path / "text.txt"),
-                 "--out", str(tmp_path / "run"), "--tie-base-embeddings", "--draft-vocab-size", "40", "--n-predict", "3",
-                 "--seq-len", "24",
-                 "--batch-size", "8", "--stage1-steps", "0", "--stage2-steps", "300", "--save-every", "300",
-                 "--stage2-prompts", str(tmp_path / "asks.jsonl"), "--stage2-greedy", "--stage2-rows", "4",
-                 "--generate-batch-size", "4", "--stage2-new-tokens", "44", "--lr", "3e-3", "--warmup-steps", "10",
-                 "--eval-rows", "4", "--eval-new-tokens", "12"]) == 0
-    assert main(["export", "--speculator", str(tmp_path / "run"), "--format", "vllm", "--base", str(folder),
-                 "--out", str(tmp_path / "spec")]) == 0
-    result = run_vllm(tmp_path, folder, tmp_path / "spec", PROMPTS, [40] * len(PROMPTS), k=3)
+    run, spec = trained
+    result = run_vllm(tmp_path, folder, spec, PROMPTS, [40] * len(PROMPTS), k=3)
     assert result["tokens"] == plain["tokens"]
     metrics = result["metrics"]
     vllm_rate = metrics["vllm:spec_decode_num_accepted_tokens"] / metrics["vllm:spec_decode_num_draft_tokens"]
 
-    speculator = load_speculator(tmp_path / "run", base=model)
+    speculator = load_speculator(run, base=model)
     accepted = drafted = 0
     for prompt in PROMPTS:
         out = speculative_generate(model, speculator, torch.tensor([prompt]), max_new_tokens=40,
@@ -224,6 +239,42 @@ def test_trained_speculator_acceptance_matches_mlpspecs_own(base, plain, tmp_pat
     print(f"acceptance: vLLM {vllm_rate:.3f}, mlpspec {ours_rate:.3f} ({accepted}/{drafted}), metrics {metrics}")
     assert ours_rate > 0.25  # a trained speculator: the comparison means something
     assert abs(vllm_rate - ours_rate) <= 0.05
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "vLLM 0.32.0's CPU build: a sampled token that follows a draft leans to the draft (total variation 0.24 "
+    "against 0.02 for vLLM without the speculator); the drafts are the chain and vLLM's CPU rejection kernels "
+    "are right on their own (docs/vllm-plugin.md, Open)"))
+def test_sampled_tokens_keep_the_base_models_distribution(base, trained, tmp_path):
+    """Sampling (temperature 0.1) through vLLM's rejection sampler with the drafter's
+    deterministic drafts: over 4000 seeded requests of 3 tokens, the second and third
+    tokens, which pass through verification, are distributed as the base model's exact
+    marginals say (Hugging Face, float32): their total variation from them stays within
+    1.5 times what 4000 exact draws give on average (50 simulated runs of 4000 stayed
+    within 1.2 times); and drafts were accepted."""
+    folder, model = base
+    _, spec = trained
+    prompt, n, t = PROMPTS[2], 4000, 0.1  # the prompt whose chain accepts most when sampled
+    result = run_vllm(tmp_path, folder, spec, [prompt] * n, [3] * n, k=3, temperature=t, record=False)
+    metrics = result["metrics"]
+    print(f"sampled: {metrics}")
+    assert metrics["vllm:spec_decode_num_accepted_tokens"] > 100  # the accepting path ran, often
+    with torch.no_grad():  # the exact distributions of tokens 1, 2 and 3
+        V = model.config.vocab_size
+        p1 = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / t, -1)  # V
+        firsts = torch.tensor([prompt + [a] for a in range(V)])  # V P+1
+        p2 = p1[:, None] * torch.softmax(model(firsts).logits[:, -1] / t, -1)  # V V   joint of tokens 1, 2
+        p3 = torch.zeros(V)
+        for a in range(V):
+            pairs = torch.cat([firsts[a].expand(V, -1), torch.arange(V)[:, None]], 1)  # V P+2
+            p3 += (p2[a, :, None] * torch.softmax(model(pairs).logits[:, -1] / t, -1)).sum(0)
+    tokens = torch.tensor(result["tokens"])  # n 3
+    for i, exact in ((1, p2.sum(0)), (2, p3)):
+        seen = torch.bincount(tokens[:, i], minlength=V) / n
+        tv = 0.5 * float((seen - exact).abs().sum())
+        noise = 0.5 * float((exact * (1 - exact) / n).sqrt().sum()) * (2 / math.pi) ** 0.5  # E[TV] of n draws
+        print(f"token {i + 1}: total variation {tv:.4f}, sampling alone {noise:.4f}")
+        assert tv < 1.5 * noise
 
 
 def test_mlpspec_serve_with_vllm(base, plain, tmp_path):
@@ -245,7 +296,7 @@ def test_mlpspec_serve_with_vllm(base, plain, tmp_path):
         url = f"http://127.0.0.1:{port}/v1"
         deadline = time.time() + 600
         while time.time() < deadline:
-            assert server.poll() is None, server.stdout.read()[-3000:]
+            assert server.poll() is None, server.stdout.read()[-8000:]
             try:
                 if httpx.get(f"{url}/models", timeout=2).status_code == 200:
                     break

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from conftest import tiny_llama, tiny_tokenizer
 from mlpspec import MLPSpecError, MLPSpeculator, MLPSpeculatorConfig
 from mlpspec import vllm_serve
 from mlpspec.cli import main
@@ -15,11 +14,8 @@ from mlpspec.vllm_serve import VLLMServeConfig, export_once, installed_vllm, vll
 
 
 @pytest.fixture
-def base(tmp_path):
-    folder = tmp_path / "base"
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+def base(tiny_llama_folder):
+    return tiny_llama_folder
 
 
 def fake_versions(monkeypatch, versions: dict):
@@ -100,3 +96,12 @@ def test_serve_cli_with_vllm(base, tmp_path, monkeypatch, capsys):
     assert "for mlpspec's own engine" in capsys.readouterr().err
     assert main(["serve", "--tensor-parallel-size", "2"]) == 2
     assert "are for --engine vllm" in capsys.readouterr().err
+
+    # feature layers: vLLM passes a drafter the final states only
+    MLPSpeculator(MLPSpeculatorConfig(vocab_size=64, emb_dim=32, n_predict=3, feature_layers=[1])).save_pretrained(
+        tmp_path / "layers")
+    assert main([*args[:-1], str(tmp_path / "layers")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "also reads the base model's layers [1]" in err and len(err.splitlines()) == 1
+    assert len(started) == 1  # vLLM was not started
+    assert len(list((tmp_path / "cache" / "vllm-exports").iterdir())) == 1  # the first export only, nothing new
