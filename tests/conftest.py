@@ -99,12 +99,15 @@ class OracleSpeculator(torch.nn.Module):
         choices = list(itertools.product(*[range(t) for t in top_k]))  # N paths of h child ranks
         paths = torch.empty(b, len(choices), h, dtype=torch.long)
         for r in range(b):
-            distance, p = (self.hidden[r] - state[r, 0]).norm(dim=-1).min(dim=0)  # the state that made last_token
-            self.distances.append(float(distance))
-            p = int(p)
-            truth = self.sequences[r, p + 2 : p + 2 + h].tolist()
+            # the reference row and position whose state made last_token (any row: an
+            # engine's rows move as requests come and go)
+            distances = (self.hidden - state[r, 0]).norm(dim=-1)  # B T
+            at = int(distances.argmin())
+            source, p = divmod(at, distances.size(1))
+            self.distances.append(float(distances.flatten()[at]))
+            truth = self.sequences[source, p + 2 : p + 2 + h].tolist()
             for n, path in enumerate(choices):
-                on_truth = bool(self.right[r])
+                on_truth = bool(self.right[source])
                 for j, child in enumerate(path):
                     carrier = 1 if self.wrong(p, j) else 0
                     on_truth = on_truth and j < len(truth) and child == carrier

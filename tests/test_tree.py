@@ -115,7 +115,7 @@ def one_hot_logits(tree, choices, V=20):
     return logits
 
 
-def argmax(logits):
+def argmax(logits, depth):
     return logits.argmax(-1)
 
 

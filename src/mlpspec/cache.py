@@ -162,3 +162,66 @@ class StaticTreeCache(TreeCache):
         for layer in self.layers:
             layer.write_at = None
             layer.length += nodes
+
+
+class RowSlotLayer(SlotLayer):
+    """A SlotLayer whose storage holds a fixed number of rows, of which the first `rows`
+    are in use: `keys` and `values` are views of them, so a request joins or leaves by
+    writing its own row, without copying the others."""
+
+    def allocate(self, max_rows: int, heads: int, k_dim: int, v_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.key_store = torch.zeros(max_rows, heads, self.capacity, k_dim, dtype=dtype, device=device)
+        self.value_store = torch.zeros(max_rows, heads, self.capacity, v_dim, dtype=dtype, device=device)
+        self.is_initialized = True
+        self.set_rows(0)
+
+    def set_rows(self, rows: int) -> None:
+        self.keys, self.values = self.key_store[:rows], self.value_store[:rows]
+
+
+class RowCache(TreeCache):
+    """The engine's TreeCache: `max_rows` rows of `capacity` slots, allocated once (the
+    first request's prefill gives the shapes); rows [0, rows) are the live batch.
+
+    All rows share the slot counter `length`, as in TreeCache: a request that joins puts
+    its prompt's keys just before it (or from slot 0 on, moving `length` up, when its
+    prompt is the longer), and its row's `valid` mask (DecodeState) hides what it does
+    not own. Compaction (decode.compact) squeezes the holes out when room runs short."""
+
+    layer_class = RowSlotLayer
+
+    def __init__(self, num_layers: int, capacity: int, max_rows: int):
+        super().__init__(num_layers, capacity)
+        self.max_rows, self.rows = max_rows, 0
+
+    @property
+    def allocated(self) -> bool:
+        return self.layers[0].is_initialized
+
+    def allocate_like(self, prefilled: TreeCache) -> None:
+        """Storage shaped as `prefilled`'s layers (heads, head sizes, dtype, device)."""
+        for layer, like in zip(self.layers, prefilled.layers):
+            _, heads, _, k_dim = like.keys.shape
+            layer.allocate(self.max_rows, heads, k_dim, like.values.size(-1), like.keys.dtype, like.keys.device)
+
+    def set_rows(self, rows: int) -> None:
+        self.rows = rows
+        for layer in self.layers:
+            layer.set_rows(rows)
+
+    def set_length(self, length: int) -> None:
+        for layer in self.layers:
+            layer.length = length
+
+    def write_row(self, row: int, start: int, prefilled: TreeCache, count: int) -> None:
+        """Copy the first `count` slots of `prefilled`'s only row to slots start.. of `row`."""
+        for layer, like in zip(self.layers, prefilled.layers):
+            layer.key_store[row, :, start : start + count] = like.keys[0, :, :count]
+            layer.value_store[row, :, start : start + count] = like.values[0, :, :count]
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy row `source`'s used slots over row `target`'s."""
+        for layer in self.layers:
+            layer.key_store[target, :, : layer.length] = layer.key_store[source, :, : layer.length]
+            layer.value_store[target, :, : layer.length] = layer.value_store[source, :, : layer.length]

@@ -177,12 +177,12 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int | None, to
 def make_chooser(
     temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """How the base model picks its next token from logits [b, V]: argmax at temperature
-    0, else one draw from p_target."""
+    """How the base model picks its next token from logits [b, V] (tree.walk's choose; the
+    depth does not matter to it): argmax at temperature 0, else one draw from p_target."""
     if temperature == 0:  # float32 first: the same argmax, and CPUs find it 3x faster than in bfloat16
-        return lambda logits: logits.float().argmax(dim=-1)
+        return lambda logits, depth=0: logits.float().argmax(dim=-1)
 
-    def sample(logits: torch.Tensor) -> torch.Tensor:
+    def sample(logits: torch.Tensor, depth: int = 0) -> torch.Tensor:
         p_target = target_probs(logits, temperature, top_k, top_p)  # b V
         return torch.multinomial(p_target, 1, generator=generator).squeeze(-1)
 
@@ -211,7 +211,7 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
     )
     valid = torch.zeros(b, capacity, dtype=torch.bool, device=input_ids.device)
     valid[:, :P] = prompt_valid
-    first = choose(out.logits[:, -1])  # b   left padding puts every row's last token here
+    first = choose(out.logits[:, -1], 0)  # b   left padding puts every row's last token here
     return DecodeState(
         cache=cache,
         prompt=input_ids.masked_fill(~prompt_valid, NO_TOKEN),
@@ -584,7 +584,8 @@ def compact(state: DecodeState) -> None:
     state.valid[:, :keep] = torch.arange(keep, device=valid.device) < count.unsqueeze(1)
 
 
-def commit(state: DecodeState, tree: Tree, hidden, path, n_accepted, bonus, eos: torch.Tensor, max_new: int) -> torch.Tensor:
+def commit(state: DecodeState, tree: Tree, hidden, path, n_accepted, bonus, eos: torch.Tensor,
+           max_new: int | torch.Tensor) -> torch.Tensor:
     """Keep the accepted path in the cache and emit its tokens plus the bonus token.
 
     path [b, A+1] are node ids (root first) of the tree just verified, n_accepted [b] the
@@ -613,12 +614,15 @@ def commit(state: DecodeState, tree: Tree, hidden, path, n_accepted, bonus, eos:
     return new
 
 
-def _emit(state: DecodeState, new: torch.Tensor, count: torch.Tensor, eos: torch.Tensor, max_new: int) -> torch.Tensor:
-    """Append up to `count` [b] of `new` [b, w] to each unfinished row, stopping after an
-    EOS token or at max_new tokens. Returns `new` with -1 where nothing was emitted."""
+def _emit(state: DecodeState, new: torch.Tensor, count: torch.Tensor, eos: torch.Tensor,
+          max_new: int | torch.Tensor) -> torch.Tensor:
+    """Append up to `count` [b] of `new` [b, w] to each unfinished row, stopping after a
+    stop token (eos: [E] for every row, or [b, E] each row its own, -1 padding) or at
+    max_new tokens (one for all, or [b]). Returns `new` with -1 where nothing was emitted."""
     steps = torch.arange(new.size(1), device=new.device)
     count = torch.minimum(count, max_new - state.n_emitted)
-    is_eos = torch.isin(new, eos) & (steps < count.unsqueeze(1))  # b w
+    stops = torch.isin(new, eos) if eos.dim() == 1 else (new.unsqueeze(-1) == eos.unsqueeze(1)).any(dim=-1)  # b w
+    is_eos = stops & (steps < count.unsqueeze(1))  # b w
     hit_eos = is_eos.any(dim=1) & ~state.finished
     count = torch.where(hit_eos, is_eos.long().argmax(dim=1) + 1, count)  # up to and with the EOS
     count = torch.where(state.finished, 0, count)

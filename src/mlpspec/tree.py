@@ -195,7 +195,8 @@ def walk(tree: Tree, logits_at, choose) -> tuple[torch.Tensor, torch.Tensor, tor
     logits_at(nodes [b]) gives the base model's logits [b, V] at one node of each row
     (decode.NodeLogits computes them only there; `at_nodes` reads a full [b, q, V]). From
     the root, `choose` picks the base model's next token from the logits of the current
-    node (argmax for greedy, a draw from the target distribution for sampling). If a child
+    node (argmax for greedy, a draw from the target distribution for sampling), as
+    choose(logits [b, V], depth): depth 0 picks the token after the root. If a child
     of the current node carries that token, move there and repeat; otherwise that token is
     the bonus and the walk ends. Returns (path [b, A + 1] node ids, root first, where A is
     the longest acceptance in the batch and shorter paths repeat their last node;
@@ -208,8 +209,8 @@ def walk(tree: Tree, logits_at, choose) -> tuple[torch.Tensor, torch.Tensor, tor
     n_accepted = torch.zeros(b, dtype=torch.long, device=device)
     bonus = torch.zeros(b, dtype=tree.tokens.dtype, device=device)
     path = [current]
-    for _ in range(int(tree.depth.max()) + 1):
-        token = choose(logits_at(current))  # b
+    for depth in range(int(tree.depth.max()) + 1):
+        token = choose(logits_at(current), depth)  # b
         is_child = (tree.parent == current.unsqueeze(1)) & (tree.tokens == token.unsqueeze(1))  # b q
         found = is_child.any(dim=1) & ~done
         bonus = torch.where(~done & ~found, token, bonus)

@@ -1,0 +1,257 @@
+"""The engine loop: continuous batching with speculation at every step.
+
+    engine = Engine(model, speculator)
+    engine.add_request(prompt_ids, SamplingParams(max_tokens=64))  # any time
+    while engine.has_unfinished():
+        for out in engine.step():                # new tokens per request, and who finished
+            ...
+
+Each step: waiting requests join the batch while it has room (scheduler.py), each
+prefilled alone and written into a free row of the engine's KV cache (cache.RowCache);
+then one speculative step runs over the live batch, as decode.py's loop runs one (propose,
+verify, walk, commit), with every row's own sampling settings (sampler.RowChooser), stop
+tokens and token budget; then the requests that finished leave, and their rows go to the
+next ones. A request that arrives while others decode joins at the next step instead of
+waiting for a batch to end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adaptive import TreeShape
+from .base import check_pair
+from .cache import RowCache
+from .decode import DecodeState, DecodeStats, eos_tokens, look_up, prefill, propose, verify, commit
+from .errors import MLPSpecError
+from .model import MLPSpeculator, check_proposal_shape
+from .sampler import RowChooser
+from .scheduler import Scheduler
+from .sequence import Request, RequestOutput, SamplingParams, Status
+from .tree import NO_TOKEN, walk
+
+DEFAULT_MAX_LEN = 2048  # KV slots per row unless the model's context is shorter: 1.5 GB at 16 rows for SmolLM2
+
+
+class Engine:
+    """Continuous batching over one base model and speculator (None: plain decoding)."""
+
+    def __init__(self, model, speculator: MLPSpeculator | None = None, *, max_batch: int = 16,
+                 max_waiting: int = 256, max_len: int | None = None, top_k_tokens_per_head: list[int] | None = None,
+                 n_candidates: int | None = None, lookup: int = 0, generator: torch.Generator | None = None):
+        self.model, self.speculator = model, speculator
+        self.device = model.device
+        self.shape, h = TreeShape((), 0, lookup), 0
+        if speculator is not None:
+            check_pair(model, speculator)
+            cfg = speculator.config
+            top_k = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
+            n_candidates = cfg.n_candidates if n_candidates is None else n_candidates
+            check_proposal_shape(top_k, n_candidates, cfg.n_predict, cfg.head_size)
+            self.shape, h = TreeShape(tuple(top_k), n_candidates, lookup), len(top_k)
+        self.n_predict = h
+        self.feature_layers = tuple(speculator.config.feature_layers) if speculator is not None else ()
+        text = model.config.get_text_config()
+        context = getattr(text, "max_position_embeddings", None) or DEFAULT_MAX_LEN
+        self.max_len = min(context, max_len or DEFAULT_MAX_LEN)
+        self.reach = max(self.shape.depth, lookup)  # the most candidate tokens a step accepts
+        widest = self.shape.max_nodes if speculator is not None or lookup else 1
+        self.cache = RowCache(text.num_hidden_layers, self.max_len + widest + 1, max_batch)
+        self.scheduler = Scheduler(max_batch, max_waiting)
+        self.generator = generator
+        self.eos = eos_tokens(model, None, self.device).tolist()
+        self.rows: list[Request] = []  # the live batch, row by row
+        self.state: DecodeState | None = None
+        self.requests: dict[str, Request] = {}
+        self.stats = DecodeStats(n_predict=h)
+
+    # ---- requests in and out
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; it joins the batch at a coming step. Returns its id."""
+        params = params or SamplingParams()
+        vocab = self.model.get_output_embeddings().weight.size(0)
+        if not prompt_ids:
+            raise MLPSpecError("the prompt is empty: give at least one token")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
+            raise MLPSpecError("the prompt holds a token id outside the model's vocabulary")
+        if len(prompt_ids) + params.max_tokens > self.max_len:
+            raise MLPSpecError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                               f"this engine's {self.max_len} tokens a request")
+        request = Request(list(prompt_ids), params, **({"id": request_id} if request_id else {}))
+        if request.id in self.requests:
+            raise MLPSpecError(f"request id {request.id!r} is in use")
+        seeded = torch.Generator().manual_seed(params.seed) if params.seed is not None else self.generator
+        request.uniforms = torch.rand(self._token_room(params), generator=seeded, dtype=torch.float64)
+        self.scheduler.add(request)
+        self.requests[request.id] = request
+        return request.id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request, waiting or running; its row is free at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        if self.scheduler.drop(request_id) is None and request in self.rows:
+            self._leave([self.rows.index(request)])
+        request.status, request.finish_reason = Status.FINISHED, "abort"
+
+    def has_unfinished(self) -> bool:
+        return bool(self.rows) or bool(self.scheduler.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- one step
+
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """Admit who fits, run one speculative step over the live batch, let the finished
+        leave. Returns, per request that got tokens or finished, what it got."""
+        outputs = [self._join(request) for request in self.scheduler.admit(len(self.rows))]
+        if self.rows and not bool(self.state.finished.all()):
+            outputs += self._decode()
+        done = [row for row, request in enumerate(self.rows) if request.status == Status.FINISHED]
+        if done:
+            self._leave(done)
+        return outputs
+
+    def _decode(self) -> list[RequestOutput]:
+        state, b = self.state, len(self.rows)
+        left = self.max_new - state.n_emitted  # b
+        depth = int(left[~state.finished].max()) - 1  # the deepest tree any row can still use
+        branch = matched = None
+        if self.shape.lookup:
+            branch, matched = look_up(state, self.shape.lookup)
+        tree, _ = propose(state, self.speculator, self.shape, depth, branch, None, matched)
+        logits, hidden = verify(self.model, state, tree)
+        choose = RowChooser([self._setting(r) for r in self.rows], self.uniforms, state.n_emitted.clone())
+        path, n_accepted, bonus = walk(tree, logits, choose)
+        active = ~state.finished
+        emitted = commit(state, tree, hidden, path, n_accepted, bonus, self.stops, self.max_new)
+        self.stats.steps += 1
+        self.stats.row_steps += int(active.sum())
+        if self.shape != TreeShape((), 0, 0):
+            self.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
+        outputs = []
+        for row, (request, new) in enumerate(zip(self.rows, emitted.tolist())):
+            if not bool(active[row]):
+                continue
+            request.steps += 1
+            outputs.append(self._record(request, [t for t in new if t >= 0], bool(state.finished[row])))
+        return outputs
+
+    # ---- rows
+
+    def _token_room(self, params: SamplingParams) -> int:
+        # a step may write up to reach + 1 tokens past a row's budget before _emit cuts them
+        return params.max_tokens + self.reach + 1
+
+    @staticmethod
+    def _setting(request: Request) -> tuple:
+        p = request.params
+        return (float(p.temperature), p.top_k, p.top_p)
+
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        return list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos)
+
+    def _record(self, request: Request, new: list[int], finished: bool) -> RequestOutput:
+        request.output_ids += new
+        if finished:
+            request.status = Status.FINISHED
+            stopped = bool(request.output_ids) and request.output_ids[-1] in self._stop_ids(request.params)
+            request.finish_reason = "stop" if stopped else "length"
+            self.requests.pop(request.id, None)
+        return RequestOutput(request.id, new, finished, request.finish_reason)
+
+    def _join(self, request: Request) -> RequestOutput:
+        """Prefill `request` alone, write its keys into the next free row (its prompt ending
+        at the shared slot counter), emit its first token."""
+        P, T = len(request.prompt_ids), self.max_len + self.reach + 1
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        first_choice = RowChooser([self._setting(request)], request.uniforms.unsqueeze(0).to(self.device),
+                                  torch.zeros(1, dtype=torch.long, device=self.device))
+        alone = prefill(self.model, ids, torch.ones_like(ids, dtype=torch.bool), P, first_choice, T,
+                        self.n_predict, self.feature_layers)
+        cache, row = self.cache, len(self.rows)
+        if not cache.allocated:
+            cache.allocate_like(alone.cache)
+        if P > cache.length:
+            cache.set_length(P)
+        start = cache.length - P
+        cache.write_row(row, start, alone.cache, P)
+        cache.set_rows(row + 1)
+
+        valid = torch.zeros(1, cache.capacity, dtype=torch.bool, device=self.device)
+        valid[0, start : start + P] = True
+        stops = self._stop_ids(request.params)
+        joined = {
+            "prompt": alone.prompt, "valid": valid, "position": alone.position, "pending": alone.pending,
+            "hidden": alone.hidden, "tokens": alone.tokens, "n_emitted": alone.n_emitted, "finished": alone.finished,
+            "accepted": alone.accepted, "expected": alone.expected,
+        }
+        if self.state is None:
+            self.state = DecodeState(cache=cache, stats=self.stats, feature_layers=self.feature_layers, **joined)
+            self.max_new = torch.tensor([request.params.max_tokens], device=self.device)
+            self.stops = torch.tensor([stops or [-1]], device=self.device)
+            self.uniforms = request.uniforms.unsqueeze(0).to(self.device)
+        else:
+            s = self.state
+            width = max(s.prompt.size(1), P)  # prompts are left-padded with NO_TOKEN (look_up reads them)
+            s.prompt = torch.cat([_left_pad(s.prompt, width), _left_pad(alone.prompt, width)])
+            for name in ("valid", "position", "pending", "hidden", "tokens", "n_emitted", "finished", "accepted",
+                         "expected"):
+                setattr(s, name, torch.cat([getattr(s, name), joined[name]]))
+            self.max_new = torch.cat([self.max_new, torch.tensor([request.params.max_tokens], device=self.device)])
+            E = max(self.stops.size(1), len(stops) or 1)
+            self.stops = torch.cat([_right_pad(self.stops, E), _right_pad(torch.tensor([stops or [-1]],
+                                                                                       device=self.device), E)])
+            room = max(self.uniforms.size(1), request.uniforms.numel())
+            self.uniforms = torch.cat([_right_pad(self.uniforms, room, 0.0),
+                                       _right_pad(request.uniforms.unsqueeze(0).to(self.device), room, 0.0)])
+        self.rows.append(request)
+
+        first = int(alone.pending[0])
+        s = self.state
+        s.tokens[row, 0] = first
+        s.n_emitted[row] = 1
+        finished = first in stops or request.params.max_tokens == 1
+        s.finished[row] = finished
+        return self._record(request, [first], finished)
+
+    def _leave(self, rows: list[int]) -> None:
+        """Free these rows: the batch's last row moves into each freed one."""
+        s, cache = self.state, self.cache
+        for row in sorted(rows, reverse=True):
+            last = len(self.rows) - 1
+            if row != last:
+                cache.move_row(last, row)
+                for name in ("prompt", "valid", "position", "pending", "hidden", "tokens", "n_emitted", "finished",
+                             "accepted", "expected"):
+                    getattr(s, name)[row] = getattr(s, name)[last]
+                for tensor in (self.max_new, self.stops, self.uniforms):
+                    tensor[row] = tensor[last]
+                self.rows[row] = self.rows[last]
+            self.rows.pop()
+            for name in ("prompt", "valid", "position", "pending", "hidden", "tokens", "n_emitted", "finished",
+                         "accepted", "expected"):
+                setattr(s, name, getattr(s, name)[:last])
+            self.max_new, self.stops, self.uniforms = self.max_new[:last], self.stops[:last], self.uniforms[:last]
+            cache.set_rows(last)
+        if not self.rows:  # every lane is free: start again from slot 0
+            cache.set_length(0)
+            self.state = None
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (width - t.size(1), 0), value=NO_TOKEN)
+
+
+def _right_pad(t: torch.Tensor, width: int, value=-1) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.size(1)), value=value)

@@ -1,0 +1,80 @@
+"""A request's life in the engine: what it asked for (SamplingParams), where it stands
+(Request), and what one engine step tells its caller about it (RequestOutput)."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import MLPSpecError
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. temperature 0 is greedy; top_k / top_p warp the
+    distribution as transformers does; a seed makes a sampled output reproducible, alone or
+    batched; a request stops after any of stop_token_ids (the model's EOS tokens are added
+    by the engine unless ignore_eos)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise MLPSpecError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not 0 <= self.temperature <= 2:
+            raise MLPSpecError(f"temperature must be a number in [0, 2], got {self.temperature!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise MLPSpecError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise MLPSpecError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise MLPSpecError(f"seed must be an integer, got {self.seed!r}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise MLPSpecError(f"stop_token_ids must be token ids, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """One request: its prompt, settings and the tokens it has so far. `uniforms` holds
+    the draws its sampled tokens use, one per output position, made once from its seed:
+    the token at position t is drawn with uniforms[t] whatever tree a step checked and
+    whichever rows shared the step, so a seed gives the same output alone or batched."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    uniforms: torch.Tensor | None = None  # T   float64 in [0, 1)
+    steps: int = 0  # verification passes this request rode in
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step did for one request: the tokens it added, and whether it is done."""
+
+    id: str
+    new_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
