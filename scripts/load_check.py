@@ -104,7 +104,7 @@ def run(speculate: bool) -> dict:
         "p50_latency_s": round(statistics.median(latencies), 2),
         "p95_latency_s": round(latencies[int(0.95 * (len(latencies) - 1))], 2),
         "mean_tokens_per_step": round(statistics.mean(steps), 3) if steps else None,
-        "batches": app.state.engine.batches,
+        "steps": app.state.engine.steps,
     }
 
 

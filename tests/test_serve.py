@@ -77,7 +77,6 @@ def test_completions_chat_and_streaming_through_the_openai_client(server):
 def test_concurrent_mixed_requests_match_single_request_greedy_output(server):
     url, model, tokenizer, speculator, app = server
     api = client(url)
-    batches_before = app.state.engine.batches
 
     def one(i):
         greedy = i % 3 != 0
@@ -92,7 +91,7 @@ def test_concurrent_mixed_requests_match_single_request_greedy_output(server):
         if greedy:
             assert response.choices[0].text == greedy_alone(model, tokenizer, speculator,
                                                              tokenizer(prompt(i)).input_ids, 6 + i % 9), i
-    assert app.state.engine.batches - batches_before < 24  # requests were batched together
+    assert max(response.usage.model_dump()["batch_size"] for _, _, response in results) > 1  # they shared steps
 
 
 @pytest.mark.parametrize("body, status, message", [

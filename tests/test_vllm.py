@@ -26,7 +26,6 @@ from mlpspec import MLPSpeculator, MLPSpeculatorConfig
 from mlpspec.checkpoint import load_speculator
 from mlpspec.cli import main
 from mlpspec.decode import speculative_generate
-from mlpspec.export import export_speculator
 from reference_impl import ReferenceSpeculator
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/test_vllm.sh sets up .venv-vllm)")

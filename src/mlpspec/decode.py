@@ -635,6 +635,34 @@ def _emit(state: DecodeState, new: torch.Tensor, count: torch.Tensor, eos: torch
     return torch.where(emit, new, -1)
 
 
+def decoding_shapes(model, speculator: MLPSpeculator | None, top_k_tokens_per_head: list[int] | None,
+                    n_candidates: int | None, lookup: int, adaptive: AdaptivePolicy | bool
+                    ) -> tuple[TreeShape, AdaptivePolicy | None, int]:
+    """The tree shape every step uses (the speculator's, or top_k_tokens_per_head /
+    n_candidates, with a lookup branch of `lookup` tokens), the adaptive policy that picks
+    one each step instead (adaptive=True makes one over that shape's menu), and the
+    speculator stages a step runs at most."""
+    if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
+        raise MLPSpecError(f"lookup must be an integer >= 0 (0: no prompt-lookup branch), got {lookup!r}")
+    h, cfg, shape, policy = 0, None, TreeShape((), 0, lookup), None
+    if speculator is not None:
+        check_pair(model, speculator)
+        cfg = speculator.config
+        top_k = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
+        n_candidates = cfg.n_candidates if n_candidates is None else n_candidates
+        check_proposal_shape(top_k, n_candidates, cfg.n_predict, cfg.head_size)
+        h = len(top_k)
+        shape = TreeShape(tuple(top_k), n_candidates, lookup)
+    if adaptive is True:
+        policy = AdaptivePolicy(shape_menu(cfg, list(shape.top_k) or None, lookup)) if shape != PLAIN else None
+    elif adaptive:
+        policy = adaptive
+    menu = policy.menu if policy is not None else [shape]
+    if speculator is None and any(s.depth for s in menu):
+        raise MLPSpecError("the adaptive policy's shapes need a speculator")
+    return shape, policy, h
+
+
 @torch.no_grad()
 def speculative_generate(
     model,
@@ -705,24 +733,8 @@ def speculative_generate(
     b, P = input_ids.shape
     if streamer is not None and b != 1:
         raise MLPSpecError("streaming works for a single prompt only")
-    if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
-        raise MLPSpecError(f"lookup must be an integer >= 0 (0: no prompt-lookup branch), got {lookup!r}")
-    h, cfg, shape, policy = 0, None, TreeShape((), 0, lookup), None
-    if speculator is not None:
-        check_pair(model, speculator)
-        cfg = speculator.config
-        top_k_tokens_per_head = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
-        n_candidates = cfg.n_candidates if n_candidates is None else n_candidates
-        check_proposal_shape(top_k_tokens_per_head, n_candidates, cfg.n_predict, cfg.head_size)
-        h = len(top_k_tokens_per_head)  # the stages this call runs at most
-        shape = TreeShape(tuple(top_k_tokens_per_head), n_candidates, lookup)
-    if adaptive is True:
-        policy = AdaptivePolicy(shape_menu(cfg, top_k_tokens_per_head, lookup)) if shape != PLAIN else None
-    elif adaptive:
-        policy = adaptive
+    shape, policy, h = decoding_shapes(model, speculator, top_k_tokens_per_head, n_candidates, lookup, adaptive)
     menu = policy.menu if policy is not None else [shape]
-    if speculator is None and any(s.depth for s in menu):
-        raise MLPSpecError("the adaptive policy's shapes need a speculator")
     reach = max(max(s.depth, s.lookup) for s in menu)  # the most candidate tokens one step can accept
     lookup = max(s.lookup for s in menu)  # the branch every step looks up, for whichever shape wants it
 
@@ -735,7 +747,7 @@ def speculative_generate(
     choose = make_chooser(temperature, top_k, top_p, generator)
     largest = max(s.max_nodes for s in menu)
     state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + cache_class(model).pass_width(largest, b), choose,
-                    max_new_tokens + reach + 1, h, cfg.feature_layers if cfg is not None else ())
+                    max_new_tokens + reach + 1, h, speculator.config.feature_layers if speculator is not None else ())
     build_graphs(model, state, largest)
     first = _emit(state, state.pending.unsqueeze(1), torch.ones_like(state.n_emitted), eos, max_new_tokens)
     if policy is not None and not policy.calibrated(b) and not bool(state.finished.all()):

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from .adaptive import TreeShape
-from .base import check_pair
+from .adaptive import PLAIN, AdaptivePolicy
 from .cache import RowCache
-from .decode import DecodeState, DecodeStats, eos_tokens, look_up, prefill, propose, verify, commit
+from .decode import (DecodeState, DecodeStats, calibrate, commit, decoding_shapes, eos_tokens, look_up, prefill,
+                     propose, verify)
 from .errors import MLPSpecError
-from .model import MLPSpeculator, check_proposal_shape
+from .model import MLPSpeculator
 from .sampler import RowChooser
 from .scheduler import Scheduler
 from .sequence import Request, RequestOutput, SamplingParams, Status
@@ -38,24 +38,25 @@ class Engine:
 
     def __init__(self, model, speculator: MLPSpeculator | None = None, *, max_batch: int = 16,
                  max_waiting: int = 256, max_len: int | None = None, top_k_tokens_per_head: list[int] | None = None,
-                 n_candidates: int | None = None, lookup: int = 0, generator: torch.Generator | None = None):
+                 n_candidates: int | None = None, lookup: int = 0, adaptive: AdaptivePolicy | bool = False,
+                 generator: torch.Generator | None = None):
+        """adaptive=True picks each step's tree shape for the live batch size, from step
+        costs timed once per batch-size bucket and acceptance learned as it goes
+        (adaptive.py); pass an AdaptivePolicy to keep what it learned. Otherwise every
+        step uses the speculator's tree (or top_k_tokens_per_head / n_candidates)."""
         self.model, self.speculator = model, speculator
         self.device = model.device
-        self.shape, h = TreeShape((), 0, lookup), 0
-        if speculator is not None:
-            check_pair(model, speculator)
-            cfg = speculator.config
-            top_k = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
-            n_candidates = cfg.n_candidates if n_candidates is None else n_candidates
-            check_proposal_shape(top_k, n_candidates, cfg.n_predict, cfg.head_size)
-            self.shape, h = TreeShape(tuple(top_k), n_candidates, lookup), len(top_k)
+        self.shape, self.policy, h = decoding_shapes(model, speculator, top_k_tokens_per_head, n_candidates, lookup,
+                                                     adaptive)
+        menu = self.policy.menu if self.policy is not None else [self.shape]
+        self.lookup = max(s.lookup for s in menu)  # the branch every step looks up, for whichever shape wants it
         self.n_predict = h
         self.feature_layers = tuple(speculator.config.feature_layers) if speculator is not None else ()
         text = model.config.get_text_config()
         context = getattr(text, "max_position_embeddings", None) or DEFAULT_MAX_LEN
         self.max_len = min(context, max_len or DEFAULT_MAX_LEN)
-        self.reach = max(self.shape.depth, lookup)  # the most candidate tokens a step accepts
-        widest = self.shape.max_nodes if speculator is not None or lookup else 1
+        self.reach = max(max(s.depth, s.lookup) for s in menu)  # the most candidate tokens a step accepts
+        widest = max(s.max_nodes for s in menu)
         self.cache = RowCache(text.num_hidden_layers, self.max_len + widest + 1, max_batch)
         self.scheduler = Scheduler(max_batch, max_waiting)
         self.generator = generator
@@ -123,21 +124,33 @@ class Engine:
         return outputs
 
     def _decode(self) -> list[RequestOutput]:
-        state, b = self.state, len(self.rows)
-        left = self.max_new - state.n_emitted  # b
-        depth = int(left[~state.finished].max()) - 1  # the deepest tree any row can still use
-        branch = matched = None
-        if self.shape.lookup:
-            branch, matched = look_up(state, self.shape.lookup)
-        tree, _ = propose(state, self.speculator, self.shape, depth, branch, None, matched)
+        state, b, policy = self.state, len(self.rows), self.policy
+        active = ~state.finished  # b
+        depth = int((self.max_new - state.n_emitted)[active].max()) - 1  # the deepest tree any row can use
+        if policy is not None and not policy.calibrated(b):  # once per batch-size bucket, rolled back
+            calibrate(policy, self.model, state, self.speculator)
+        resting = policy is not None and policy.resting(b)  # a plain step, unasked
+        wanted = self.lookup and not resting and (policy is None or bool(policy.lookup_shapes(b)))
+        branch, matched = look_up(state, self.lookup) if wanted else (None, torch.zeros_like(state.n_emitted))
+        if resting:
+            shape = PLAIN
+        elif policy is not None:
+            shape = policy.choose(b, max_depth=depth, matched=matched[active].tolist())
+        else:
+            shape = self.shape
+        tick = policy.clock() if policy is not None else 0.0
+        tree, _ = propose(state, self.speculator, shape, depth, branch, policy, matched)
         logits, hidden = verify(self.model, state, tree)
         choose = RowChooser([self._setting(r) for r in self.rows], self.uniforms, state.n_emitted.clone())
         path, n_accepted, bonus = walk(tree, logits, choose)
-        active = ~state.finished
         emitted = commit(state, tree, hidden, path, n_accepted, bonus, self.stops, self.max_new)
+        if policy is not None:
+            policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick,
+                          matched[active].tolist(), tree.size)
         self.stats.steps += 1
         self.stats.row_steps += int(active.sum())
-        if self.shape != TreeShape((), 0, 0):
+        self.stats.shapes[str(shape)] = self.stats.shapes.get(str(shape), 0) + 1
+        if shape != PLAIN:
             self.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
         outputs = []
         for row, (request, new) in enumerate(zip(self.rows, emitted.tolist())):

@@ -1,15 +1,15 @@
-"""An OpenAI-compatible HTTP server over the batched speculative decoder.
+"""An OpenAI-compatible HTTP server over the engine (engine.py): continuous batching with
+speculation at every step.
 
-Requests queue up. One worker thread owns the model: each round it takes the waiting
-requests that share sampling settings (up to `max_batch`), left-pads them into one batch
-and decodes them together, with adaptive speculation whose step costs are calibrated per
-batch size, so the live batch size sets how much it speculates. Tokens stream back to each
-request as its row emits them; a request that asked for fewer tokens than the longest in
-its batch gets exactly its own. Starlette and uvicorn do the HTTP.
+One worker thread owns the model. Between engine steps it takes new requests in (they join
+the live batch at the next step, as rows free up) and aborts those whose client went away;
+each step's tokens stream back to their requests at once. The adaptive policy picks every
+step's tree for the live batch size, from step costs calibrated at start-up for every
+batch-size bucket. Starlette and uvicorn do the HTTP.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream"),
 GET /v1/models, GET /health. Each response's `usage` carries the request's own
-`tokens_per_step` and `steps`.
+`tokens_per_step` and `steps`, and the largest batch it decoded in.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import torch
-
-from .adaptive import AdaptivePolicy, shape_menu
-from .decode import speculative_generate
+from .engine import Engine
 from .errors import MLPSpecError
-from .text import encode_prompt, is_message_list, left_pad
+from .scheduler import QueueFull
+from .sequence import SamplingParams
+from .text import encode_prompt, is_message_list
 
 log = logging.getLogger("mlpspec.serve")
 
@@ -41,7 +40,7 @@ class BadRequest(Exception):
 
 @dataclass
 class Job:
-    """One request's row in some batch, and the channel its tokens go back through."""
+    """One request, and the channel its tokens go back through."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -50,101 +49,107 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     tokens: list[int] = field(default_factory=list)
-    steps: int = 0  # steps of its batch while this row was still producing
+    steps: int = 0  # engine steps that gave this request tokens
+    batch_size: int = 0  # the largest batch it decoded in
     finished: bool = False
-    cancelled: bool = False  # the client went away: stop sending
-
-    @property
-    def sampling(self) -> tuple:
-        return (self.temperature, self.top_p)
+    cancelled: bool = False  # the client went away: stop sending, free the row
 
     def send(self, kind: str, payload) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
 
-class Engine:
-    """The worker thread and its queue."""
+class Worker:
+    """The thread that drives the engine, and the queue requests reach it through."""
 
-    def __init__(self, model, tokenizer, speculator, max_batch: int = 16, lookup: int = 0):
-        self.model, self.tokenizer, self.speculator = model, tokenizer, speculator
-        self.max_batch = max_batch
+    def __init__(self, model, tokenizer, speculator, max_batch: int = 16, lookup: int = 0, max_waiting: int = 256):
+        self.tokenizer = tokenizer
         speculates = speculator is not None or lookup > 0
-        config = speculator.config if speculator is not None else None
-        self.policy = AdaptivePolicy(shape_menu(config, lookup=lookup)) if speculates else False
-        eos = model.generation_config.eos_token_id
-        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or [0])[0]
-        self.waiting: queue.Queue[Job] = queue.Queue()
-        self.batches = 0
+        self.engine = Engine(model, speculator, max_batch=max_batch, max_waiting=max_waiting, lookup=lookup,
+                             adaptive=speculates)
+        self.eos = list(self.engine.eos)
+        self.inbox: queue.Queue[Job] = queue.Queue()
+        self.jobs: dict[str, Job] = {}
+        self.steps = 0
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mlpspec-engine", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
-        self.waiting.put(job)
-
-    def _next_batch(self) -> list[Job]:
-        first = self.waiting.get()
-        batch, others = [first], []
-        while len(batch) < self.max_batch:
-            try:
-                job = self.waiting.get_nowait()
-            except queue.Empty:
-                break
-            (batch if job.sampling == first.sampling else others).append(job)
-        for job in others:  # a later round takes them, in their order
-            self.waiting.put(job)
-        return [job for job in batch if not job.cancelled]
+        self.inbox.put(job)
 
     def _warm_up(self) -> None:
-        """Calibrate the adaptive policy at every batch-size bucket up to max_batch before
-        the first request, so no request pays for it."""
-        sample = self.tokenizer("def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n").input_ids
+        """Run batches of every batch-size bucket up to max_batch before the first request,
+        so that the adaptive policy's timings (taken when a bucket is first seen) cost no
+        request anything."""
+        engine, sample = self.engine, self.tokenizer("def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n").input_ids
         b = 1
-        while self.policy and b <= AdaptivePolicy.bucket(self.max_batch):
-            ids = torch.tensor([sample] * b)
-            speculative_generate(self.model, self.speculator, ids, torch.ones_like(ids), max_new_tokens=4,
-                                 eos_token_id=[], adaptive=self.policy)
+        while engine.policy is not None and b <= engine.scheduler.max_batch:
+            for _ in range(b):
+                engine.add_request(sample, SamplingParams(max_tokens=4, ignore_eos=True))
+            while engine.has_unfinished():
+                engine.step()
             b *= 2
         self.ready.set()
+
+    def _take(self) -> None:
+        """New requests into the engine: wait for one while nothing runs, then take all."""
+        try:
+            first = self.inbox.get(timeout=0.5) if not self.engine.has_unfinished() else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        for job in [first, *iter_nowait(self.inbox)]:
+            if job.cancelled:
+                continue
+            params = SamplingParams(max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p)
+            try:
+                self.jobs[self.engine.add_request(job.prompt_ids, params)] = job
+            except QueueFull as e:
+                job.send("error", (503, str(e)))
+            except MLPSpecError as e:
+                job.send("error", (400, str(e)))
 
     def _run(self) -> None:
         self._warm_up()
         while True:
-            batch = self._next_batch()
-            if not batch:
+            self._take()
+            for request_id, job in list(self.jobs.items()):
+                if job.cancelled:  # the client left: its row is free for the next step
+                    self.engine.abort(request_id)
+                    del self.jobs[request_id]
+            if not self.engine.has_unfinished():
                 continue
             try:
-                self._decode(batch)
-            except Exception as e:  # the worker must outlive any one batch; the error goes to its requests
-                log.exception("batch of %d failed", len(batch))
-                for job in batch:
-                    job.send("error", f"generation failed: {e}")
-
-    def _decode(self, batch: list[Job]) -> None:
-        ids, mask = left_pad([job.prompt_ids for job in batch], self.pad)
-
-        def on_step(emitted: torch.Tensor) -> None:
-            for job, row in zip(batch, emitted.tolist()):
-                if job.finished:
+                outputs = self.engine.step()
+            except Exception as e:  # the worker must outlive any one step; the error goes to its requests
+                log.exception("a step of %d requests failed", len(self.jobs))
+                for request_id, job in self.jobs.items():
+                    self.engine.abort(request_id)
+                    job.send("error", (500, f"generation failed: {e}"))
+                self.jobs.clear()
+                continue
+            self.steps += 1
+            for out in outputs:
+                job = self.jobs.get(out.id)
+                if job is None:
                     continue
-                new = [t for t in row if t >= 0][: job.max_tokens - len(job.tokens)]
+                job.tokens += out.new_ids
                 job.steps += 1
-                job.tokens += new
-                job.finished = len(job.tokens) >= job.max_tokens or any(t in self.eos for t in new)
-                if new and not job.cancelled:
-                    job.send("tokens", new)
+                job.batch_size = max(job.batch_size, self.engine.running)
+                if out.new_ids and not job.cancelled:
+                    job.send("tokens", out.new_ids)
+                if out.finished:
+                    job.finished = True
+                    del self.jobs[out.id]
+                    job.send("done", {"finish_reason": out.finish_reason, "steps": job.steps,
+                                      "batch_size": job.batch_size})
 
-        temperature, top_p = batch[0].sampling
-        speculative_generate(
-            self.model, self.speculator, ids, mask, max_new_tokens=max(job.max_tokens for job in batch),
-            temperature=temperature, top_p=top_p, eos_token_id=self.eos, on_step=on_step, adaptive=self.policy,
-        )
-        self.batches += 1
-        for job in batch:
-            stopped = any(t in self.eos for t in job.tokens)
-            job.send("done", {"finish_reason": "stop" if stopped else "length", "steps": job.steps,
-                              "batch_size": len(batch)})
+
+def iter_nowait(inbox: queue.Queue):
+    while True:
+        try:
+            yield inbox.get_nowait()
+        except queue.Empty:
+            return
 
 
 def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16, max_tokens_limit: int | None = None,
@@ -156,8 +161,8 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
-    engine = Engine(model, tokenizer, speculator, max_batch=max_batch, lookup=lookup)
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 10**9
+    engine = Worker(model, tokenizer, speculator, max_batch=max_batch, lookup=lookup)
+    context = engine.engine.max_len  # KV slots a request may fill: prompt plus max_tokens
     limit = min(max_tokens_limit or context, context)
     eos = set(engine.eos)
 
@@ -245,7 +250,9 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
             while True:
                 event, payload = await job.events.get()
                 if event == "error":
-                    return error(BadRequest(500, payload, kind="server_error"))
+                    status, message = payload
+                    return error(BadRequest(status, message, kind="server_error" if status >= 500 else
+                                            "invalid_request_error"))
                 if event == "done":
                     break
             text = text_of(job.tokens)
@@ -272,7 +279,7 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
                 while True:
                     event, payload = await job.events.get()
                     if event == "error":
-                        yield f"data: {json.dumps({'error': {'message': payload, 'type': 'server_error'}})}\n\n"
+                        yield f"data: {json.dumps({'error': {'message': payload[1], 'type': 'server_error'}})}\n\n"
                         return
                     if event == "tokens":
                         text = text_of(job.tokens)
@@ -305,9 +312,10 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
 
     async def health(request: Request):
         if not engine.thread.is_alive():
-            return JSONResponse({"status": "engine stopped", "batches": engine.batches}, status_code=503)
+            return JSONResponse({"status": "engine stopped", "steps": engine.steps}, status_code=503)
         status = "ok" if engine.ready.is_set() else "warming up"
-        return JSONResponse({"status": status, "batches": engine.batches})
+        return JSONResponse({"status": status, "steps": engine.steps, "running": engine.engine.running,
+                             "waiting": engine.engine.waiting})
 
     app = Starlette(routes=[
         Route("/v1/completions", completions, methods=["POST"]),
