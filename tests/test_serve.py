@@ -100,7 +100,13 @@ def test_concurrent_mixed_requests_match_single_request_greedy_output(server):
     (json.dumps({"model": MODEL_ID, "prompt": "w4", "max_tokens": 10_000}).encode(), 400, "exceeds this server's limit"),
     (json.dumps({"model": MODEL_ID, "prompt": "w4", "temperature": -0.5}).encode(), 400, "temperature must be"),
     (json.dumps({"model": MODEL_ID, "prompt": ""}).encode(), 400, "prompt must be"),
-    (json.dumps({"model": MODEL_ID, "prompt": "w4", "stop": ["w5"]}).encode(), 400, "'stop' is not supported"),
+    (json.dumps({"model": MODEL_ID, "prompt": "w4", "stop": 5}).encode(), 400, "stop must be a string or a list"),
+    (json.dumps({"model": MODEL_ID, "prompt": "w4", "stop": ["a"] * 5}).encode(), 400, "up to 4 non-empty"),
+    (json.dumps({"model": MODEL_ID, "prompt": "w4", "n": 9}).encode(), 400, "n must be an integer from 1 to 8"),
+    (json.dumps({"model": MODEL_ID, "prompt": "w4", "seed": 1.5}).encode(), 400, "seed must be an integer"),
+    (json.dumps({"model": MODEL_ID, "prompt": "w4", "max_tokens": 0}).encode(), 400, "max_tokens must be a positive"),
+    (json.dumps({"model": MODEL_ID, "prompt": "w4 " * 250, "max_tokens": 10}).encode(), 400, "exceeds this server's"),
+    (json.dumps({"model": MODEL_ID, "prompt": "w4", "logprobs": 2}).encode(), 400, "'logprobs' is not supported"),
 ])
 def test_bad_requests_are_answered_and_logged(server, caplog, body, status, message):
     url = server[0]
@@ -129,3 +135,122 @@ def test_a_client_leaving_mid_stream_does_not_hurt_the_server(server, caplog):
             time.sleep(0.05)
     assert any("went away" in r.getMessage() for r in caplog.records)
     assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_stop_strings_seed_and_n_through_the_openai_client(server):
+    url, model, tokenizer, speculator, _ = server
+    api = client(url)
+    text = prompt(3)
+    full = greedy_alone(model, tokenizer, speculator, tokenizer(text).input_ids, 30)
+    words = full.split()
+    stop = " ".join(words[4:6])  # two words in the middle of the answer: a stop string across tokens
+    expected = full[: full.index(stop)]
+    done = api.completions.create(model=MODEL_ID, prompt=text, max_tokens=30, temperature=0, stop=[stop, "zzz"])
+    assert done.choices[0].text == expected and done.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].text for c in api.completions.create(model=MODEL_ID, prompt=text, max_tokens=30,
+                                                                 temperature=0, stop=stop, stream=True)]
+    assert "".join(pieces) == expected  # no piece of the stop string was streamed
+    # seed: the same sampled text again, another seed another text; n: one choice per index
+    sample = dict(model=MODEL_ID, prompt=text, max_tokens=20, temperature=1.0)
+    first = api.completions.create(seed=11, **sample).choices[0].text
+    assert api.completions.create(seed=11, **sample).choices[0].text == first
+    assert api.completions.create(seed=12, **sample).choices[0].text != first
+    both = api.completions.create(seed=11, n=2, **sample)
+    assert sorted(c.index for c in both.choices) == [0, 1]
+    assert both.choices[0].text == first  # choice i draws with seed + i
+    assert both.choices[1].text == api.completions.create(seed=12, **sample).choices[0].text
+    chunks = list(api.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": text}],
+                                              max_tokens=8, temperature=0, n=2, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 2
+
+
+def test_metrics_and_a_client_that_leaves_frees_its_row(server, monkeypatch):
+    url, model, tokenizer, speculator, app = server
+    engine = app.state.engine.engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.05) or step())  # steps slow enough to leave in between
+    body = {"model": MODEL_ID, "prompt": prompt(6), "max_tokens": 60, "temperature": 0, "stream": True}
+    aborted = metric(url, 'mlpspec_requests_finished_total{reason="abort"}')
+    with httpx.stream("POST", url + "/v1/completions", json=body) as response:
+        next(response.iter_lines())
+        assert running(url) == 1
+    for _ in range(200):
+        if running(url) == 0:
+            break
+        time.sleep(0.05)
+    assert running(url) == 0  # its row was freed though it had tokens to go
+    assert metric(url, 'mlpspec_requests_finished_total{reason="abort"}') == aborted + 1
+    text = httpx.get(url + "/metrics").text
+    for name in ("mlpspec_generated_tokens_total", "mlpspec_engine_steps_total", "mlpspec_tokens_per_row_step_bucket",
+                 "mlpspec_time_to_first_token_seconds_bucket", "mlpspec_inter_token_latency_seconds_bucket",
+                 'mlpspec_head_acceptance{head="1"}', "mlpspec_requests_waiting"):
+        assert name in text, name
+
+
+def metric(url, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def running(url) -> float:
+    return metric(url, "mlpspec_requests_running")
+
+
+def test_a_full_queue_answers_503_and_the_server_carries_on():
+    model, tokenizer = tiny_llama(seed=7), tiny_tokenizer()
+    app = create_app(model, tokenizer, None, MODEL_ID, max_batch=1, max_tokens_limit=64, max_waiting=1)
+    server = BackgroundServer(app)
+    try:
+        assert app.state.engine.ready.wait(timeout=60)
+        body = {"model": MODEL_ID, "prompt": prompt(1), "max_tokens": 60, "temperature": 0}
+        with ThreadPoolExecutor(6) as pool:
+            codes = sorted(pool.map(lambda _: httpx.post(server.url + "/v1/completions", json=body,
+                                                         timeout=120).status_code, range(6)))
+        assert codes[0] == 200 and codes[-1] == 503
+        assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    finally:
+        server.stop()
+
+
+def test_sigterm_finishes_running_requests_and_exits_0(tiny_llama_folder, tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLPSPEC_CACHE": str(tmp_path / "cache")}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlpspec"), "serve", "--base", str(tiny_llama_folder),
+                               "--no-speculate", "--dtype", "float32", "--port", str(port), "--model-id", MODEL_ID],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).json()["status"] == "ok":
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, server.stdout.read()
+            time.sleep(0.1)
+        body = {"model": MODEL_ID, "prompt": prompt(2), "max_tokens": 200, "temperature": 0.7, "seed": 3,
+                "stream": True}
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if not lines:
+                    server.send_signal(signal.SIGTERM)  # mid-stream: the request still finishes
+                lines.append(line)
+        assert [line for line in lines if line][-1] == "data: [DONE]"
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()

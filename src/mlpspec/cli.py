@@ -222,7 +222,8 @@ def cmd_serve(args) -> None:
         speculator, origin = _speculator_for(model, args.speculator, args.base is None)
         print(f"[speculator: {origin}]", file=sys.stderr)
     serve(model, tokenizer, speculator, args.model_id or args.base or DEFAULT_BASE_NAME,
-          host=args.host, port=args.port, max_batch=args.max_batch, lookup=0 if args.no_speculate else args.lookup)
+          host=args.host, port=args.port, max_batch=args.max_batch, lookup=0 if args.no_speculate else args.lookup,
+          max_waiting=args.max_waiting)
 
 
 def _serve_with_vllm(args) -> None:
@@ -392,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
+    sv.add_argument("--max-waiting", type=int, default=256,
+                    help="most requests queued for a row; past it a request is answered 503 with Retry-After")
     sv.add_argument("--lookup", type=_non_negative, default=0,
                     help="tokens of the prompt-lookup branch the policy may add (default 0, none: under load, in "
                          f"batches of up to 16, the load check measured 0.93-0.97x with it; generate and bench use "

@@ -30,6 +30,7 @@ from .scheduler import Scheduler
 from .sequence import Request, RequestOutput, SamplingParams, Status
 from .tree import NO_TOKEN, walk
 
+KEPT_STEPS = 4096  # steps whose acceptance stats.accepted keeps
 DEFAULT_MAX_LEN = 2048  # KV slots per row unless the model's context is shorter: 1.5 GB at 16 rows for SmolLM2
 
 
@@ -65,6 +66,8 @@ class Engine:
         self.state: DecodeState | None = None
         self.requests: dict[str, Request] = {}
         self.stats = DecodeStats(n_predict=h)
+        self.speculated_rows, self.head_hits = 0, torch.zeros(h, dtype=torch.long)  # rows of speculative steps, and
+        # how many of them accepted head i's token
 
     # ---- requests in and out
 
@@ -100,6 +103,10 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.rows) or bool(self.scheduler.waiting)
+
+    def head_acceptance(self) -> list[float]:
+        """Per head i, the share of rows in speculative steps that accepted its token."""
+        return (self.head_hits / max(self.speculated_rows, 1)).tolist()
 
     @property
     def running(self) -> int:
@@ -151,7 +158,11 @@ class Engine:
         self.stats.row_steps += int(active.sum())
         self.stats.shapes[str(shape)] = self.stats.shapes.get(str(shape), 0) + 1
         if shape != PLAIN:
+            accepted = n_accepted[active].cpu()  # r
             self.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
+            del self.stats.accepted[:-KEPT_STEPS]  # a server runs for ever: the counts below keep the rest
+            self.speculated_rows += accepted.numel()
+            self.head_hits += (accepted.unsqueeze(1) > torch.arange(self.n_predict)).sum(dim=0)
         outputs = []
         for row, (request, new) in enumerate(zip(self.rows, emitted.tolist())):
             if not bool(active[row]):

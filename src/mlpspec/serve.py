@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -40,7 +41,8 @@ class BadRequest(Exception):
 
 @dataclass
 class Job:
-    """One request, and the channel its tokens go back through."""
+    """One choice of one request (a request with n > 1 has n jobs sharing `events`), and
+    the channel its tokens go back through: events are (index, kind, payload)."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -48,14 +50,47 @@ class Job:
     top_p: float | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    seed: int | None = None
+    index: int = 0
     tokens: list[int] = field(default_factory=list)
     steps: int = 0  # engine steps that gave this request tokens
     batch_size: int = 0  # the largest batch it decoded in
     finished: bool = False
-    cancelled: bool = False  # the client went away: stop sending, free the row
+    cancelled: bool = False  # the client went away, or a stop string ended it: free the row
+    submitted: float = field(default_factory=time.perf_counter)
+    last_token_at: float | None = None
 
     def send(self, kind: str, payload) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, payload))
+
+
+class Metrics:
+    """What GET /metrics shows, in Prometheus' text format (prometheus_client), one
+    registry per app."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = registry = CollectorRegistry()
+        self.running = Gauge("mlpspec_requests_running", "Requests in the live batch", registry=registry)
+        self.waiting = Gauge("mlpspec_requests_waiting", "Requests queued for a row", registry=registry)
+        self.finished = Counter("mlpspec_requests_finished", "Requests finished, by reason", ["reason"],
+                                registry=registry)
+        self.tokens = Counter("mlpspec_generated_tokens", "Tokens generated", registry=registry)
+        self.steps = Counter("mlpspec_engine_steps", "Engine steps (one verification pass each)", registry=registry)
+        self.per_step = Histogram("mlpspec_tokens_per_row_step", "Tokens a request got from one step",
+                                  buckets=[1, 2, 3, 4, 5, 6, 8, 12], registry=registry)
+        self.head = Gauge("mlpspec_head_acceptance", "Share of speculative steps whose head i's token was accepted",
+                          ["head"], registry=registry)
+        self.ttft = Histogram("mlpspec_time_to_first_token_seconds", "From arrival to the first token",
+                              buckets=[0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32], registry=registry)
+        self.itl = Histogram("mlpspec_inter_token_latency_seconds", "Between tokens of a request",
+                             buckets=[0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2], registry=registry)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
 
 
 class Worker:
@@ -67,6 +102,7 @@ class Worker:
         self.engine = Engine(model, speculator, max_batch=max_batch, max_waiting=max_waiting, lookup=lookup,
                              adaptive=speculates)
         self.eos = list(self.engine.eos)
+        self.metrics = Metrics()
         self.inbox: queue.Queue[Job] = queue.Queue()
         self.jobs: dict[str, Job] = {}
         self.steps = 0
@@ -100,7 +136,8 @@ class Worker:
         for job in [first, *iter_nowait(self.inbox)]:
             if job.cancelled:
                 continue
-            params = SamplingParams(max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p)
+            params = SamplingParams(max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
+                                    seed=job.seed)
             try:
                 self.jobs[self.engine.add_request(job.prompt_ids, params)] = job
             except QueueFull as e:
@@ -113,10 +150,13 @@ class Worker:
         while True:
             self._take()
             for request_id, job in list(self.jobs.items()):
-                if job.cancelled:  # the client left: its row is free for the next step
+                if job.cancelled:  # the client left, or a stop string ended it: its row is free for the next step
                     self.engine.abort(request_id)
                     del self.jobs[request_id]
+                    self.metrics.finished.labels("abort").inc()
             if not self.engine.has_unfinished():
+                self.metrics.running.set(0)
+                self.metrics.waiting.set(self.inbox.qsize())
                 continue
             try:
                 outputs = self.engine.step()
@@ -128,10 +168,12 @@ class Worker:
                 self.jobs.clear()
                 continue
             self.steps += 1
+            now = time.perf_counter()
             for out in outputs:
                 job = self.jobs.get(out.id)
                 if job is None:
                     continue
+                self._count(job, out.new_ids, now)
                 job.tokens += out.new_ids
                 job.steps += 1
                 job.batch_size = max(job.batch_size, self.engine.running)
@@ -140,8 +182,31 @@ class Worker:
                 if out.finished:
                     job.finished = True
                     del self.jobs[out.id]
+                    self.metrics.finished.labels(out.finish_reason).inc()
                     job.send("done", {"finish_reason": out.finish_reason, "steps": job.steps,
                                       "batch_size": job.batch_size})
+            self._gauge()
+
+    def _count(self, job: Job, new: list[int], now: float) -> None:
+        m = self.metrics
+        if not new:
+            return
+        m.tokens.inc(len(new))
+        m.per_step.observe(len(new))
+        if job.last_token_at is None:
+            m.ttft.observe(now - job.submitted)
+        else:
+            for _ in new:  # a step's tokens arrive together: each waited its share
+                m.itl.observe((now - job.last_token_at) / len(new))
+        job.last_token_at = now
+
+    def _gauge(self) -> None:
+        m, engine = self.metrics, self.engine
+        m.steps.inc()
+        m.running.set(engine.running)
+        m.waiting.set(engine.waiting + self.inbox.qsize())
+        for i, share in enumerate(engine.head_acceptance()):
+            m.head.labels(str(i + 1)).set(share)
 
 
 def iter_nowait(inbox: queue.Queue):
@@ -152,24 +217,92 @@ def iter_nowait(inbox: queue.Queue):
             return
 
 
+MAX_CHOICES = 8  # the most choices (n) one request may ask for
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A request's decoding fields, checked."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float | None
+    stops: list[str]
+    n: int
+    seed: int | None
+    include_usage: bool
+
+
+class Choice:
+    """One choice's text as its tokens come: what may be sent (never a piece of a stop
+    string that may yet complete), and where a stop string ends it."""
+
+    def __init__(self, job: Job, stops: list[str], text_of):
+        self.job, self.stops, self.text_of = job, stops, text_of
+        self.text, self.sent, self.kept = "", 0, []
+        self.done, self.finish_reason = False, None
+
+    def take(self, new: list[int], done: dict | None) -> str:
+        """Add a step's tokens (and, when the engine finished it, its finish info); returns
+        the text that may be sent now."""
+        self.kept = self.kept + new
+        text = self.text_of(self.kept)
+        hits = [(text.find(stop), stop) for stop in self.stops if stop in text]
+        if hits:
+            at, _ = min(hits)
+            self.text, self.done, self.finish_reason = text[:at], True, "stop"
+            self.kept = self._tokens_before(at)
+        else:
+            self.text = text
+            if done is not None:
+                self.done, self.finish_reason = True, done["finish_reason"]
+        safe = len(self.text) if self.done else _safe_length(self.text, self.stops)
+        if not self.done and self.text[:safe].endswith("\ufffd"):  # hold back half a UTF-8 character
+            safe -= 1
+        delta, self.sent = self.text[self.sent:safe], max(self.sent, safe)
+        return delta
+
+    def _tokens_before(self, at: int) -> list[int]:
+        """The shortest prefix of the tokens whose text reaches `at` characters (usage counts it)."""
+        for k in range(len(self.kept) + 1):
+            if len(self.text_of(self.kept[:k])) >= at:
+                return self.kept[:k]
+        return self.kept
+
+
+def _safe_length(text: str, stops: list[str]) -> int:
+    """How much of `text` cannot be the start of a stop string still to come."""
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                hold = max(hold, size)
+                break
+    return len(text) - hold
+
+
 def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16, max_tokens_limit: int | None = None,
-               lookup: int = 0):
+               lookup: int = 0, max_waiting: int = 256):
     """The Starlette app; the engine starts with it. `lookup` adds a prompt-lookup branch
-    (decode.py) to the adaptive policy's shapes."""
+    (decode.py) to the adaptive policy's shapes; past `max_waiting` queued requests, a new
+    one is answered 503 with Retry-After."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    engine = Worker(model, tokenizer, speculator, max_batch=max_batch, lookup=lookup)
+    engine = Worker(model, tokenizer, speculator, max_batch=max_batch, lookup=lookup, max_waiting=max_waiting)
     context = engine.engine.max_len  # KV slots a request may fill: prompt plus max_tokens
     limit = min(max_tokens_limit or context, context)
     eos = set(engine.eos)
 
+    def text_of(tokens: list[int]) -> str:
+        return tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
+
     def error(e: BadRequest) -> JSONResponse:
         log.warning("%d %s", e.status, e.message)
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}},
-                            status_code=e.status)
+                            status_code=e.status, headers={"Retry-After": "1"} if e.status == 503 else None)
 
     async def parse(request: Request) -> dict:
         try:
@@ -183,7 +316,7 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
                              kind="not_found_error", param="model")
         return body
 
-    def sampling(body: dict, max_key: str) -> tuple[int, float, float | None]:
+    def sampling(body: dict, max_key: str) -> Asked:
         max_tokens = body.get(max_key, body.get("max_tokens", 16))
         temperature = body.get("temperature", 1.0)
         top_p = body.get("top_p", 1.0)
@@ -195,12 +328,25 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
             raise BadRequest(400, f"temperature must be between 0 and 2, got {temperature!r}", param="temperature")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise BadRequest(400, f"top_p must be in (0, 1], got {top_p!r}", param="top_p")
-        for unsupported in ("stop", "logprobs", "tools", "logit_bias", "suffix"):
-            if body.get(unsupported) not in (None, False, [], {}):
+        for unsupported in ("logprobs", "top_logprobs", "tools", "logit_bias", "suffix"):
+            if body.get(unsupported) not in (None, False, [], {}, 0):
                 raise BadRequest(400, f"{unsupported!r} is not supported by this server", param=unsupported)
-        if body.get("n", 1) != 1:
-            raise BadRequest(400, "only n = 1 is supported", param="n")
-        return max_tokens, float(temperature), None if top_p == 1 else float(top_p)
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) and x for x in stops):
+            raise BadRequest(400, f"stop must be a string or a list of up to 4 non-empty strings, got {stop!r}",
+                             param="stop")
+        n = body.get("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+            raise BadRequest(400, f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}", param="n")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise BadRequest(400, f"seed must be an integer, got {seed!r}", param="seed")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise BadRequest(400, "stream_options must be an object", param="stream_options")
+        return Asked(max_tokens, float(temperature), None if top_p == 1 else float(top_p), stops, n, seed,
+                     bool(options.get("include_usage")))
 
     def tokenize(body: dict, chat: bool) -> list[int]:
         if chat:
@@ -223,80 +369,91 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
     async def generate(request: Request, chat: bool):
         try:
             body = await parse(request)
-            max_tokens, temperature, top_p = sampling(body, "max_completion_tokens" if chat else "max_tokens")
+            asked = sampling(body, "max_completion_tokens" if chat else "max_tokens")
             prompt_ids = tokenize(body, chat)
-            if len(prompt_ids) + max_tokens > context:
-                raise BadRequest(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds "
-                                      f"the model's context of {context}", param="max_tokens")
+            if len(prompt_ids) + asked.max_tokens > context:
+                raise BadRequest(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({asked.max_tokens}) "
+                                      f"exceeds this server's {context} tokens a request", param="max_tokens")
         except BadRequest as e:
             return error(e)
-        job = Job(prompt_ids, max_tokens, temperature, top_p, asyncio.get_running_loop(), asyncio.Queue())
-        engine.submit(job)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        choices = [Choice(Job(prompt_ids, asked.max_tokens, asked.temperature, asked.top_p, loop, events,
+                              seed=None if asked.seed is None else asked.seed + i, index=i), asked.stops, text_of)
+                   for i in range(asked.n)]
+        for choice in choices:
+            engine.submit(choice.job)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
 
-        def usage(info: dict) -> dict:
-            steps = max(info["steps"], 1)
-            return {"prompt_tokens": len(prompt_ids), "completion_tokens": len(job.tokens),
-                    "total_tokens": len(prompt_ids) + len(job.tokens),
-                    "tokens_per_step": round(len(job.tokens) / steps, 3), "steps": steps,
-                    "batch_size": info["batch_size"]}
+        def usage() -> dict:
+            tokens = sum(len(c.kept) for c in choices)
+            steps = max(sum(c.job.steps for c in choices), 1)
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
+                    "total_tokens": len(prompt_ids) + tokens, "tokens_per_step": round(tokens / steps, 3),
+                    "steps": steps, "batch_size": max(c.job.batch_size for c in choices)}
 
-        def text_of(tokens: list[int]) -> str:
-            return tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
+        async def updates():
+            """(choice, text delta) as the choices' tokens come, until every one is done;
+            an engine error ends it with BadRequest."""
+            while not all(c.done for c in choices):
+                index, event, payload = await events.get()
+                choice = choices[index]
+                if choice.done:
+                    continue
+                if event == "error":
+                    raise BadRequest(*payload, kind="server_error" if payload[0] >= 500 else "invalid_request_error")
+                delta = choice.take(payload if event == "tokens" else [], payload if event == "done" else None)
+                if choice.done and not choice.job.finished:  # a stop string ended it: free its row now
+                    choice.job.cancelled = True
+                yield choice, delta
 
         if not body.get("stream"):
-            while True:
-                event, payload = await job.events.get()
-                if event == "error":
-                    status, message = payload
-                    return error(BadRequest(status, message, kind="server_error" if status >= 500 else
-                                            "invalid_request_error"))
-                if event == "done":
-                    break
-            text = text_of(job.tokens)
-            choice = {"index": 0, "finish_reason": payload["finish_reason"]}
-            choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+            try:
+                async for _ in updates():
+                    pass
+            except BadRequest as e:
+                return error(e)
+            listed = []
+            for c in choices:
+                entry = {"index": c.job.index, "finish_reason": c.finish_reason}
+                entry |= ({"message": {"role": "assistant", "content": c.text}} if chat
+                          else {"text": c.text, "logprobs": None})
+                listed.append(entry)
             return JSONResponse({"id": rid, "object": kind, "created": created, "model": model_id,
-                                 "choices": [choice], "usage": usage(payload)})
+                                 "choices": listed, "usage": usage()})
 
-        def chunk(text: str | None, finish_reason: str | None = None, extra: dict | None = None, role: bool = False) -> str:
+        def chunk(index: int, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
             if chat:
                 delta = {"role": "assistant"} if role else {} if text is None else {"content": text}
-                choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+                entry = {"index": index, "delta": delta, "finish_reason": finish_reason}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-            body = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": model_id,
-                    "choices": [choice], **(extra or {})}
-            return f"data: {json.dumps(body)}\n\n"
+                entry = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            payload = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": model_id,
+                       "choices": [entry]}
+            return f"data: {json.dumps(payload)}\n\n"
 
         async def stream():
-            sent = ""
             try:
                 if chat:
-                    yield chunk(None, role=True)
-                while True:
-                    event, payload = await job.events.get()
-                    if event == "error":
-                        yield f"data: {json.dumps({'error': {'message': payload[1], 'type': 'server_error'}})}\n\n"
-                        return
-                    if event == "tokens":
-                        text = text_of(job.tokens)
-                        if not text.endswith("\ufffd"):  # hold back half a UTF-8 character
-                            yield chunk(text[len(sent):])
-                            sent = text
-                        continue
-                    text = text_of(job.tokens)
-                    if text[len(sent):]:
-                        yield chunk(text[len(sent):])
-                    yield chunk(None, payload["finish_reason"], {"usage": usage(payload)})
-                    yield "data: [DONE]\n\n"
-                    return
+                    for c in choices:
+                        yield chunk(c.job.index, None, role=True)
+                async for choice, delta in updates():
+                    if delta:
+                        yield chunk(choice.job.index, delta)
+                    if choice.done:
+                        yield chunk(choice.job.index, None, choice.finish_reason)
+                if asked.include_usage:
+                    yield f"data: {json.dumps({'id': rid, 'object': kind + ('.chunk' if chat else ''), 'created': created, 'model': model_id, 'choices': [], 'usage': usage()})}\n\n"
+                yield "data: [DONE]\n\n"
+            except BadRequest as e:
+                yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind}})}\n\n"
             finally:
-                if not job.finished:
-                    job.cancelled = True
-                    log.info("client went away mid-stream (%s); its row is dropped", rid)
+                for c in choices:
+                    if not c.job.finished and not c.job.cancelled:
+                        c.job.cancelled = True
+                        log.info("client went away mid-stream (%s); its row is dropped", rid)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -317,7 +474,11 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
         return JSONResponse({"status": status, "steps": engine.steps, "running": engine.engine.running,
                              "waiting": engine.engine.waiting})
 
+    async def metrics(request: Request):
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     app = Starlette(routes=[
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
@@ -353,11 +514,22 @@ class BackgroundServer:
 
 
 def serve(model, tokenizer, speculator, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-          max_batch: int = 16, lookup: int = 0) -> None:
+          max_batch: int = 16, lookup: int = 0, max_waiting: int = 256, drain_seconds: float = 30) -> None:
+    """Serve until SIGTERM or SIGINT: then no new connection is taken, running requests
+    finish (for at most `drain_seconds`), and the process exits with status 0."""
     import uvicorn
 
     if max_batch < 1:
         raise MLPSpecError(f"--max-batch must be at least 1, got {max_batch}")
+    if max_waiting < 0:
+        raise MLPSpecError(f"--max-waiting must be at least 0, got {max_waiting}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(model, tokenizer, speculator, model_id, max_batch=max_batch, lookup=lookup)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app = create_app(model, tokenizer, speculator, model_id, max_batch=max_batch, lookup=lookup,
+                     max_waiting=max_waiting)
+    # uvicorn drains on SIGTERM, then raises the signal again to the handler it found: make
+    # that one a no-op, so that a drained server exits with status 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: log.info("drained after SIGTERM; exiting"))
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_seconds)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
