@@ -178,3 +178,28 @@ def test_bad_requests():
         engine.add_request([5, 64])
     with pytest.raises(MLPSpecError, match=r"prompt \(10 tokens\) plus max_tokens \(30\) exceeds"):
         engine.add_request(list(range(4, 14)), SamplingParams(max_tokens=30))
+
+
+def test_logprobs_are_the_base_models_log_softmax_where_each_token_was_chosen():
+    model = tiny_llama(seed=8)
+    asks = prompts(3, seed=8)
+    oracle = oracle_for(model, asks, 12)
+    engine = Engine(model, oracle, max_batch=3)
+    wanted = engine.add_request(asks[0], SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3))
+    sampled = engine.add_request(asks[1], SamplingParams(max_tokens=12, temperature=0.7, seed=1, ignore_eos=True,
+                                                         logprobs=0))
+    engine.add_request(asks[2], SamplingParams(max_tokens=12, ignore_eos=True))
+    tokens, logprobs = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.id, []).extend(out.new_ids)
+            logprobs.setdefault(out.id, []).extend(out.logprobs or [])
+    for request_id, prompt, top in ((wanted, asks[0], 3), (sampled, asks[1], 0)):
+        sequence = prompt + tokens[request_id]
+        with torch.no_grad():
+            exact = torch.log_softmax(model(torch.tensor([sequence])).logits[0].float(), dim=-1)  # n V
+        assert len(logprobs[request_id]) == 12
+        for j, (token, entry) in enumerate(zip(tokens[request_id], logprobs[request_id])):
+            here = exact[len(prompt) - 1 + j]  # V
+            assert abs(entry.logprob - float(here[token])) < 1e-4
+            assert [t for t, _ in entry.top] == here.topk(top).indices.tolist()

@@ -106,7 +106,8 @@ def test_concurrent_mixed_requests_match_single_request_greedy_output(server):
     (json.dumps({"model": MODEL_ID, "prompt": "w4", "seed": 1.5}).encode(), 400, "seed must be an integer"),
     (json.dumps({"model": MODEL_ID, "prompt": "w4", "max_tokens": 0}).encode(), 400, "max_tokens must be a positive"),
     (json.dumps({"model": MODEL_ID, "prompt": "w4 " * 250, "max_tokens": 10}).encode(), 400, "exceeds this server's"),
-    (json.dumps({"model": MODEL_ID, "prompt": "w4", "logprobs": 2}).encode(), 400, "'logprobs' is not supported"),
+    (json.dumps({"model": MODEL_ID, "prompt": "w4", "logprobs": 21}).encode(), 400, "logprobs must be an integer"),
+    (json.dumps({"model": MODEL_ID, "prompt": "w4", "logprobs": 2, "stream": True}).encode(), 400, "with stream"),
 ])
 def test_bad_requests_are_answered_and_logged(server, caplog, body, status, message):
     url = server[0]
@@ -200,12 +201,15 @@ def running(url) -> float:
     return metric(url, "mlpspec_requests_running")
 
 
-def test_a_full_queue_answers_503_and_the_server_carries_on():
+def test_a_full_queue_answers_503_and_the_server_carries_on(monkeypatch):
     model, tokenizer = tiny_llama(seed=7), tiny_tokenizer()
     app = create_app(model, tokenizer, None, MODEL_ID, max_batch=1, max_tokens_limit=64, max_waiting=1)
     server = BackgroundServer(app)
     try:
         assert app.state.engine.ready.wait(timeout=60)
+        engine = app.state.engine.engine
+        step = engine.step
+        monkeypatch.setattr(engine, "step", lambda: time.sleep(0.05) or step())  # slow enough for a queue
         body = {"model": MODEL_ID, "prompt": prompt(1), "max_tokens": 60, "temperature": 0}
         with ThreadPoolExecutor(6) as pool:
             codes = sorted(pool.map(lambda _: httpx.post(server.url + "/v1/completions", json=body,
@@ -254,3 +258,29 @@ def test_sigterm_finishes_running_requests_and_exits_0(tiny_llama_folder, tmp_pa
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_logprobs_through_the_openai_client(server):
+    url, model, tokenizer, speculator, _ = server
+    api = client(url)
+    text = prompt(4)
+    ids = encode_prompt(tokenizer, text, chat=False)
+    done = api.completions.create(model=MODEL_ID, prompt=text, max_tokens=10, temperature=0, logprobs=3)
+    eos = model.generation_config.eos_token_id
+    new = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+    new = new[: new.index(eos) + 1] if eos in new else new  # the server's greedy tokens, EOS and all
+    got = done.choices[0].logprobs
+    with torch.no_grad():
+        exact = torch.log_softmax(model(torch.tensor([ids + new])).logits[0].float(), dim=-1)  # n V
+    assert len(got.token_logprobs) >= len(new) > 0
+    for j, token in enumerate(new):
+        assert abs(got.token_logprobs[j] - float(exact[len(ids) - 1 + j, token])) < 1e-4
+        assert list(got.top_logprobs[j]) == [tokenizer.decode([t]) for t in exact[len(ids) - 1 + j].topk(3).indices]
+    messages = [{"role": "user", "content": text}]
+    reply = api.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=6, temperature=0,
+                                        logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert content and all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in content)
+    assert content[0].top_logprobs[0].logprob >= content[0].logprob - 1e-6  # the likeliest comes first
+    with pytest.raises(openai.BadRequestError, match="top_logprobs must be an integer from 0 to 20"):
+        api.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=6, logprobs=True, top_logprobs=21)

@@ -27,7 +27,7 @@ from .errors import MLPSpecError
 from .model import MLPSpeculator
 from .sampler import RowChooser
 from .scheduler import Scheduler
-from .sequence import Request, RequestOutput, SamplingParams, Status
+from .sequence import Request, RequestOutput, SamplingParams, Status, TokenLogprob
 from .tree import NO_TOKEN, walk
 
 KEPT_STEPS = 4096  # steps whose acceptance stats.accepted keeps
@@ -148,7 +148,8 @@ class Engine:
         tick = policy.clock() if policy is not None else 0.0
         tree, _ = propose(state, self.speculator, shape, depth, branch, policy, matched)
         logits, hidden = verify(self.model, state, tree)
-        choose = RowChooser([self._setting(r) for r in self.rows], self.uniforms, state.n_emitted.clone())
+        wants = [row for row, r in enumerate(self.rows) if r.params.logprobs is not None]
+        choose = RowChooser([self._setting(r) for r in self.rows], self.uniforms, state.n_emitted.clone(), wants)
         path, n_accepted, bonus = walk(tree, logits, choose)
         emitted = commit(state, tree, hidden, path, n_accepted, bonus, self.stops, self.max_new)
         if policy is not None:
@@ -168,7 +169,9 @@ class Engine:
             if not bool(active[row]):
                 continue
             request.steps += 1
-            outputs.append(self._record(request, [t for t in new if t >= 0], bool(state.finished[row])))
+            new = [t for t in new if t >= 0]
+            logprobs = _logprobs(choose, wants.index(row), new, request.params.logprobs) if row in wants else None
+            outputs.append(self._record(request, new, bool(state.finished[row]), logprobs))
         return outputs
 
     # ---- rows
@@ -185,22 +188,24 @@ class Engine:
     def _stop_ids(self, params: SamplingParams) -> list[int]:
         return list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos)
 
-    def _record(self, request: Request, new: list[int], finished: bool) -> RequestOutput:
+    def _record(self, request: Request, new: list[int], finished: bool,
+                logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
         request.output_ids += new
         if finished:
             request.status = Status.FINISHED
             stopped = bool(request.output_ids) and request.output_ids[-1] in self._stop_ids(request.params)
             request.finish_reason = "stop" if stopped else "length"
             self.requests.pop(request.id, None)
-        return RequestOutput(request.id, new, finished, request.finish_reason)
+        return RequestOutput(request.id, new, finished, request.finish_reason, logprobs)
 
     def _join(self, request: Request) -> RequestOutput:
         """Prefill `request` alone, write its keys into the next free row (its prompt ending
         at the shared slot counter), emit its first token."""
         P, T = len(request.prompt_ids), self.max_len + self.reach + 1
         ids = torch.tensor([request.prompt_ids], device=self.device)
+        wants = request.params.logprobs is not None
         first_choice = RowChooser([self._setting(request)], request.uniforms.unsqueeze(0).to(self.device),
-                                  torch.zeros(1, dtype=torch.long, device=self.device))
+                                  torch.zeros(1, dtype=torch.long, device=self.device), [0] if wants else [])
         alone = prefill(self.model, ids, torch.ones_like(ids, dtype=torch.bool), P, first_choice, T,
                         self.n_predict, self.feature_layers)
         cache, row = self.cache, len(self.rows)
@@ -247,7 +252,8 @@ class Engine:
         s.n_emitted[row] = 1
         finished = first in stops or request.params.max_tokens == 1
         s.finished[row] = finished
-        return self._record(request, [first], finished)
+        logprobs = _logprobs(first_choice, 0, [first], request.params.logprobs) if wants else None
+        return self._record(request, [first], finished, logprobs)
 
     def _leave(self, rows: list[int]) -> None:
         """Free these rows: the batch's last row moves into each freed one."""
@@ -271,6 +277,17 @@ class Engine:
         if not self.rows:  # every lane is free: start again from slot 0
             cache.set_length(0)
             self.state = None
+
+
+def _logprobs(choose: RowChooser, at: int, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """The logprobs of a row's tokens this step: the j-th was chosen at depth j of the
+    walk, where the chooser kept the row's log-softmax (record index `at`)."""
+    entries = []
+    for depth, token in enumerate(tokens):
+        logprobs = choose.recorded[depth][at]  # V
+        values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
+        entries.append(TokenLogprob(float(logprobs[token]), list(zip(ids.tolist(), values.tolist()))))
+    return entries
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -23,8 +23,11 @@ class RowChooser:
     per row, uniforms [b, T] and offsets [b] (each row's output position of depth 0)."""
 
     def __init__(self, settings: list[tuple[float, int | None, float | None]], uniforms: torch.Tensor,
-                 offsets: torch.Tensor):
+                 offsets: torch.Tensor, record: list[int] = ()):
+        """record: rows whose log-softmax at every depth is kept in `recorded` (logprobs)."""
         self.settings, self.uniforms, self.offsets = settings, uniforms, offsets
+        self.record = torch.tensor(list(record), dtype=torch.long, device=uniforms.device)
+        self.recorded: list[torch.Tensor] = []  # per depth: r V
         groups: dict[tuple, list[int]] = {}
         for row, setting in enumerate(settings):
             if setting[0] > 0:
@@ -33,6 +36,8 @@ class RowChooser:
         self.groups = [(setting, torch.tensor(rows, device=device)) for setting, rows in groups.items()]
 
     def __call__(self, logits: torch.Tensor, depth: int) -> torch.Tensor:
+        if self.record.numel():
+            self.recorded.append(torch.log_softmax(logits[self.record].float(), dim=-1))  # r V
         token = logits.float().argmax(dim=-1)  # b   the greedy rows' choice
         for (temperature, top_k, top_p), rows in self.groups:
             p_target = target_probs(logits[rows], temperature, top_k, top_p)  # r V

@@ -28,6 +28,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # return each token's log-probability and this many likeliest alternatives (<= 20)
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -44,6 +45,9 @@ class SamplingParams:
             raise MLPSpecError(f"seed must be an integer, got {self.seed!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise MLPSpecError(f"stop_token_ids must be token ids, got {self.stop_token_ids!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise MLPSpecError(f"logprobs must be an integer from 0 to 20, got {self.logprobs!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
 
@@ -71,10 +75,21 @@ class Request:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The base model's log-probability of a token where it was chosen (log-softmax of its
+    logits, before any temperature), and the likeliest tokens there."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
 class RequestOutput:
-    """What one step did for one request: the tokens it added, and whether it is done."""
+    """What one step did for one request: the tokens it added (with their logprobs, when
+    asked), and whether it is done."""
 
     id: str
     new_ids: list[int]
     finished: bool
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None

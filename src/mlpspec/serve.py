@@ -52,7 +52,9 @@ class Job:
     events: asyncio.Queue
     seed: int | None = None
     index: int = 0
+    logprobs: int | None = None  # alternatives asked for per token; None: no logprobs
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list = field(default_factory=list)  # sequence.TokenLogprob per token, when asked
     steps: int = 0  # engine steps that gave this request tokens
     batch_size: int = 0  # the largest batch it decoded in
     finished: bool = False
@@ -137,7 +139,7 @@ class Worker:
             if job.cancelled:
                 continue
             params = SamplingParams(max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
-                                    seed=job.seed)
+                                    seed=job.seed, logprobs=job.logprobs)
             try:
                 self.jobs[self.engine.add_request(job.prompt_ids, params)] = job
             except QueueFull as e:
@@ -168,12 +170,14 @@ class Worker:
                 self.jobs.clear()
                 continue
             self.steps += 1
+            self._gauge()  # before the tokens go out: a client that reads them sees the step in /metrics
             now = time.perf_counter()
             for out in outputs:
                 job = self.jobs.get(out.id)
                 if job is None:
                     continue
                 self._count(job, out.new_ids, now)
+                job.token_logprobs += out.logprobs or []
                 job.tokens += out.new_ids
                 job.steps += 1
                 job.batch_size = max(job.batch_size, self.engine.running)
@@ -185,7 +189,6 @@ class Worker:
                     self.metrics.finished.labels(out.finish_reason).inc()
                     job.send("done", {"finish_reason": out.finish_reason, "steps": job.steps,
                                       "batch_size": job.batch_size})
-            self._gauge()
 
     def _count(self, job: Job, new: list[int], now: float) -> None:
         m = self.metrics
@@ -231,6 +234,7 @@ class Asked:
     n: int
     seed: int | None
     include_usage: bool
+    logprobs: int | None = None  # alternatives per token (0: the token's own only); None: not asked
 
 
 class Choice:
@@ -299,6 +303,22 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
     def text_of(tokens: list[int]) -> str:
         return tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
 
+    def logprobs_field(choice: Choice, chat: bool) -> dict:
+        """A choice's logprobs as OpenAI writes them, for the tokens its text kept."""
+        tokens = choice.kept
+        entries = choice.job.token_logprobs[: len(tokens)]
+        piece = [tokenizer.decode([t]) for t in tokens]
+        if chat:
+            return {"content": [
+                {"token": text, "logprob": e.logprob, "bytes": list(text.encode()),
+                 "top_logprobs": [{"token": tokenizer.decode([t]), "logprob": lp,
+                                   "bytes": list(tokenizer.decode([t]).encode())} for t, lp in e.top]}
+                for text, e in zip(piece, entries)]}
+        offsets = [len(text_of(tokens[:j])) for j in range(len(tokens))]
+        return {"tokens": piece, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in e.top} for e in entries],
+                "text_offset": offsets}
+
     def error(e: BadRequest) -> JSONResponse:
         log.warning("%d %s", e.status, e.message)
         return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}},
@@ -316,6 +336,23 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
                              kind="not_found_error", param="model")
         return body
 
+    def logprobs_asked(body: dict, chat: bool) -> int | None:
+        """Completions: logprobs = k alternatives; chat: logprobs = true, top_logprobs = k."""
+        if chat:
+            if body.get("logprobs") not in (None, False, True):
+                raise BadRequest(400, f"logprobs must be true or false, got {body.get('logprobs')!r}", param="logprobs")
+            top, key = body.get("top_logprobs"), "top_logprobs"
+            if top is not None and not body.get("logprobs"):
+                raise BadRequest(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            top = (top or 0) if body.get("logprobs") else None
+        else:
+            top, key = body.get("logprobs"), "logprobs"
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+            raise BadRequest(400, f"{key} must be an integer from 0 to 20, got {top!r}", param=key)
+        if top is not None and body.get("stream"):
+            raise BadRequest(400, "logprobs with stream are not supported yet", param=key)
+        return top
+
     def sampling(body: dict, max_key: str) -> Asked:
         max_tokens = body.get(max_key, body.get("max_tokens", 16))
         temperature = body.get("temperature", 1.0)
@@ -328,7 +365,7 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
             raise BadRequest(400, f"temperature must be between 0 and 2, got {temperature!r}", param="temperature")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise BadRequest(400, f"top_p must be in (0, 1], got {top_p!r}", param="top_p")
-        for unsupported in ("logprobs", "top_logprobs", "tools", "logit_bias", "suffix"):
+        for unsupported in ("tools", "logit_bias", "suffix"):
             if body.get(unsupported) not in (None, False, [], {}, 0):
                 raise BadRequest(400, f"{unsupported!r} is not supported by this server", param=unsupported)
         stop = body.get("stop")
@@ -346,7 +383,7 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
         if not isinstance(options, dict):
             raise BadRequest(400, "stream_options must be an object", param="stream_options")
         return Asked(max_tokens, float(temperature), None if top_p == 1 else float(top_p), stops, n, seed,
-                     bool(options.get("include_usage")))
+                     bool(options.get("include_usage")), logprobs_asked(body, max_key == "max_completion_tokens"))
 
     def tokenize(body: dict, chat: bool) -> list[int]:
         if chat:
@@ -379,7 +416,8 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         choices = [Choice(Job(prompt_ids, asked.max_tokens, asked.temperature, asked.top_p, loop, events,
-                              seed=None if asked.seed is None else asked.seed + i, index=i), asked.stops, text_of)
+                              seed=None if asked.seed is None else asked.seed + i, index=i, logprobs=asked.logprobs),
+                          asked.stops, text_of)
                    for i in range(asked.n)]
         for choice in choices:
             engine.submit(choice.job)
@@ -420,6 +458,8 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
                 entry = {"index": c.job.index, "finish_reason": c.finish_reason}
                 entry |= ({"message": {"role": "assistant", "content": c.text}} if chat
                           else {"text": c.text, "logprobs": None})
+                if asked.logprobs is not None:
+                    entry["logprobs"] = logprobs_field(c, chat)
                 listed.append(entry)
             return JSONResponse({"id": rid, "object": kind, "created": created, "model": model_id,
                                  "choices": listed, "usage": usage()})
