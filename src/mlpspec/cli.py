@@ -155,6 +155,8 @@ def cmd_bench(args) -> None:
     from .base import load_base
     from .bench import BenchSettings, named_prompts, run_bench, write_report
 
+    if args.serving:
+        return _serving_bench(args)
     if args.minutes < 0:
         raise MLPSpecError(f"--minutes must be >= 0 (0: no budget), got {args.minutes:g}")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -181,6 +183,33 @@ def cmd_bench(args) -> None:
     write_report(report, args.out)
     print((Path(args.out) / "report.md").read_text())
     print(f"results.json, report.md and plots in {args.out}")
+
+
+def _serving_bench(args) -> None:
+    from tqdm import tqdm
+
+    from .bench import chat_prompts, code_prompts
+    from .serving_bench import ServingSettings, run_serving_bench, write_serving_report
+    from .text import encode_prompt
+
+    try:
+        rates = [float(r) for r in args.rates.split(",")]
+    except ValueError:
+        raise MLPSpecError(f"--rates must be comma-separated requests per second, got {args.rates!r}") from None
+    settings = ServingSettings(rates=rates, requests=args.requests, max_tokens=args.max_new_tokens,
+                               max_batch=args.max_batch, targets=tuple(args.targets.split(",")))
+    model, tokenizer = _load(args)
+    speculator, origin = _speculator_for(model, args.speculator, args.base is None)
+    print(f"[speculator: {origin}]", file=sys.stderr)
+    asks = [encode_prompt(tokenizer, p, chat=False) for p in code_prompts(6)]
+    asks += [encode_prompt(tokenizer, m, chat=True) for m in chat_prompts()[:6]]
+    asks = [ask for pair in zip(asks[:6], asks[6:]) for ask in pair]  # code and chat take turns
+    bar = tqdm(total=len(settings.rates) * len(settings.targets), desc="serving bench", unit="run")
+    report = run_serving_bench(model, tokenizer, speculator, asks, settings, progress=lambda *_: bar.update(1))
+    bar.close()
+    write_serving_report(report, Path(args.out))
+    print((Path(args.out) / "serving.md").read_text())
+    print(f"serving.json, serving.md and serving.png in {args.out}")
 
 
 def cmd_prompts(args) -> None:
@@ -384,6 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(be)
     be.add_argument("--out", default="bench", help="folder for results.json, report.md and plots")
     be.add_argument("--quick", action="store_true", help="2 code + 2 chat prompts, batch 1 and 4, 32 tokens")
+    be.add_argument("--serving", action="store_true",
+                    help="the serving benchmark instead: Poisson arrivals at --rates to `mlpspec serve` with "
+                         "speculation on and off, and to transformers' continuous batching")
+    be.add_argument("--rates", default="0.5,1,2", help="--serving: requests per second, comma-separated")
+    be.add_argument("--requests", type=_positive, default=24, help="--serving: requests per rate and target")
+    be.add_argument("--max-batch", type=_positive, default=16, help="--serving: the server's --max-batch")
+    be.add_argument("--targets", default="mlpspec,mlpspec_plain,transformers_cb",
+                    help="--serving: which of mlpspec, mlpspec_plain, transformers_cb")
     be.set_defaults(func=cmd_bench)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with batched speculative decoding")

@@ -1,0 +1,241 @@
+"""The serving benchmark (`mlpspec bench --serving`): requests arrive as a Poisson process
+at several rates, over loopback, to `mlpspec serve` with speculation on and off, and, as
+the anchor, to transformers' own continuous batching (ContinuousBatchingManager, driven in
+this process). Reports throughput, time to first token and inter-token latency (p50 and
+p95), tokens per step and errors, as JSON, markdown and plots.
+
+Every target gets the same requests at the same arrival times (one seeded schedule per
+rate): mixed code and chat prompts, greedy, `max_tokens` as set.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from .errors import MLPSpecError
+
+TARGETS = ("mlpspec", "mlpspec_plain", "transformers_cb")
+
+
+@dataclass
+class ServingSettings:
+    rates: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # requests per second
+    requests: int = 24  # per rate and target
+    max_tokens: int = 48
+    max_batch: int = 16
+    seed: int = 0
+    targets: tuple[str, ...] = TARGETS
+
+    def __post_init__(self):
+        if not self.rates or any(r <= 0 for r in self.rates):
+            raise MLPSpecError(f"rates must be positive requests per second, got {self.rates}")
+        if self.requests < 1 or self.max_tokens < 1:
+            raise MLPSpecError("requests and max_tokens must be at least 1")
+        unknown = set(self.targets) - set(TARGETS)
+        if unknown:
+            raise MLPSpecError(f"unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+
+
+@dataclass
+class Timing:
+    """One request as its client saw it."""
+
+    sent: float
+    first: float | None = None  # first token
+    done: float | None = None
+    tokens: int = 0
+    tokens_per_step: float | None = None
+    error: str | None = None
+
+    @property
+    def inter_token(self) -> float | None:
+        """Mean seconds between its tokens after the first (a step's tokens arrive together)."""
+        if self.first is None or self.done is None or self.tokens < 2:
+            return None
+        return (self.done - self.first) / (self.tokens - 1)
+
+
+def arrivals(rate: float, n: int, seed: int) -> list[float]:
+    """Seconds from the start at which each of n requests arrives: exponential gaps of mean 1/rate."""
+    rng = random.Random(seed)
+    at, times = 0.0, []
+    for _ in range(n):
+        times.append(at)
+        at += rng.expovariate(rate)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
+def summarize(timings: list[Timing], wall: float) -> dict:
+    ok = [t for t in timings if t.error is None and t.done is not None]
+    ttft = [t.first - t.sent for t in ok if t.first is not None]
+    gaps = [t.inter_token for t in ok if t.inter_token is not None]
+    per_step = [t.tokens_per_step for t in ok if t.tokens_per_step]
+    tokens = sum(t.tokens for t in ok)
+    return {
+        "requests": len(timings), "errors": len(timings) - len(ok), "completion_tokens": tokens,
+        "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2) if wall else None,
+        "ttft_p50_s": _round(percentile(ttft, 0.5)), "ttft_p95_s": _round(percentile(ttft, 0.95)),
+        "itl_p50_s": _round(percentile(gaps, 0.5)), "itl_p95_s": _round(percentile(gaps, 0.95)),
+        "tokens_per_step": round(statistics.mean(per_step), 3) if per_step else None,
+    }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def drive_http(url: str, model_id: str, prompts: list[list[int]], times: list[float], max_tokens: int,
+               tokenizer) -> tuple[float, list[Timing]]:
+    """Send each prompt (token ids, decoded to text) at its arrival time as a streaming
+    completion; one thread per request."""
+    timings = [Timing(sent=0.0) for _ in prompts]
+
+    def one(i: int, start: float) -> None:
+        timing = timings[i]
+        time.sleep(max(0.0, start + times[i] - time.perf_counter()))
+        timing.sent = time.perf_counter()
+        body = {"model": model_id, "prompt": tokenizer.decode(prompts[i]), "max_tokens": max_tokens,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
+                if response.status_code != 200:
+                    timing.error = f"HTTP {response.status_code}"
+                    return
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        timing.error = chunk["error"]["message"]
+                        return
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                        timing.tokens_per_step = usage.get("tokens_per_step")
+                        timing.tokens = usage["completion_tokens"]
+                    elif chunk["choices"] and chunk["choices"][0].get("text") and timing.first is None:
+                        timing.first = time.perf_counter()
+            timing.done = time.perf_counter()
+        except httpx.HTTPError as e:
+            timing.error = str(e)
+
+    return _run_threads(one, len(prompts)), timings
+
+
+def drive_transformers(manager, prompts: list[list[int]], times: list[float], max_tokens: int
+                       ) -> tuple[float, list[Timing]]:
+    """The same schedule through transformers' ContinuousBatchingManager (streaming)."""
+    timings = [Timing(sent=0.0) for _ in prompts]
+
+    def one(i: int, start: float) -> None:
+        timing = timings[i]
+        time.sleep(max(0.0, start + times[i] - time.perf_counter()))
+        timing.sent = time.perf_counter()
+        try:
+            rid = manager.add_request(prompts[i], request_id=f"r{i}-{start}", max_new_tokens=max_tokens, streaming=True)
+            for output in manager.request_id_iter(rid):
+                timing.tokens = len(output.generated_tokens)
+                if timing.tokens and timing.first is None:
+                    timing.first = time.perf_counter()
+                if output.is_finished():
+                    break
+            timing.done = time.perf_counter()
+        except Exception as e:  # the anchor's failure is reported, not fatal to the benchmark
+            timing.error = f"{type(e).__name__}: {e}"
+
+    return _run_threads(one, len(prompts)), timings
+
+
+def _run_threads(one, n: int) -> float:
+    start = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i, start), daemon=True) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
+
+
+def run_serving_bench(model, tokenizer, speculator, prompts: list[list[int]], settings: ServingSettings,
+                      progress=None) -> dict:
+    """Every target at every rate; the same requests and arrival times for each."""
+    from .serve import BackgroundServer, create_app
+
+    report = {"settings": asdict(settings), "results": {}}
+    asks = [prompts[i % len(prompts)] for i in range(settings.requests)]
+    for target in settings.targets:
+        if target == "transformers_cb":
+            from transformers import GenerationConfig
+
+            config = GenerationConfig(max_new_tokens=settings.max_tokens, do_sample=False,
+                                      eos_token_id=model.generation_config.eos_token_id,
+                                      pad_token_id=model.generation_config.pad_token_id or 0)
+            manager = model.init_continuous_batching(generation_config=config)
+            manager.start()
+            try:
+                for rate in settings.rates:
+                    wall, timings = drive_transformers(manager, asks, arrivals(rate, len(asks), settings.seed),
+                                                       settings.max_tokens)
+                    report["results"].setdefault(target, {})[str(rate)] = summarize(timings, wall)
+                    if progress:
+                        progress(target, rate)
+            finally:
+                manager.stop(block=True)
+            continue
+        spec = speculator if target == "mlpspec" else None
+        app = create_app(model, tokenizer, spec, "bench", max_batch=settings.max_batch)
+        server = BackgroundServer(app)
+        try:
+            app.state.engine.ready.wait()
+            for rate in settings.rates:
+                wall, timings = drive_http(server.url, "bench", asks, arrivals(rate, len(asks), settings.seed),
+                                           settings.max_tokens, tokenizer)
+                report["results"].setdefault(target, {})[str(rate)] = summarize(timings, wall)
+                if progress:
+                    progress(target, rate)
+        finally:
+            server.stop()
+    return report
+
+
+def write_serving_report(report: dict, out: Path) -> None:
+    """results.json, report.md and serving.png (throughput and p95 time to first token by rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
+    rows = ["| target | rate (req/s) | tokens/s | TTFT p50 / p95 (s) | ITL p50 / p95 (s) | tokens/step | errors |",
+            "|---|---|---|---|---|---|---|"]
+    for target, by_rate in report["results"].items():
+        for rate, r in by_rate.items():
+            rows.append(f"| {target} | {rate} | {r['tokens_per_s']} | {r['ttft_p50_s']} / {r['ttft_p95_s']} | "
+                        f"{r['itl_p50_s']} / {r['itl_p95_s']} | {r['tokens_per_step']} | {r['errors']} |")
+    (out / "serving.md").write_text("\n".join(rows) + "\n")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for target, by_rate in report["results"].items():
+        rates = [float(r) for r in by_rate]
+        left.plot(rates, [r["tokens_per_s"] for r in by_rate.values()], marker="o", label=target)
+        right.plot(rates, [r["ttft_p95_s"] for r in by_rate.values()], marker="o", label=target)
+    left.set(xlabel="requests per second", ylabel="completion tokens per second", title="throughput")
+    right.set(xlabel="requests per second", ylabel="seconds", title="time to first token, p95")
+    left.legend()
+    fig.tight_layout()
+    fig.savefig(out / "serving.png", dpi=120)
+    plt.close(fig)

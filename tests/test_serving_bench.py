@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from conftest import tiny_llama, tiny_tokenizer
+from mlpspec import MLPSpecError
+from mlpspec.serving_bench import ServingSettings, Timing, arrivals, run_serving_bench, summarize, write_serving_report
+from test_decode import random_speculator
+
+
+def test_arrivals_are_a_seeded_poisson_process():
+    times = arrivals(2.0, 4000, seed=1)
+    assert times[0] == 0 and times == sorted(times) and times == arrivals(2.0, 4000, seed=1)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert abs(sum(gaps) / len(gaps) - 0.5) < 0.03  # mean gap 1 / rate
+
+
+def test_summary_by_hand():
+    timings = [Timing(sent=0.0, first=0.5, done=2.5, tokens=5, tokens_per_step=2.0),
+               Timing(sent=1.0, first=1.2, done=1.6, tokens=3, tokens_per_step=1.0),
+               Timing(sent=2.0, error="HTTP 503")]
+    summary = summarize(timings, wall=4.0)
+    assert summary["errors"] == 1 and summary["completion_tokens"] == 8 and summary["tokens_per_s"] == 2.0
+    assert summary["ttft_p50_s"] == 0.5 and summary["ttft_p95_s"] == 0.5  # of 0.5 and 0.2, upper median
+    assert summary["itl_p50_s"] == 0.5 and summary["tokens_per_step"] == 1.5  # (2.5-0.5)/4 and (1.6-1.2)/2
+
+
+def test_every_target_serves_the_same_schedule(tmp_path):
+    model, tokenizer = tiny_llama(seed=9), tiny_tokenizer()
+    prompts = [tokenizer(f"w{i} w{i + 1} w{i + 2}").input_ids for i in range(4)]
+    settings = ServingSettings(rates=[20.0], requests=4, max_tokens=6, max_batch=4)
+    report = run_serving_bench(model, tokenizer, random_speculator(model, seed=9), prompts, settings)
+    assert set(report["results"]) == {"mlpspec", "mlpspec_plain", "transformers_cb"}
+    for target, by_rate in report["results"].items():
+        result = by_rate["20.0"]
+        assert result["errors"] == 0, target
+        assert 4 <= result["completion_tokens"] <= 24 and result["ttft_p50_s"] is not None, target
+    write_serving_report(report, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "serving.json").read_text())["settings"]["requests"] == 4
+    assert "transformers_cb" in (tmp_path / "out" / "serving.md").read_text()
+    assert (tmp_path / "out" / "serving.png").stat().st_size > 0
+
+
+def test_bad_settings():
+    with pytest.raises(MLPSpecError, match="rates must be positive"):
+        ServingSettings(rates=[0])
+    with pytest.raises(MLPSpecError, match="unknown targets"):
+        ServingSettings(targets=("vllm",))
