@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from conftest import tiny_llama, tiny_tokenizer
-from mlpspec import MLPSpecError
+from mlpspec import MLPSpecError, load_base
+from mlpspec.base import TREE_ATTENTION
 from mlpspec.serving_bench import ServingSettings, Timing, arrivals, run_serving_bench, summarize, write_serving_report
 from test_decode import random_speculator
 
@@ -25,8 +25,9 @@ def test_summary_by_hand():
     assert summary["itl_p50_s"] == 0.5 and summary["tokens_per_step"] == 1.5  # (2.5-0.5)/4 and (1.6-1.2)/2
 
 
-def test_every_target_serves_the_same_schedule(tmp_path):
-    model, tokenizer = tiny_llama(seed=9), tiny_tokenizer()
+def test_every_target_serves_the_same_schedule(tmp_path, tiny_llama_folder):
+    model, tokenizer = load_base(tiny_llama_folder)  # with mlpspec's tree attention, which transformers' CB refuses
+    assert model.config._attn_implementation == TREE_ATTENTION
     prompts = [tokenizer(f"w{i} w{i + 1} w{i + 2}").input_ids for i in range(4)]
     settings = ServingSettings(rates=[20.0], requests=4, max_tokens=6, max_batch=4)
     report = run_serving_bench(model, tokenizer, random_speculator(model, seed=9), prompts, settings)
@@ -35,6 +36,7 @@ def test_every_target_serves_the_same_schedule(tmp_path):
         result = by_rate["20.0"]
         assert result["errors"] == 0, target
         assert 4 <= result["completion_tokens"] <= 24 and result["ttft_p50_s"] is not None, target
+    assert model.config._attn_implementation == TREE_ATTENTION  # given back after the anchor's run
     write_serving_report(report, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "serving.json").read_text())["settings"]["requests"] == 4
     assert "transformers_cb" in (tmp_path / "out" / "serving.md").read_text()

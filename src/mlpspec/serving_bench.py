@@ -184,6 +184,10 @@ def run_serving_bench(model, tokenizer, speculator, prompts: list[list[int]], se
             config = GenerationConfig(max_new_tokens=settings.max_tokens, do_sample=False,
                                       eos_token_id=model.generation_config.eos_token_id,
                                       pad_token_id=model.generation_config.pad_token_id or 0)
+            # transformers' continuous batching takes only its own attention kernels: sdpa for
+            # the run (load_base gave the model mlpspec's tree attention), then back
+            ours = model.config._attn_implementation
+            model.set_attn_implementation("sdpa")
             manager = model.init_continuous_batching(generation_config=config)
             manager.start()
             try:
@@ -195,6 +199,7 @@ def run_serving_bench(model, tokenizer, speculator, prompts: list[list[int]], se
                         progress(target, rate)
             finally:
                 manager.stop(block=True)
+                model.set_attn_implementation(ours)
             continue
         spec = speculator if target == "mlpspec" else None
         app = create_app(model, tokenizer, spec, "bench", max_batch=settings.max_batch)
