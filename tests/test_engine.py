@@ -68,10 +68,11 @@ def test_staggered_greedy_requests_equal_each_decoded_alone(adaptive):
     added = [prompt for step in sorted(arrivals) for prompt, _ in arrivals[step]]
     for request_id, prompt in zip(order, added):
         assert tokens[request_id] == greedy_alone(model, prompt, by_prompt[tuple(prompt)]), prompt
-    accepted = torch.cat(engine.stats.accepted)
-    assert int(accepted.max()) >= 3 and int(accepted[accepted >= 0].min()) == 0  # ragged
-    if adaptive:  # the policy chose among shapes, per step, for the live batch size
-        assert len(engine.stats.shapes) > 1 and engine.policy.calibrated(1) and engine.policy.calibrated(4)
+    if adaptive:  # its choices follow timings, so only that it ran: calibrated, a shape every step
+        assert engine.policy.calibrated(1) and sum(engine.stats.shapes.values()) == engine.stats.steps
+    else:
+        accepted = torch.cat(engine.stats.accepted)
+        assert int(accepted.max()) == 3 and int(accepted[accepted >= 0].min()) == 0  # ragged
     assert not engine.has_unfinished() and engine.cache.rows == 0
 
 

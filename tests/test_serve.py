@@ -81,10 +81,11 @@ def test_concurrent_mixed_requests_match_single_request_greedy_output(server):
     def one(i):
         greedy = i % 3 != 0
         kwargs = dict(model=MODEL_ID, prompt=prompt(i), max_tokens=6 + i % 9, temperature=0 if greedy else 0.8)
+        time.sleep(0.01 * (i % 8))  # staggered arrivals: requests join batches already decoding
         return i, greedy, api.completions.create(**kwargs)
 
-    with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(one, range(24)))
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
     for i, greedy, response in results:
         assert response.choices[0].finish_reason in ("stop", "length")
         assert response.usage.completion_tokens <= 6 + i % 9
