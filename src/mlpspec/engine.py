@@ -30,6 +30,9 @@ from .scheduler import Scheduler
 from .sequence import Request, RequestOutput, SamplingParams, Status, TokenLogprob
 from .tree import NO_TOKEN, walk
 
+# DecodeState's per-row tensors, which a request's row joins and leaves
+ROW_FIELDS = ("prompt", "valid", "position", "pending", "hidden", "tokens", "n_emitted", "finished", "accepted",
+              "expected")
 KEPT_STEPS = 4096  # steps whose acceptance stats.accepted keeps
 DEFAULT_MAX_LEN = 2048  # KV slots per row unless the model's context is shorter: 1.5 GB at 16 rows for SmolLM2
 
@@ -159,9 +162,10 @@ class Engine:
         self.stats.row_steps += int(active.sum())
         self.stats.shapes[str(shape)] = self.stats.shapes.get(str(shape), 0) + 1
         if shape != PLAIN:
-            accepted = n_accepted[active].cpu()  # r
-            self.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
+            step = torch.where(active, n_accepted, -1).cpu()  # b
+            self.stats.accepted.append(step)
             del self.stats.accepted[:-KEPT_STEPS]  # a server runs for ever: the counts below keep the rest
+            accepted = step[step >= 0]  # r
             self.speculated_rows += accepted.numel()
             self.head_hits += (accepted.unsqueeze(1) > torch.arange(self.n_predict)).sum(dim=0)
         outputs = []
@@ -220,11 +224,7 @@ class Engine:
         valid = torch.zeros(1, cache.capacity, dtype=torch.bool, device=self.device)
         valid[0, start : start + P] = True
         stops = self._stop_ids(request.params)
-        joined = {
-            "prompt": alone.prompt, "valid": valid, "position": alone.position, "pending": alone.pending,
-            "hidden": alone.hidden, "tokens": alone.tokens, "n_emitted": alone.n_emitted, "finished": alone.finished,
-            "accepted": alone.accepted, "expected": alone.expected,
-        }
+        joined = {name: getattr(alone, name) for name in ROW_FIELDS} | {"valid": valid}
         if self.state is None:
             self.state = DecodeState(cache=cache, stats=self.stats, feature_layers=self.feature_layers, **joined)
             self.max_new = torch.tensor([request.params.max_tokens], device=self.device)
@@ -234,9 +234,9 @@ class Engine:
             s = self.state
             width = max(s.prompt.size(1), P)  # prompts are left-padded with NO_TOKEN (look_up reads them)
             s.prompt = torch.cat([_left_pad(s.prompt, width), _left_pad(alone.prompt, width)])
-            for name in ("valid", "position", "pending", "hidden", "tokens", "n_emitted", "finished", "accepted",
-                         "expected"):
-                setattr(s, name, torch.cat([getattr(s, name), joined[name]]))
+            for name in ROW_FIELDS:
+                if name != "prompt":  # padded above
+                    setattr(s, name, torch.cat([getattr(s, name), joined[name]]))
             self.max_new = torch.cat([self.max_new, torch.tensor([request.params.max_tokens], device=self.device)])
             E = max(self.stops.size(1), len(stops) or 1)
             self.stops = torch.cat([_right_pad(self.stops, E), _right_pad(torch.tensor([stops or [-1]],
@@ -262,15 +262,13 @@ class Engine:
             last = len(self.rows) - 1
             if row != last:
                 cache.move_row(last, row)
-                for name in ("prompt", "valid", "position", "pending", "hidden", "tokens", "n_emitted", "finished",
-                             "accepted", "expected"):
+                for name in ROW_FIELDS:
                     getattr(s, name)[row] = getattr(s, name)[last]
                 for tensor in (self.max_new, self.stops, self.uniforms):
                     tensor[row] = tensor[last]
                 self.rows[row] = self.rows[last]
             self.rows.pop()
-            for name in ("prompt", "valid", "position", "pending", "hidden", "tokens", "n_emitted", "finished",
-                         "accepted", "expected"):
+            for name in ROW_FIELDS:
                 setattr(s, name, getattr(s, name)[:last])
             self.max_new, self.stops, self.uniforms = self.max_new[:last], self.stops[:last], self.uniforms[:last]
             cache.set_rows(last)

@@ -115,7 +115,6 @@ def export_for_base(speculator_name: str | None, base_name: str | None, fmt: str
     model, _ = load_base(base_name, dtype=dtype)
     speculator = load_speculator(speculator_name, dtype=getattr(torch, dtype), base=model)
     check_pair(model, speculator)  # an export for a base it does not fit would fail only when served
-    check_exportable(speculator.config, fmt)
     return export_speculator(speculator, out, fmt,
                              base_model_name_or_path=base_name or speculator.config.base_model_name_or_path
                              or DEFAULT_BASE_HUB_ID,

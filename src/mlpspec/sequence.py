@@ -14,6 +14,14 @@ from .errors import MLPSpecError
 _ids = itertools.count()
 
 
+def check_warping(top_k, top_p) -> None:
+    """Refuse a top_k or top_p that transformers' warpers would not take."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise MLPSpecError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise MLPSpecError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings. temperature 0 is greedy; top_k / top_p warp the
@@ -36,11 +44,7 @@ class SamplingParams:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not 0 <= self.temperature <= 2:
             raise MLPSpecError(f"temperature must be a number in [0, 2], got {self.temperature!r}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise MLPSpecError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
-            raise MLPSpecError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        check_warping(self.top_k, self.top_p)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise MLPSpecError(f"seed must be an integer, got {self.seed!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):

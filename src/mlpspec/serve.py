@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .engine import Engine
 from .errors import MLPSpecError
@@ -45,14 +45,10 @@ class Job:
     the channel its tokens go back through: events are (index, kind, payload)."""
 
     prompt_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float | None
+    params: SamplingParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
-    seed: int | None = None
     index: int = 0
-    logprobs: int | None = None  # alternatives asked for per token; None: no logprobs
     tokens: list[int] = field(default_factory=list)
     token_logprobs: list = field(default_factory=list)  # sequence.TokenLogprob per token, when asked
     steps: int = 0  # engine steps that gave this request tokens
@@ -138,10 +134,8 @@ class Worker:
         for job in [first, *iter_nowait(self.inbox)]:
             if job.cancelled:
                 continue
-            params = SamplingParams(max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
-                                    seed=job.seed, logprobs=job.logprobs)
             try:
-                self.jobs[self.engine.add_request(job.prompt_ids, params)] = job
+                self.jobs[self.engine.add_request(job.prompt_ids, job.params)] = job
             except QueueFull as e:
                 job.send("error", (503, str(e)))
             except MLPSpecError as e:
@@ -187,8 +181,7 @@ class Worker:
                     job.finished = True
                     del self.jobs[out.id]
                     self.metrics.finished.labels(out.finish_reason).inc()
-                    job.send("done", {"finish_reason": out.finish_reason, "steps": job.steps,
-                                      "batch_size": job.batch_size})
+                    job.send("done", out.finish_reason)
 
     def _count(self, job: Job, new: list[int], now: float) -> None:
         m = self.metrics
@@ -246,9 +239,9 @@ class Choice:
         self.text, self.sent, self.kept = "", 0, []
         self.done, self.finish_reason = False, None
 
-    def take(self, new: list[int], done: dict | None) -> str:
-        """Add a step's tokens (and, when the engine finished it, its finish info); returns
-        the text that may be sent now."""
+    def take(self, new: list[int], finish_reason: str | None) -> str:
+        """Add a step's tokens (and, when the engine finished it, why); returns the text
+        that may be sent now."""
         self.kept = self.kept + new
         text = self.text_of(self.kept)
         hits = [(text.find(stop), stop) for stop in self.stops if stop in text]
@@ -258,8 +251,8 @@ class Choice:
             self.kept = self._tokens_before(at)
         else:
             self.text = text
-            if done is not None:
-                self.done, self.finish_reason = True, done["finish_reason"]
+            if finish_reason is not None:
+                self.done, self.finish_reason = True, finish_reason
         safe = len(self.text) if self.done else _safe_length(self.text, self.stops)
         if not self.done and self.text[:safe].endswith("\ufffd"):  # hold back half a UTF-8 character
             safe -= 1
@@ -415,9 +408,10 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
             return error(e)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        choices = [Choice(Job(prompt_ids, asked.max_tokens, asked.temperature, asked.top_p, loop, events,
-                              seed=None if asked.seed is None else asked.seed + i, index=i, logprobs=asked.logprobs),
-                          asked.stops, text_of)
+        params = SamplingParams(max_tokens=asked.max_tokens, temperature=asked.temperature, top_p=asked.top_p,
+                                logprobs=asked.logprobs)
+        choices = [Choice(Job(prompt_ids, replace(params, seed=None if asked.seed is None else asked.seed + i), loop,
+                              events, index=i), asked.stops, text_of)
                    for i in range(asked.n)]
         for choice in choices:
             engine.submit(choice.job)

@@ -10,6 +10,7 @@ rate): mixed code and chat prompts, greedy, `max_tokens` as set.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import statistics
@@ -99,17 +100,11 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def drive_http(url: str, model_id: str, prompts: list[list[int]], times: list[float], max_tokens: int,
-               tokenizer) -> tuple[float, list[Timing]]:
-    """Send each prompt (token ids, decoded to text) at its arrival time as a streaming
-    completion; one thread per request."""
-    timings = [Timing(sent=0.0) for _ in prompts]
+def drive_http(url: str, model_id: str, tokenizer, max_tokens: int):
+    """send(timing, prompt): one streaming completion (the prompt's token ids as text)."""
 
-    def one(i: int, start: float) -> None:
-        timing = timings[i]
-        time.sleep(max(0.0, start + times[i] - time.perf_counter()))
-        timing.sent = time.perf_counter()
-        body = {"model": model_id, "prompt": tokenizer.decode(prompts[i]), "max_tokens": max_tokens,
+    def send(timing: Timing, prompt: list[int]) -> None:
+        body = {"model": model_id, "prompt": tokenizer.decode(prompt), "max_tokens": max_tokens,
                 "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
         try:
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
@@ -133,20 +128,15 @@ def drive_http(url: str, model_id: str, prompts: list[list[int]], times: list[fl
         except httpx.HTTPError as e:
             timing.error = str(e)
 
-    return _run_threads(one, len(prompts)), timings
+    return send
 
 
-def drive_transformers(manager, prompts: list[list[int]], times: list[float], max_tokens: int
-                       ) -> tuple[float, list[Timing]]:
-    """The same schedule through transformers' ContinuousBatchingManager (streaming)."""
-    timings = [Timing(sent=0.0) for _ in prompts]
+def drive_transformers(manager, max_tokens: int):
+    """send(timing, prompt) through transformers' ContinuousBatchingManager (streaming)."""
 
-    def one(i: int, start: float) -> None:
-        timing = timings[i]
-        time.sleep(max(0.0, start + times[i] - time.perf_counter()))
-        timing.sent = time.perf_counter()
+    def send(timing: Timing, prompt: list[int]) -> None:
         try:
-            rid = manager.add_request(prompts[i], request_id=f"r{i}-{start}", max_new_tokens=max_tokens, streaming=True)
+            rid = manager.add_request(prompt, max_new_tokens=max_tokens, streaming=True)
             for output in manager.request_id_iter(rid):
                 timing.tokens = len(output.generated_tokens)
                 if timing.tokens and timing.first is None:
@@ -157,63 +147,73 @@ def drive_transformers(manager, prompts: list[list[int]], times: list[float], ma
         except Exception as e:  # the anchor's failure is reported, not fatal to the benchmark
             timing.error = f"{type(e).__name__}: {e}"
 
-    return _run_threads(one, len(prompts)), timings
+    return send
 
 
-def _run_threads(one, n: int) -> float:
+def replay(send, prompts: list[list[int]], times: list[float]) -> tuple[float, list[Timing]]:
+    """Send each prompt at its arrival time, one thread per request. Returns the wall time
+    from the first arrival to the last request's end, and each request's timing."""
+    timings = [Timing(sent=0.0) for _ in prompts]
     start = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i, start), daemon=True) for i in range(n)]
+
+    def one(i: int) -> None:
+        time.sleep(max(0.0, start + times[i] - time.perf_counter()))
+        timings[i].sent = time.perf_counter()
+        send(timings[i], prompts[i])
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(prompts))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, timings
+
+
+@contextlib.contextmanager
+def target_sender(target: str, model, tokenizer, speculator, settings: ServingSettings):
+    """A running target (a server, or transformers' manager) and its send function."""
+    if target == "transformers_cb":
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=settings.max_tokens, do_sample=False,
+                                  eos_token_id=model.generation_config.eos_token_id,
+                                  pad_token_id=model.generation_config.pad_token_id or 0)
+        # transformers' continuous batching takes only its own attention kernels: sdpa for
+        # the run (load_base gave the model mlpspec's tree attention), then back
+        ours = model.config._attn_implementation
+        model.set_attn_implementation("sdpa")
+        manager = model.init_continuous_batching(generation_config=config)
+        manager.start()
+        try:
+            yield drive_transformers(manager, settings.max_tokens)
+        finally:
+            manager.stop(block=True)
+            model.set_attn_implementation(ours)
+        return
+    from .serve import BackgroundServer, create_app
+
+    app = create_app(model, tokenizer, speculator if target == "mlpspec" else None, "bench",
+                     max_batch=settings.max_batch)
+    server = BackgroundServer(app)
+    try:
+        app.state.engine.ready.wait()
+        yield drive_http(server.url, "bench", tokenizer, settings.max_tokens)
+    finally:
+        server.stop()
 
 
 def run_serving_bench(model, tokenizer, speculator, prompts: list[list[int]], settings: ServingSettings,
                       progress=None) -> dict:
     """Every target at every rate; the same requests and arrival times for each."""
-    from .serve import BackgroundServer, create_app
-
     report = {"settings": asdict(settings), "results": {}}
     asks = [prompts[i % len(prompts)] for i in range(settings.requests)]
     for target in settings.targets:
-        if target == "transformers_cb":
-            from transformers import GenerationConfig
-
-            config = GenerationConfig(max_new_tokens=settings.max_tokens, do_sample=False,
-                                      eos_token_id=model.generation_config.eos_token_id,
-                                      pad_token_id=model.generation_config.pad_token_id or 0)
-            # transformers' continuous batching takes only its own attention kernels: sdpa for
-            # the run (load_base gave the model mlpspec's tree attention), then back
-            ours = model.config._attn_implementation
-            model.set_attn_implementation("sdpa")
-            manager = model.init_continuous_batching(generation_config=config)
-            manager.start()
-            try:
-                for rate in settings.rates:
-                    wall, timings = drive_transformers(manager, asks, arrivals(rate, len(asks), settings.seed),
-                                                       settings.max_tokens)
-                    report["results"].setdefault(target, {})[str(rate)] = summarize(timings, wall)
-                    if progress:
-                        progress(target, rate)
-            finally:
-                manager.stop(block=True)
-                model.set_attn_implementation(ours)
-            continue
-        spec = speculator if target == "mlpspec" else None
-        app = create_app(model, tokenizer, spec, "bench", max_batch=settings.max_batch)
-        server = BackgroundServer(app)
-        try:
-            app.state.engine.ready.wait()
+        with target_sender(target, model, tokenizer, speculator, settings) as send:
             for rate in settings.rates:
-                wall, timings = drive_http(server.url, "bench", asks, arrivals(rate, len(asks), settings.seed),
-                                           settings.max_tokens, tokenizer)
+                wall, timings = replay(send, asks, arrivals(rate, len(asks), settings.seed))
                 report["results"].setdefault(target, {})[str(rate)] = summarize(timings, wall)
                 if progress:
                     progress(target, rate)
-        finally:
-            server.stop()
     return report
 
 
