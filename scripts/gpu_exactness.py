@@ -26,7 +26,7 @@ from gpu_verify_cost import llama_1b_config, speculator_for
 def main() -> None:
     from transformers import LlamaForCausalLM
 
-    from mlpspec.decode import speculative_generate
+    from mlpspec.generate import speculative_generate
     from mlpspec.equality import find_divergences
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

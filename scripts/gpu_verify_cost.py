@@ -117,14 +117,14 @@ def forward_curve(model, timer: Timer, batch_sizes, nodes, context: int, reps: i
                   kernels: bool = False) -> dict:
     """Seconds per base forward over q tree nodes after `context` committed tokens, [b][q]:
     wall time, or with `kernels` the device's kernel time."""
-    from mlpspec.decode import make_chooser, prefill, verify
+    from mlpspec.decode import prefill, verify
     from mlpspec.tree import flat_tree
 
     curve = {}
     for b in batch_sizes:
         ids = torch.randint(1, model.config.vocab_size, (b, context), generator=gen).to(model.device)
         valid = torch.ones_like(ids, dtype=torch.bool)
-        state = prefill(model, ids, valid, context + max(nodes) + 1, make_chooser(0.0, None, None, None), 1, 4)
+        state = prefill(model, ids, valid, context + max(nodes) + 1, lambda logits, depth: logits.argmax(dim=-1), 1, 4)
         nothing = torch.empty(b, 0, dtype=torch.long, device=model.device)
         curve[b] = {}
         for q in nodes:
@@ -160,7 +160,7 @@ def loop_costs(model, speculator, timer: Timer, batch_sizes, context: int, new_t
                gen: torch.Generator) -> dict:
     """Seconds per step of whole decoding runs: HF generate (per token), our loop plain, and
     our loop with each fixed shape. [method][b]."""
-    from mlpspec.decode import speculative_generate
+    from mlpspec.generate import speculative_generate
 
     costs = {"hf_greedy": {}, "ours_plain": {}, **{name: {} for name in SHAPES}}
     for b in batch_sizes:
@@ -237,7 +237,7 @@ def tokens_per_step(args) -> dict:
     greedy, batch 1 (the embedded default base model, this machine)."""
     from mlpspec import load_base, load_speculator
     from mlpspec.bench import chat_prompts, code_prompts
-    from mlpspec.decode import speculative_generate
+    from mlpspec.generate import speculative_generate
     from mlpspec.text import encode_prompts
 
     dtype = getattr(torch, args.dtype)

@@ -20,7 +20,7 @@ import httpx
 
 from mlpspec import load_base, load_speculator
 from mlpspec.bench import chat_prompts, code_prompts
-from mlpspec.decode import speculative_generate
+from mlpspec.generate import speculative_generate
 from mlpspec.serve import BackgroundServer, create_app
 from mlpspec.text import encode_prompts
 

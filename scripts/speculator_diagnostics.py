@@ -29,7 +29,7 @@ from mlpspec import load_base, load_speculator
 from mlpspec.base import base_outputs, cache_dir
 from mlpspec.bench import named_prompts
 from mlpspec.data import load_generations, split_heldout, tokenized_corpus
-from mlpspec.decode import speculative_generate
+from mlpspec.generate import speculative_generate
 from mlpspec.text import encode_prompt
 from mlpspec.tree import NO_TOKEN, hindsight_accepted
 

@@ -24,14 +24,14 @@ import torch
 from mlpspec.base import load_base
 from mlpspec.hardware import describe_machine
 from mlpspec.kernels import KERNELS
-from mlpspec.decode import make_chooser, prefill, verify
+from mlpspec.decode import prefill, verify
 from mlpspec.tree import flat_tree
 
 
 def time_passes(model, context: int, sizes: list[int], repeats: int, profile_sizes: list[int], out: Path, name: str):
     torch.manual_seed(0)
     ids = torch.randint(100, 20000, (1, context))
-    state = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), context + 64, make_chooser(0, None, None, None),
+    state = prefill(model, ids, torch.ones_like(ids, dtype=torch.bool), context + 64, lambda logits, depth: logits.argmax(dim=-1),
                     64, 0)
     L = state.cache.length
     nothing = torch.empty(1, 0, dtype=torch.long)

@@ -8,9 +8,9 @@ import torch
 import mlpspec.decode as decode
 from conftest import OracleSpeculator, tiny_llama
 from mlpspec import MLPSpeculatorConfig
-from mlpspec.adaptive import LIKELIEST_NODES, PLAIN, AdaptivePolicy, TreeShape, expected_last, shape_menu
+from mlpspec.adaptive import LIKELIEST_NODES, PLAIN, AdaptivePolicy, TreeShape, shape_menu
 from mlpspec.errors import MLPSpecError
-from mlpspec.decode import speculative_generate
+from mlpspec.generate import speculative_generate
 from mlpspec.tree import NO_TOKEN, lookup_branch
 from test_decode import hf_greedy, left_padded, random_speculator
 
@@ -201,7 +201,7 @@ def test_adaptive_with_real_timing_is_lossless_in_a_batch():
     out = speculative_generate(model, random_speculator(model, 3), ids, mask, max_new_tokens=30,
                                eos_token_id=[], adaptive=True)
     assert out.sequences.tolist() == expected.tolist()
-    assert sum(out.stats.shapes.values()) == out.stats.steps - 1  # every step but the prefill has a shape
+    assert sum(out.stats.shapes.values()) == out.stats.steps - 4  # every step but the rows' prefills has a shape
 
 
 
@@ -297,21 +297,21 @@ def test_lookup_shapes_are_judged_by_what_each_row_matched():
     assert policy.choose(1, max_depth=6, matched=[2]) == LOOKUP
 
 
-def test_a_batch_step_is_worth_what_its_slowest_row_gains():
+def test_a_batch_step_is_worth_its_rows_mean_gain():
     LOOKUP = TreeShape((), 0, 6)
     policy = calibrated([PLAIN, LOOKUP], {1: 1.0, 2: 1.1, 7: 1.5}, batch_size=4)
     policy.update(LOOKUP, 4, [5.0], 1.5, [3])  # known: a 3-gram row gains 4 tokens
     policy.update(PLAIN, 4, [1.0], 1.0)
     policy.steps = 10**6
     policy.record(LOOKUP, 3).uses = 10**6  # no optimism left
-    # one row of four matched: the other three gain nothing, and the batch ends with them
-    assert policy.expected_tokens(LOOKUP, [3, 0, 0, 0], left=7) == pytest.approx(1.0)
+    # one row of four matched: it gains 5 tokens, the other three 1 each
+    assert policy.expected_tokens(LOOKUP, [3, 0, 0, 0]) == pytest.approx(2.0)
+    assert policy.choose(4, max_depth=6, matched=[3, 0, 0, 0]) == LOOKUP  # 2 tokens in 1.5 s, with the margin
+    policy.seconds[4][LOOKUP] = 2.3  # 2 tokens in 2.3 s, less the margin: no
     assert policy.choose(4, max_depth=6, matched=[3, 0, 0, 0]) == PLAIN
-    # every row matched: 5 tokens a step for 1.5 s, against 1 in 1 s (a step of 5 overshoots
-    # the end by (25 - 5) / 10 = 2 tokens on average: 100 tokens take (100 + 2) / 5 steps)
-    assert policy.expected_tokens(LOOKUP, [3, 3, 3, 3], left=100) == pytest.approx(100 / (102 / 5))
+    assert policy.expected_tokens(LOOKUP, [3, 3, 3, 3]) == pytest.approx(5.0)
     assert policy.choose(4, max_depth=6, matched=[3, 3, 3, 3]) == LOOKUP
-    assert policy.choose(4, max_depth=6, matched=[3]) == LOOKUP  # the one row still far from done matched
+    assert policy.choose(4, max_depth=6, matched=[0, 0, 0, 0]) == PLAIN  # no match: the branch is empty
     # past lookup_cost_ratio plain steps a lookup shape is not offered at all, whatever its estimate
     assert policy.seconds[4][PLAIN] == 1.0
     policy.seconds[4][LOOKUP] = policy.lookup_cost_ratio + 0.1
@@ -350,58 +350,35 @@ def test_a_chain_step_teaches_every_shorter_chain_exactly():
     assert policy.record(TREE).uses == 0 and policy.record(PLAIN).uses == 0
 
 
-def test_expected_last_folds_normals_two_at_a_time():
-    assert expected_last([(4.0, 1.0, 2)]) == pytest.approx(4 + 1 / math.sqrt(math.pi))  # exact for two
-    assert expected_last([(3.0, 0.0, 1), (5.0, 0.0, 2)]) == 5.0  # certain ones: the largest
-    assert expected_last([(3.0, 2.0, 1)]) == 3.0
-    # 16 alike: the mean of the largest of 16 standard normals is 1.7660 (tables); Clark's estimate is near it
-    assert expected_last([(0.0, 1.0, 16)]) == pytest.approx(1.766, abs=0.02)
-
-
-def test_a_batch_is_worth_the_pace_of_its_last_row():
+def test_a_batch_is_worth_the_mean_of_its_rows():
     policy = calibrated([PLAIN, CHAIN1, CHAIN2], {1: 1.0, 2: 1.2, 3: 1.3}, batch_size=8)
     policy.steps = 10**6
     for shape, at_least in ((CHAIN1, [0.7]), (CHAIN2, [0.5, 0.5])):
         policy.record(shape).uses, policy.record(shape).at_least = 10**6, at_least
-    assert policy.expected_tokens(CHAIN2, [0], left=8) == pytest.approx(2.0)  # one row: its mean
-    # CHAIN2 gains 1 or 3 tokens a step (mean 2, variance 1, E[g^2] 5): a row with 8 to go
-    # overshoots its end by (5 - 2) / 4 = 0.75 tokens on average and takes about
-    # Normal((8 + 0.75) / 2, 8 * 1 / 2^3) = Normal(4.375, 1) steps; the later of two, 4.375 + 1 / sqrt(pi)
-    assert policy.expected_tokens(CHAIN2, [0, 0], left=8) == pytest.approx(8 / (4.375 + 1 / math.sqrt(math.pi)))
-    # a row 4 tokens ahead takes Normal(2.375, 0.5) steps, and seldom ends last: Clark's E[max]
-    # is 4.375 Phi(a) + 2.375 Phi(-a) + t phi(a), t = sqrt(1.5), a = 2 / t
-    assert policy.expected_tokens(CHAIN2, [0, 0], behind=[0, 4], left=8) == pytest.approx(8 / 4.401324, rel=1e-6)
-    # the more rows tied, the later the last of them
-    one, two, eight = (policy.expected_tokens(CHAIN1, [0] * n, left=64) for n in (1, 2, 8))
-    assert one == pytest.approx(1.7) and one > two > eight > 1.5
-    # a row at half the pace accepts each of its chain's tokens half as often: tails 0.25 and
-    # 0.125, mean 1.375, variance 0.484: Normal(6.083, 1.491) steps for 8 tokens, and it sets the end
-    slow = policy.expected_tokens(CHAIN2, [0, 0], left=8, pace=[(1.0, 0.0), (0.5, 0.0)])
-    assert slow == pytest.approx(8 / 6.194838, rel=1e-6)
-    # a pace known only to 0.3 moves the mean gain by (1 * 0.5 + 2 * 0.5) * 0.3 = 0.45, each row's
-    # steps by 4.375 * 0.45 / 2 = 0.984 more (sd), and the later of two rows: 4.375 + sqrt(1 + 0.969) / sqrt(pi)
-    unsure = policy.expected_tokens(CHAIN2, [0, 0], left=8, pace=[(1.0, 0.3)] * 2)
-    assert unsure == pytest.approx(8 / (4.375 + math.sqrt(1 + 0.984375**2) / math.sqrt(math.pi)))
-    # chains pay for one row and for eight: 1.6 tokens a step for the last of 8 rows, for 1.2 s
-    assert policy.choose(8, max_depth=63, matched=[0]) == CHAIN2
-    assert policy.choose(8, max_depth=63, matched=[0] * 8) != PLAIN
-    # but not for 8 rows whose paces are unknown, when a chain costs 1.45 plain steps
-    calibrated(policy.menu, {1: 1.0, 2: 1.45, 3: 1.6}, batch_size=8, policy=policy)
-    assert policy.choose(8, max_depth=63, matched=[0]) == CHAIN2
-    assert policy.choose(8, max_depth=63, matched=[0] * 8, pace=[(1.0, 0.3)] * 8) == PLAIN
+    assert policy.expected_tokens(CHAIN2, [0]) == pytest.approx(2.0)  # one row: 1 + 0.5 + 0.5
+    # rows leave the batch when done, so none waits for the slowest: eight rows, the same mean
+    assert policy.expected_tokens(CHAIN2, [0] * 8) == pytest.approx(2.0)
+    # a chain pays for eight rows: 2 tokens a step in 1.3 s (less the margin) against plain's 1 in 1
+    assert policy.choose(8, max_depth=63, matched=[0] * 8) == CHAIN2
+    assert policy.choose(8, max_depth=0, matched=[0] * 8) == PLAIN  # no room for a candidate
+    # but not where its tokens do not pay for its step: 2 in 2.1 s, 1.7 in 1.9 s
+    calibrated(policy.menu, {1: 1.0, 2: 1.9, 3: 2.1}, batch_size=8, policy=policy)
+    assert policy.choose(8, max_depth=63, matched=[0] * 8) == PLAIN
 
 
-def test_a_row_without_a_match_sets_the_end_for_a_lookup_shape():
+def test_a_lookup_shape_is_worth_the_mean_over_rows_with_and_without_a_match():
     LOOKUP = TreeShape((), 0, 6)
     policy = calibrated([PLAIN, CHAIN2, LOOKUP], {1: 1.0, 2: 1.2, 7: 1.9}, batch_size=4)
     policy.steps = 10**6
     for shape, n, at_least in ((CHAIN2, 0, [0.6, 0.3]), (LOOKUP, 3, [1.0, 1.0, 1.0, 1.0])):
         policy.record(shape, n).uses, policy.record(shape, n).at_least = 10**6, at_least
-    # row A's 3-gram copy gains 5 tokens a step, but B, one behind with no match, 1: B's 6
-    # tokens take 6 steps, and the end moves 7 tokens in 6 steps
-    assert policy.expected_tokens(LOOKUP, [3, 0], behind=[0, 1], left=7) == pytest.approx(7 / 6)
-    assert policy.choose(4, max_depth=6, matched=[3, 0], behind=[0, 1]) == CHAIN2
-    assert policy.choose(4, max_depth=6, matched=[3], behind=[0]) == LOOKUP  # A alone
+    # row A's 3-gram copy gives 5 tokens a step; B, with no match, gets plain decoding's 1
+    assert policy.expected_tokens(LOOKUP, [3, 0]) == pytest.approx(3.0)
+    # 3 tokens in 1.9 s beat the chain's 1.9 in 1.34 s
+    assert policy.choose(4, max_depth=6, matched=[3, 0]) == LOOKUP
+    # one copy among four rows does not: 2 tokens a row in 1.9 s
+    assert policy.expected_tokens(LOOKUP, [3, 0, 0, 0]) == pytest.approx(2.0)
+    assert policy.choose(4, max_depth=6, matched=[3, 0, 0, 0]) == CHAIN2
 
 
 def test_two_unlucky_first_steps_do_not_rule_out_a_long_lookup_branch():
@@ -416,10 +393,8 @@ def test_two_unlucky_first_steps_do_not_rule_out_a_long_lookup_branch():
     lift = 0.2 * (math.log(101) / 2) ** 0.5
     assert policy.expected_tokens(LOOKUP, [3], bonus=True) == pytest.approx(1 + 6 * lift)
     assert policy.choose(1, max_depth=6, matched=[3]) == LOOKUP
-    # but not for a batch whose other row near the end matched nothing: the branch cannot move the end
-    assert policy.expected_tokens(LOOKUP, [3, 0], behind=[0, 0], bonus=True, left=7) == pytest.approx(1.0)
-    calibrated(policy.menu, {1: 1.0, 2: 1.1, 7: 1.3}, batch_size=2, policy=policy)
-    assert policy.choose(2, max_depth=6, matched=[3, 0], behind=[0, 0]) == CHAIN1
+    # beside a row that matched nothing, half of that on average
+    assert policy.expected_tokens(LOOKUP, [3, 0], bonus=True) == pytest.approx(1 + 3 * lift)
     policy.record(LOOKUP, 3).uses = 10**4  # after many wrong copies it is not
     assert policy.choose(1, max_depth=6, matched=[3]) == CHAIN1
 
@@ -431,7 +406,7 @@ class Always(AdaptivePolicy):
     shape: TreeShape = PLAIN
     log: list = field(default_factory=list)
 
-    def choose(self, batch_size, max_depth, matched=(0,), behind=None, pace=None):
+    def choose(self, batch_size, max_depth, matched=(0,)):
         return self.shape
 
     def learn(self, shape, row_tokens, matched=None):
@@ -540,6 +515,6 @@ def test_a_likeliest_tree_that_takes_its_branch_alone_stays_lossless_and_teaches
     out = speculative_generate(model, speculator, ids, mask, max_new_tokens=40, eos_token_id=[], adaptive=policy,
                                lookup=4)
     assert out.sequences.tolist() == expected.tolist()
-    assert out.stats.shapes == {str(likeliest_lookup): out.stats.steps - 1}
+    assert out.stats.shapes == {str(likeliest_lookup): out.stats.steps - 2}  # but the two prefills
     learned = {shape for shape, _ in policy.log}
     assert {TreeShape((1, 1, 1), 1), TreeShape((), 0, 4)} <= learned  # the chain, the branch alone

@@ -44,7 +44,7 @@ def test_load_base_from_a_folder(tiny_llama_folder):
 
 
 def test_tree_attention_reads_grouped_heads_in_place_with_the_same_numbers(tiny_llama_folder, monkeypatch):
-    from mlpspec.decode import make_chooser, prefill, verify
+    from mlpspec.decode import prefill, verify
     from mlpspec.tree import build_tree
 
     model, _ = load_base(tiny_llama_folder)  # 4 query heads over 2 key/value heads
@@ -61,7 +61,7 @@ def test_tree_attention_reads_grouped_heads_in_place_with_the_same_numbers(tiny_
     def tree_states(implementation: str) -> torch.Tensor:
         model.set_attn_implementation(implementation)
         delegated.clear()
-        state = prefill(model, ids, valid, 24, make_chooser(0.0, None, None, None), 1, 2)
+        state = prefill(model, ids, valid, 24, lambda logits, depth: logits.argmax(dim=-1), 1, 2)
         return verify(model, state, build_tree(state.pending, candidates))[1]  # b q d
 
     reference = tree_states("sdpa")

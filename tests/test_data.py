@@ -160,7 +160,7 @@ def test_generated_positions_mark_what_the_base_model_wrote(tmp_path):
 def test_self_written_prompts_are_the_models_finished_requests():
     from test_text import CHAT_TEMPLATE
 
-    from mlpspec.decode import speculative_generate
+    from mlpspec.generate import speculative_generate
 
     model, tok = tiny_llama(), tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
@@ -189,7 +189,7 @@ def test_self_written_prompts_are_the_models_finished_requests():
 def test_self_written_prompts_begin_with_the_leads_in_turn(tmp_path):
     from test_text import CHAT_TEMPLATE
 
-    from mlpspec.decode import speculative_generate
+    from mlpspec.generate import speculative_generate
 
     model, tok = tiny_llama(), tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE

@@ -9,7 +9,8 @@ from conftest import TINY_VOCAB, OracleSpeculator, tiny_gpt2, tiny_llama, tiny_q
 
 ARCHITECTURES = pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_gpt2], ids=["llama", "qwen2", "gpt2"])
 from mlpspec import MLPSpecError, MLPSpeculator, run_base, speculator_config_for
-from mlpspec.decode import speculative_generate, target_probs
+from mlpspec.decode import target_probs
+from mlpspec.generate import speculative_generate
 
 
 def random_speculator(model, seed=0, **kw):
@@ -113,7 +114,8 @@ def test_the_speculator_reads_the_feature_layers_of_the_state_that_made_the_pend
                                top_k_tokens_per_head=[1, 1, 1], n_candidates=1)
     assert out.sequences.tolist() == expected.tolist()
     assert {0, 1, 2, 3} <= set(out.stats.accepted_lengths)
-    assert len(oracle.distances) >= 3 * (out.stats.steps - 2) and max(oracle.distances) < 1e-4
+    decoding = out.stats.steps - 3  # each row's prompt is a pass of its own
+    assert len(oracle.distances) >= 3 * (decoding - 1) and max(oracle.distances) < 1e-4
 
 
 def test_max_new_tokens_zero_returns_the_prompt():
@@ -132,7 +134,7 @@ def test_oracle_reaches_n_predict_plus_one_tokens_per_step(n_predict):
     oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=n_predict)
     out = speculative_generate(model, oracle, ids, mask, max_new_tokens=max_new, eos_token_id=[])
     assert out.sequences.tolist() == expected.tolist()
-    assert out.stats.steps == 7
+    assert out.stats.steps == 3 + 6  # each row's prefill, then six steps of the batch
     assert out.stats.accepted_lengths == [n_predict] * 18  # every row accepts every head, every step
     assert out.stats.per_head_acceptance == [1.0] * n_predict
     # each speculative step emits n_predict + 1 tokens per row (the prefill step emits 1)
@@ -148,7 +150,7 @@ def test_a_shorter_top_k_runs_fewer_stages_and_stays_lossless():
     out = speculative_generate(model, oracle, ids, mask, max_new_tokens=max_new, eos_token_id=[],
                                top_k_tokens_per_head=[1, 1], n_candidates=1)
     assert out.sequences.tolist() == expected.tolist()
-    assert out.stats.steps == 7 and out.stats.accepted_lengths == [2] * 18
+    assert out.stats.steps == 3 + 6 and out.stats.accepted_lengths == [2] * 18
     assert out.stats.per_head_acceptance == [1.0, 1.0]  # the two stages run, not the speculator's four
 
 
@@ -493,24 +495,34 @@ def test_adaptive_lookup_without_a_speculator():
         speculative_generate(model, None, ids, mask, max_new_tokens=4, adaptive=policy)
 
 
-def test_rows_left_measures_each_row_against_the_one_furthest_from_done():
-    from types import SimpleNamespace
+def tiny_gemma3(window: int = 16, seed: int = 0):
+    """Gemma-3-type: three sliding-window layers of `window` tokens, then a global one."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    # 10 tokens each at most: rows 1 and 2 have 7 left, but row 2 is finished (EOS)
-    state = SimpleNamespace(n_emitted=torch.tensor([5, 3, 3, 7]), finished=torch.tensor([False, False, True, False]))
-    behind, remaining = decode.rows_left(state, 10)
-    assert remaining == 7 and behind.tolist() == [2, 0, 0, 4]
-    state.finished = torch.tensor([False, True, True, False])  # with row 1 done, row 0 is the furthest
-    behind, remaining = decode.rows_left(state, 10)
-    assert remaining == 5 and behind.tolist() == [0, -2, -2, 2]
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=window, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+    )
+    return Gemma3ForCausalLM(config).eval()
 
 
-def test_a_rows_pace_is_its_first_token_acceptance_against_the_records_shrunk_to_one():
-    from types import SimpleNamespace
-
-    state = SimpleNamespace(accepted=torch.tensor([0.0, 6.0, 2.0]), expected=torch.tensor([0.0, 4.0, 4.0]))
-    pace, spread = decode.row_pace(state)
-    prior, width = decode.PACE_PRIOR, decode.PACE_SPREAD
-    # no evidence: the batch's average pace, as uncertain as rows differ; then (prior + accepted) / (prior + expected)
-    torch.testing.assert_close(pace, torch.tensor([1.0, (prior + 6) / (prior + 4), (prior + 2) / (prior + 4)]))
-    torch.testing.assert_close(spread, width * torch.tensor([1.0, (prior / (prior + 4)) ** 0.5, (prior / (prior + 4)) ** 0.5]))
+def test_a_sliding_window_model_generates_past_its_window(monkeypatch):
+    """Gemma 3 with a window of 16: 64 tokens past a 48-token prompt equal model.generate
+    in float32, alone and as two rows of a batch, with trees and a lookup branch (each tree
+    pass masks the old keys from its sliding-window layers: base.layer_masks)."""
+    model = tiny_gemma3()
+    ids, mask = left_padded([48, 41], seed=5)
+    alone = [hf_greedy(model, ids[r : r + 1, mask[r].bool()], None, 64, eos=None) for r in range(2)]
+    speculator = random_speculator(model, 3)
+    out = speculative_generate(model, speculator, ids[:1], max_new_tokens=64, eos_token_id=[], lookup=4)
+    assert out.sequences.tolist() == alone[0].tolist()
+    assert out.stats.tokens_per_step > 1.3  # trees were accepted, not only bonus tokens
+    both = speculative_generate(model, speculator, ids, mask, max_new_tokens=64, eos_token_id=[], lookup=4)
+    for r in range(2):
+        assert both.sequences[r, 48:].tolist() == alone[r][0, -64:].tolist()  # each row's 64 new tokens
+    # the window matters here: without it the tree passes see keys the model would not
+    monkeypatch.setattr(decode, "sliding_window", lambda model: None)
+    blind = speculative_generate(model, speculator, ids[:1], max_new_tokens=64, eos_token_id=[], lookup=4)
+    assert blind.sequences.tolist() != alone[0].tolist()

@@ -174,7 +174,7 @@ def test_export_cli(tmp_path, capsys):
 def test_released_configs_decode_losslessly(tmp_path, name):
     """Each released config's tree shape, at reduced size, over a tiny base of matching
     width, exported and read back: greedy output equals the base model's own."""
-    from mlpspec.decode import speculative_generate
+    from mlpspec.generate import speculative_generate
 
     d, m, h, top_k, n, V, tied = RELEASED[name]
     hidden, vocab = 8 * math.ceil(d / 512), math.ceil(V / 256)

@@ -9,7 +9,7 @@ import mlpspec.kernels as kernels
 from conftest import TINY_VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
 from mlpspec import MLPSpecError, MLPSpeculator, run_base, speculator_config_for
 from mlpspec.cache import SMALLEST_TREE_WIDTH
-from mlpspec.decode import speculative_generate
+from mlpspec.generate import speculative_generate
 from mlpspec.kernels import can_pack, kernels_for, kernels_of, use_kernels
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.float32), reason="this PyTorch build has no oneDNN")
@@ -122,10 +122,13 @@ def test_greedy_on_the_compiled_static_path_equals_transformers(build, monkeypat
                                top_k_tokens_per_head=[3, 2, 1], n_candidates=4)
     assert out.sequences.tolist() == expected.tolist()
     assert max(widths) > 1 and all(w & (w - 1) == 0 for w in widths), sorted(set(widths))  # powers of two
-    built = sorted(set(widths))  # decode.build_graphs runs each width once, before any step
+    built = sorted(set(widths))  # decode.build_graphs runs each width once, before any step of the batch
     assert sorted(widths[: len(built)]) == built
     # batch 1 without a speculator: every one-token pass padded to the smallest tree's graph
     widths.clear()
     alone = model.generate(input_ids=ids[1:], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     plain = speculative_generate(model, None, ids[1:], max_new_tokens=6, eos_token_id=[])
-    assert plain.sequences.tolist() == alone.tolist() and widths == [SMALLEST_TREE_WIDTH] * 6
+    assert plain.sequences.tolist() == alone.tolist()
+    # five steps after the prefill's token, and a pass that builds the graph unless the batch
+    # above built it when its first row finished
+    assert widths in ([SMALLEST_TREE_WIDTH] * 5, [SMALLEST_TREE_WIDTH] * 6)

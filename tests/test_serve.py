@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from mlpspec.decode import speculative_generate
+from mlpspec.generate import speculative_generate
 from mlpspec.serve import BackgroundServer, create_app
 from mlpspec.text import encode_prompt
 from test_decode import random_speculator

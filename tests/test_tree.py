@@ -80,6 +80,22 @@ def test_tree_mask_after_context_with_a_hole():
     assert mask[0, 0, 0, 1] == MIN
 
 
+def test_sliding_window_mask_by_hand():
+    # a chain r, a, b after 4 context slots, slot 1 a hole: committed positions 0, -, 1, 2,
+    # so r sits at position 3, a at 4, b at 5. A window of 2 sees positions p - 1 and p.
+    tree = build_tree(torch.tensor([R]), torch.tensor([[[A, B]]]))
+    mask = tree_attention_mask(tree, torch.tensor([[True, False, True, True]]), torch.float32, window=2)
+    assert (mask[0, 0] == 0).int().tolist() == [
+        # ctx (positions 0 - 1 2)  r  a  b
+        [0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1, 1],
+    ]
+    # a window wider than the context and the tree hides nothing the plain mask shows
+    wide = tree_attention_mask(tree, torch.tensor([[True, False, True, True]]), torch.float32, window=7)
+    assert torch.equal(wide, tree_attention_mask(tree, torch.tensor([[True, False, True, True]]), torch.float32))
+
+
 def test_padded_tree_in_a_static_cache_mask():
     # r, a, b padded to 4 nodes, after 2 context slots (slot 0 a hole), in a cache of 8 slots
     tree = pad_tree(build_tree(torch.tensor([R]), torch.tensor([[[A, B]]])), 4)

@@ -25,7 +25,7 @@ from conftest import tiny_llama, tiny_tokenizer
 from mlpspec import MLPSpeculator, MLPSpeculatorConfig
 from mlpspec.checkpoint import load_speculator
 from mlpspec.cli import main
-from mlpspec.decode import speculative_generate
+from mlpspec.generate import speculative_generate
 from reference_impl import ReferenceSpeculator
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (scripts/test_vllm.sh sets up .venv-vllm)")

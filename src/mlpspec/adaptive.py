@@ -17,9 +17,9 @@ reports in hindsight what the other trees a step's parts make would have accepte
 decode.foresee), and a shape not yet used is credited with the most it could ever give, 1 +
 its depth (or its lookup branch's length). So a shape is tried only if it could pay at all:
 at a large batch, where a big tree costs more than it could ever return, it is never tried.
-A batch's tokens per step are the pace of its last row: the batch ends when that row is
-done, so a shape is worth how soon the slowest of its rows would be done with it
-(expected_tokens), each row at its own pace (decode.row_pace). Each step takes the best
+A batch's worth is the tokens all its rows gain per second: its rows join and leave at any
+step (engine.py), so a row done early frees its place, and each row counts at its own mean
+(expected_tokens). Each step takes the best
 estimate with each row's acceptance tails raised by an optimism bonus that shrinks with use
 (UCB), so a shape that fell behind is retried now and then and a drift in acceptance is
 noticed.
@@ -38,10 +38,8 @@ Every shape is lossless, so the choice changes only the speed.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -120,30 +118,6 @@ def shape_menu(config: MLPSpeculatorConfig | None, top_k: list[int] | None = Non
     if lookup:
         menu += [TreeShape((), 0, lookup), *(TreeShape(s.top_k, s.n_candidates, lookup, s.nodes) for s in deepest)]
     return menu
-
-
-def expected_last(rows: Sequence[tuple[float, float, int]]) -> float:
-    """E[max] over independent normal variables, given in groups (mean, sd, how many), by
-    Clark's moment matching (C. E. Clark 1961, "The greatest of a finite set of random
-    variables"): the max of two normals has a closed-form mean and variance, and taking it as
-    normal again folds in the next variable. Exact for two; for more it is an estimate, a
-    few pure-Python operations per variable (a numeric integral in torch took 1 ms a step)."""
-    mean, var = None, 0.0
-    for m, sd, count in rows:
-        for _ in range(count):
-            if mean is None:
-                mean, var = m, sd * sd
-                continue
-            theta = math.sqrt(var + sd * sd)
-            if theta < 1e-9:
-                mean = max(mean, m)
-                continue
-            alpha = (mean - m) / theta
-            cdf, pdf = 0.5 * (1 + math.erf(alpha / math.sqrt(2))), math.exp(-alpha * alpha / 2) / math.sqrt(2 * math.pi)
-            first = mean * cdf + m * (1 - cdf) + theta * pdf
-            second = (mean * mean + var) * cdf + (m * m + sd * sd) * (1 - cdf) + (mean + m) * theta * pdf
-            mean, var = first, max(second - first * first, 0.0)
-    return mean
 
 
 @dataclass
@@ -305,16 +279,14 @@ class AdaptivePolicy:
         rows = [(self.tails(branch, n) if n else []) + [0.0] * lookup for n in matched]
         return torch.tensor([row[:lookup] for row in rows], dtype=torch.float)
 
-    def choose(self, batch_size: int, max_depth: int, matched: Sequence[int] = (0,),
-               behind: Sequence[int] | None = None, pace: Sequence[tuple[float, float]] | None = None) -> TreeShape:
-        """The shape to use for the next step, among those no deeper than max_depth, one less
-        than the tokens the row furthest from done has left, given for each active row the
-        n-gram size its lookup matched, how many tokens it trails that row by, and its pace
-        (see expected_tokens). Where no row matched, the lookup shapes would not speed them:
-        they are left out, their twins stand in for them."""
+    def choose(self, batch_size: int, max_depth: int, matched: Sequence[int] = (0,)) -> TreeShape:
+        """The shape to use for the next step, among those no deeper than max_depth (one less
+        than the most tokens any active row has left), given for each active row the n-gram
+        size its lookup matched. Where no row matched, the lookup shapes would not speed
+        them: they are left out, their twins stand in for them."""
         offered = self.lookup_shapes(batch_size) if any(matched) else []
         allowed = [s for s in self.menu if s.depth <= max_depth and (not s.lookup or s in offered)]
-        scores = {shape: self._score(shape, batch_size, matched, behind, max_depth + 1, pace) for shape in allowed}
+        scores = {shape: self._score(shape, batch_size, matched) for shape in allowed}
         best = max(scores, key=scores.get)
         if len(allowed) > 1:  # a plain step forced by the tokens left says nothing of the batch size
             runner_up = max(score for shape, score in scores.items() if shape != PLAIN)
@@ -365,68 +337,25 @@ class AdaptivePolicy:
             # use. At batch 1 this adds up to `reach` bonuses (UCB1's range: a lookup branch
             # of 10 that two unlucky first copies put at 1 token/step was never retried at
             # 0.2 tokens of optimism, and code fell from 2.36x to 1.50x on that luck); at
-            # batch > 1 the optimism goes through the batch's last row, so a shape that cannot
-            # help the rows furthest from done is not explored for the others (bench --quick:
-            # 0.91x at batch 4 with one bonus added to the batch's value)
+            # batch > 1 each row's tails are raised, and the batch's mean carries them
             lift = self.exploration * math.sqrt(math.log(self.steps + 1) / used)
             at_least = [min(1.0, p + lift) for p in list(at_least) + [0.0] * (reach - len(at_least))]
         return list(at_least)
 
-    def expected_tokens(self, shape: TreeShape, matched: Sequence[int] = (0,), behind: Sequence[int] | None = None,
-                        bonus: bool = False, left: int = 1, pace: Sequence[tuple[float, float]] | None = None) -> float:
-        """How far a step of `shape` is expected to move the batch's end, in tokens per step:
-        for each active row the n-gram size its lookup matched, how many fewer tokens it has
-        left than the row furthest from done (`behind`; None: all tied), and its `pace`
-        (decode.row_pace: how often it accepted the speculator's first token over how often
-        the records expected it to, and how uncertain that is; None: (1, 0) each); `left`,
-        the tokens that row has left; with `bonus`, the optimism bonus on every tail (tails).
+    def expected_tokens(self, shape: TreeShape, matched: Sequence[int] = (0,), bonus: bool = False) -> float:
+        """Tokens per row a step of `shape` is expected to give, for active rows whose lookup
+        matched n-grams of `matched` tokens: each row's 1 + the sum of its tails (tails,
+        with the optimism bonus with `bonus`), averaged over the rows.
 
-        A lone row is worth its mean, 1 + the sum of its tails. A batch runs until its last
-        row is done, and a row done early still costs its share of every step, so a batch's
-        shape is worth the pace of its last row: if it were kept to the end, row i, with
-        r_i = left - behind_i tokens to go, gaining g_i = 1 + accepted a step (mean m_i,
-        variance v_i), would take T_i ~ Normal(r_i / m_i, r_i v_i / m_i^3) steps (a
-        renewal count, its mean counting the last step's overshoot), and the batch
-        E[max_i T_i] (expected_last): the worth is
-        left / E[max_i T_i]. A row's tail at depth j is scaled by its pace^j (capped at 1,
-        for the speculator's own drafts), and the pace's uncertainty widens its steps to go:
-        the bench's prompts differ, and at batch 8 the slowest of its rows set the end, so a
-        top-1 chain of one token and one of two took the same 48 steps for 64 tokens.
-
-        This replaces judging a step by how far it moves the end at once (the mean of
-        min_i (behind_i + g_i)): 8 tied rows rarely all accept, so that rule saw no gain in
-        speculating, kept them tied with plain steps, and never sped them up; at batch 4
-        it decoded plain on 374 steps of 377 and made 0.99x our plain loop. Judged by the
-        last row's pace, batch 4 made 1.06-1.08x our plain loop interleaved, and 1.17x HF
-        greedy in the bench (v34)."""
-        if len(matched) == 1:
-            return 1.0 + sum(self.tails(shape, matched[0], bonus))
-        behind = [0] * len(matched) if behind is None else behind
-        pace = [(1.0, 0.0)] * len(matched) if pace is None else pace
-        rows = []  # (mean, sd, count) of each group of like rows' steps to go
+        The mean, not the slowest row: a row that finishes leaves the batch at once and a
+        waiting request takes its place (engine.py), so the batch's tokens per second are
+        the sum of its rows'. (When batches were decoded to their last row, a shape was
+        judged by that row's expected finish, Clark's E[max] over the rows' steps to go.)"""
         known = {n: self.tails(shape, n, bonus) for n in set(matched)}
-        for (n, lag, (speed, spread)), count in Counter(zip(matched, behind, pace)).items():
-            tails = known[n]
-            own = not self.key(shape, n)[0].lookup  # the speculator's drafts alone: this row's pace scales them
-            if own:
-                tails = list(itertools.accumulate((min(1.0, a * speed ** (j + 1)) for j, a in enumerate(tails)), min))
-            mean = 1.0 + sum(tails)
-            variance = sum((2 * j + 1) * a for j, a in enumerate(tails)) - sum(tails) ** 2  # E[A^2] - E[A]^2
-            to_go = max(left - lag, 1)
-            # Wald: the last step overshoots the row's end by (E[g^2] - m) / 2m tokens on
-            # average (a lattice renewal), a fifth of a step or so, which counts near the end
-            steps = (to_go + (variance + mean * mean - mean) / (2 * mean)) / mean
-            # the pace is known only so well (spread): the mean gain moves with it, by
-            # sum_j j a_j / pace, and the steps to go with that
-            slope = sum((j + 1) * a for j, a in enumerate(tails)) / max(speed, 1e-9) if own else 0.0
-            rows.append((steps, math.sqrt(max(to_go * variance / mean**3, 0.0) + (steps * slope * spread / mean) ** 2),
-                         count))
-        # every row gains a token or more a step: the last one is done within `left` steps
-        return left / min(max(expected_last(rows), 1.0), left)
+        return 1.0 + sum(sum(known[n]) for n in matched) / max(len(matched), 1)
 
-    def _score(self, shape: TreeShape, batch_size: int, matched: Sequence[int], behind: Sequence[int] | None,
-               left: int, pace: Sequence[tuple[float, float]] | None) -> float:
-        score = self.expected_tokens(shape, matched, behind, True, left, pace) / max(self.cost(shape, batch_size), 1e-9)
+    def _score(self, shape: TreeShape, batch_size: int, matched: Sequence[int]) -> float:
+        score = self.expected_tokens(shape, matched, True) / max(self.cost(shape, batch_size), 1e-9)
         return score if shape == PLAIN else score / (1 + self.margin)
 
     def update(self, shape: TreeShape, batch_size: int, row_tokens: Sequence[float], seconds: float,

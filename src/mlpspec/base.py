@@ -245,6 +245,28 @@ class BaseOutput(NamedTuple):
 
 
 @functools.cache
+def sliding_window(model: PreTrainedModel) -> int | None:
+    """The window of the model's sliding-window attention layers (Mistral, Gemma 2 and 3),
+    None where it has none. A query at position p sees a key at position k < p + 1 there
+    when k > p - window (transformers' sliding_window_overlay)."""
+    text = model.config.get_text_config()
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def layer_masks(model: PreTrainedModel, full: torch.Tensor, windowed: torch.Tensor) -> dict | torch.Tensor:
+    """The attention_mask of a tree pass for a model with sliding-window layers: a mask per
+    layer type where full and sliding layers mix (models with layer_types take that dict in
+    place of building their own masks), the windowed mask alone where every layer slides."""
+    types = getattr(model.config.get_text_config(), "layer_types", None)
+    if types is not None and "full_attention" in types:
+        return {"full_attention": full, "sliding_attention": windowed}
+    return windowed
+
+
 def _cache_keyword(model_class: type) -> str:
     # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns,
     # then goes away); older releases know only the old one.

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .adaptive import AdaptivePolicy, shape_menu
-from .decode import DEFAULT_LOOKUP, head_acceptance, speculative_generate
+from .decode import DEFAULT_LOOKUP, head_acceptance
+from .generate import speculative_generate
 from .hardware import describe_machine, hardware_line
 from .kernels import kernels_of
 from .text import encode_prompts, read_prompt_file

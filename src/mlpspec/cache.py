@@ -139,10 +139,10 @@ class StaticTreeCache(TreeCache):
     layer_class = StaticSlotLayer
     static = True
 
-    def __init__(self, num_layers: int, capacity: int):
+    def __init__(self, num_layers: int, capacity: int, *rest):
         # the mask spans every slot, so the capacity is part of each graph's shape: a power
         # of two, so that prompts of other lengths reuse the graphs
-        super().__init__(num_layers, max(SMALLEST_CAPACITY, 1 << (capacity - 1).bit_length()))
+        super().__init__(num_layers, max(SMALLEST_CAPACITY, 1 << (capacity - 1).bit_length()), *rest)
 
     @staticmethod
     def pass_width(nodes: int, batch: int) -> int:
@@ -225,3 +225,15 @@ class RowCache(TreeCache):
         for layer in self.layers:
             layer.key_store[target, :, : layer.length] = layer.key_store[source, :, : layer.length]
             layer.value_store[target, :, : layer.length] = layer.value_store[source, :, : layer.length]
+
+
+class StaticRowSlotLayer(StaticSlotLayer, RowSlotLayer):
+    """RowSlotLayer's rows with StaticSlotLayer's fixed-shape tree passes."""
+
+
+class StaticRowCache(StaticTreeCache, RowCache):
+    """The engine's cache for a compiled model (kernels "compiled"): RowCache's rows, with
+    StaticTreeCache's fixed pass shapes. A graph's shape includes the batch, so each live
+    batch size builds its own graphs (decode.build_graphs) when first seen."""
+
+    layer_class = StaticRowSlotLayer

@@ -88,7 +88,8 @@ def cmd_generate(args) -> None:
     import torch
     from transformers import TextStreamer
 
-    from .decode import remember_calibration, remembered_policy, speculative_generate
+    from .decode import remember_calibration, remembered_policy
+    from .generate import speculative_generate
     from .text import decode_new_tokens, encode_prompts, read_prompt_file
 
     if bool(args.prompt) == bool(args.batch_file):

@@ -232,7 +232,7 @@ def generate_shards(
     write=False the shards are computed but not saved (the other ranks of a collective
     run, whose forward passes must match rank 0's).
     """
-    from .decode import speculative_generate
+    from .generate import speculative_generate
     from .text import encode_prompts
 
     out = Path(out)
@@ -353,7 +353,7 @@ def _finished_requests(model, tokenizer, ids: torch.Tensor, lead: int, eos: torc
     """One sampled batch of requests after the opening ids [b, P], whose last `lead` tokens
     begin every request: the text of those the model ended itself with one of `eos` (the
     lead and at least one token of its own, and not cut off at max_tokens)."""
-    from .decode import speculative_generate
+    from .generate import speculative_generate
 
     result = speculative_generate(model, None, ids, torch.ones_like(ids), max_new_tokens=max_tokens,
                                   temperature=temperature, generator=generator)

@@ -1,6 +1,5 @@
-"""Lossless speculative decoding with an MLP speculator.
-
-Each step is five small functions over one `DecodeState`:
+"""The functions of one speculative decoding step over one `DecodeState` (the engine,
+engine.py, runs them every step for its live batch):
 
     propose   the speculator grows its candidate tree from the pending token (and look_up
               adds a branch copied from the text so far, when asked to)
@@ -15,7 +14,7 @@ or the tree with the branch beside it or taken away), and once their tokens have
 emitted the policy learns what they would have accepted (learn_in_hindsight), without
 spending a step on them.
 
-Plain decoding runs through the same loop with a tree that is only the root, which makes
+Plain decoding runs through the same step with a tree that is only the root, which makes
 it the honest in-process baseline.
 """
 
@@ -24,22 +23,20 @@ from __future__ import annotations
 import json
 import math
 import platform
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from .adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
-from .base import cache_dir, check_pair, head_logits, lazy_head, run_base
+from .base import cache_dir, check_pair, head_logits, layer_masks, lazy_head, run_base, sliding_window
 from .cache import StaticTreeCache, TreeCache
 from .errors import MLPSpecError
 from .fileio import atomic_write, keyed_file
 from .kernels import compiles, graph_built, kernels_of
 from .model import MLPSpeculator, best_paths, check_proposal_shape, is_inside, likeliest_nodes, sub_paths
-from .sequence import check_warping
 from .tree import (
     NO_TOKEN,
     Tree,
@@ -51,7 +48,6 @@ from .tree import (
     prompt_positions,
     root_only,
     tree_attention_mask,
-    walk,
 )
 
 
@@ -127,10 +123,6 @@ class DecodeState:
     finished: torch.Tensor  # b   bool
     stats: DecodeStats
     hindsight: list[Hindsight] = field(default_factory=list)  # trees not run, judged once their tokens are out
-    # per row, over the speculator's steps: how often it accepted the first candidate token,
-    # and how often the adaptive policy's records expected it to (its pace: row_pace)
-    accepted: torch.Tensor | None = None  # b
-    expected: torch.Tensor | None = None  # b
     feature_layers: tuple[int, ...] = ()  # the base layers whose states the speculator reads besides the final one
 
 
@@ -145,18 +137,19 @@ class Draft(NamedTuple):
 
 
 class Hindsight(NamedTuple):
-    """A tree a step could have checked instead, waiting for the tokens that judge it."""
+    """A tree a step could have checked instead, waiting for the tokens that judge it.
+    Everything is per row it speaks for, so that rows may join and leave meanwhile."""
 
     shape: TreeShape
-    candidates: torch.Tensor  # b k L
-    start: torch.Tensor  # b   where in DecodeState.tokens the guessed tokens go
+    candidates: torch.Tensor  # r k L
+    start: torch.Tensor  # r   where in DecodeState.tokens the guessed tokens go
     rows: torch.Tensor  # r   the rows it speaks for
     matched: list[int]  # r   the n-gram size each of them matched
 
-
-class GenerateOutput(NamedTuple):
-    sequences: torch.Tensor  # b P+T   the prompt, then the new tokens, padded after EOS
-    stats: DecodeStats
+    def only(self, keep: torch.Tensor) -> Hindsight:
+        """The same tree for the rows where keep [r] is True."""
+        return Hindsight(self.shape, self.candidates[keep], self.start[keep], self.rows[keep],
+                         [n for n, k in zip(self.matched, keep.tolist()) if k])
 
 
 def target_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -173,21 +166,6 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int | None, to
         drop[..., -1] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
     return logits.softmax(dim=-1)
-
-
-def make_chooser(
-    temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
-) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """How the base model picks its next token from logits [b, V] (tree.walk's choose; the
-    depth does not matter to it): argmax at temperature 0, else one draw from p_target."""
-    if temperature == 0:  # float32 first: the same argmax, and CPUs find it 3x faster than in bfloat16
-        return lambda logits, depth=0: logits.float().argmax(dim=-1)
-
-    def sample(logits: torch.Tensor, depth: int = 0) -> torch.Tensor:
-        p_target = target_probs(logits, temperature, top_k, top_p)  # b V
-        return torch.multinomial(p_target, 1, generator=generator).squeeze(-1)
-
-    return sample
 
 
 def cache_class(model) -> type[TreeCache]:
@@ -226,57 +204,7 @@ def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predic
         stats=DecodeStats(n_predict=n_predict, steps=1, row_steps=b,
                           steps_per_row=torch.ones(b, dtype=torch.long, device=input_ids.device)),
         feature_layers=tuple(feature_layers),
-        accepted=torch.zeros(b, device=input_ids.device),
-        expected=torch.zeros(b, device=input_ids.device),
     )
-
-
-def rows_left(state: DecodeState, max_new_tokens: int) -> tuple[torch.Tensor, int]:
-    """How many fewer tokens each row has left than the row furthest from done [b], and how
-    many that row has left. The batch ends when its last row is done, so a step is worth how
-    it speeds that end (AdaptivePolicy.expected_tokens), and no step needs candidates past
-    the furthest row's count."""
-    left = max_new_tokens - state.n_emitted  # b
-    remaining = int(left[~state.finished].max())
-    return remaining - left, remaining
-
-
-# A row's pace starts at 1, as if it had accepted what the records expected of its first
-# steps, worth this many first tokens: a lucky or unlucky step or two does not set it
-PACE_PRIOR = 4.0
-# ... and as uncertain as rows differ: a top-1 chain on the bench's prompts at batch 8 took
-# 35-49 steps for 64 tokens from row to row, its first token accepted 0.31-0.83 of the time,
-# a mean of 0.54 and a standard deviation of 0.18 over the 8 rows, 0.33 of the mean
-PACE_SPREAD = 0.33
-
-
-def row_pace(state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
-    """How often each row accepted the speculator's first candidate token so far (on steps
-    without a lookup branch), over how often the adaptive policy's records expected it to
-    [b]: below 1 for a row the speculator drafts worse for than for rows at large (a chat
-    answer beside code), which then sets the batch's end. And how uncertain that is [b]:
-    PACE_SPREAD at first, shrinking as the row's steps accumulate."""
-    pace = (PACE_PRIOR + state.accepted) / (PACE_PRIOR + state.expected)  # b
-    return pace, PACE_SPREAD * torch.sqrt(PACE_PRIOR / (PACE_PRIOR + state.expected))  # b, b
-
-
-def keep_pace(state: DecodeState, policy: AdaptivePolicy, shape: TreeShape, n_accepted: torch.Tensor,
-              active: torch.Tensor) -> None:
-    """Count a step toward the pace of its active rows [b] (row_pace), before the policy
-    learns from it: whether each accepted a first candidate token, and the chance the
-    records gave it (one record for every row: a shape without a lookup branch does not
-    depend on what a row's lookup matched). Only the speculator's own steps count: a lookup
-    copy's luck says nothing of the drafts."""
-    if not shape.depth or shape.lookup:
-        return
-    state.accepted[active] += (n_accepted[active] > 0).to(state.accepted.dtype)
-    state.expected[active] += next(iter(policy.tails(shape)), 0.0)
-
-
-def _pairs(pace: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> list[tuple[float, float]]:
-    """row_pace's two figures for the given rows, as (pace, spread) pairs, to two decimals
-    (rows alike are then judged once)."""
-    return list(zip(*(t[rows].round(decimals=2).tolist() for t in pace)))
 
 
 def look_up(state: DecodeState, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,7 +330,7 @@ def foresee(policy: AdaptivePolicy, shape: TreeShape, parts: Draft, start: torch
             taught[r].add(policy.key(other, n))
         if rows:
             index = torch.tensor([r for r, _ in rows], device=start.device)
-            waiting.append(Hindsight(other, candidates, start, index, [n for _, n in rows]))
+            waiting.append(Hindsight(other, candidates[index], start[index], index, [n for _, n in rows]))
     return waiting
 
 
@@ -411,15 +339,42 @@ def learn_in_hindsight(policy: AdaptivePolicy, state: DecodeState) -> None:
     stopped), and tell the policy what it would have accepted (tree.hindsight_accepted)."""
     waiting = []
     for seen in state.hindsight:
-        L = seen.candidates.size(2)
-        known = (state.n_emitted - seen.start).clamp(0, L)  # b
-        if not bool(((known >= L) | state.finished)[seen.rows].all()):
+        known = (state.n_emitted[seen.rows] - seen.start).clamp(0, seen.candidates.size(2))  # r
+        if bool(((known >= seen.candidates.size(2)) | state.finished[seen.rows]).all()):
+            _judge(policy, state, seen)
+        else:
             waiting.append(seen)
-            continue
-        slots = seen.start.unsqueeze(1) + torch.arange(L, device=known.device)  # b L
-        accepted = hindsight_accepted(seen.candidates, state.tokens.gather(1, slots), known)  # b
-        policy.learn(seen.shape, (accepted[seen.rows] + 1).tolist(), seen.matched)
     state.hindsight = waiting
+
+
+def judge_leaving(policy: AdaptivePolicy, state: DecodeState, leaving: list[int]) -> None:
+    """Before rows leave the batch, judge the waiting trees now for those that finished
+    (their tokens are final; an aborted row's are not, and it teaches nothing), and keep
+    the trees waiting for the other rows only."""
+    gone = torch.tensor(leaving, dtype=torch.long)
+    waiting = []
+    for seen in state.hindsight:
+        leaves = torch.isin(seen.rows, gone.to(seen.rows.device))  # r
+        done = leaves & state.finished[seen.rows]  # r
+        if bool(done.any()):
+            _judge(policy, state, seen.only(done))
+        if not bool(leaves.all()):
+            waiting.append(seen.only(~leaves))
+    state.hindsight = waiting
+
+
+def renumber_hindsight(state: DecodeState, source: int, target: int) -> None:
+    """Row `source` moved to `target` (engine.Engine._leave): the waiting trees follow it."""
+    state.hindsight = [seen._replace(rows=torch.where(seen.rows == source, target, seen.rows))
+                       for seen in state.hindsight]
+
+
+def _judge(policy: AdaptivePolicy, state: DecodeState, seen: Hindsight) -> None:
+    L = seen.candidates.size(2)
+    known = (state.n_emitted[seen.rows] - seen.start).clamp(0, L)  # r
+    slots = seen.start.unsqueeze(1) + torch.arange(L, device=known.device)  # r L
+    accepted = hindsight_accepted(seen.candidates, state.tokens[seen.rows].gather(1, slots), known)  # r
+    policy.learn(seen.shape, (accepted + 1).tolist(), seen.matched)
 
 
 class NodeLogits:
@@ -469,7 +424,11 @@ def verify(model, state: DecodeState, tree: Tree) -> tuple[NodeLogits, torch.Ten
     if cache.length + width > cache.capacity:
         compact(state)
     nodes = pad_tree(tree, width)
-    mask = tree_attention_mask(nodes, state.valid[:, : cache.length], model.dtype, cache.mask_slots(width))  # b 1 w S
+    valid = state.valid[:, : cache.length]  # b L
+    mask = tree_attention_mask(nodes, valid, model.dtype, cache.mask_slots(width))  # b 1 w S
+    window = sliding_window(model)
+    if window is not None:  # the cache keeps every key; sliding-window layers' masks hide the old ones
+        mask = layer_masks(model, mask, tree_attention_mask(nodes, valid, model.dtype, cache.mask_slots(width), window))
     # A compiled graph computes the head at every node: it reads the head's weights once in
     # the pass, where the walk would read them again for its nodes (a 4-node pass and the
     # walk's head over 5 nodes: 14.9 ms in the graph against 18.8 after it held to AVX2
@@ -664,159 +623,6 @@ def decoding_shapes(model, speculator: MLPSpeculator | None, top_k_tokens_per_he
     return shape, policy, h
 
 
-@torch.no_grad()
-def speculative_generate(
-    model,
-    speculator: MLPSpeculator | None,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | list[int] | None = None,
-    generator: torch.Generator | None = None,
-    top_k_tokens_per_head: list[int] | None = None,
-    n_candidates: int | None = None,
-    streamer=None,
-    on_step: Callable[[torch.Tensor], None] | None = None,
-    adaptive: AdaptivePolicy | bool = False,
-    lookup: int = 0,
-) -> GenerateOutput:
-    """Generate with the base model, faster, with exactly its output distribution.
-
-    input_ids [b, P] (left-padded when rows differ in length, with attention_mask [b, P]).
-    With speculator=None this is plain decoding through the same loop.
-
-    Greedy (temperature 0): the output is token for token the base model's greedy output.
-
-    Sampling (temperature > 0, optional top_k / top_p as in transformers): SpecInfer's
-    naive stochastic verification (Miao et al. 2023, "SpecInfer", arXiv 2305.09781, sec. 4):
-    at each accepted node draw x ~ p_target, the base model's warped distribution there;
-    if a child carries x, accept it and continue from it, else emit x as the bonus token.
-    Every emitted token is thus a draw from p_target given exactly the tokens before it,
-    so the output distribution is the base model's own. Our drafts are the speculator's
-    deterministic top-k tree, not samples from p_draft, so rejection sampling against
-    p_draft (SpecTr, recursive rejection) would not be lossless here; and no lossless
-    rule can accept a fixed child c with probability above p_target(c), which this one
-    attains: for deterministic drafts it accepts the most.
-
-    top_k_tokens_per_head / n_candidates set the fixed tree (the speculator's config by
-    default); a list shorter than the speculator's heads runs only that many stages, e.g.
-    [1, 1] for a two-token chain.
-
-    lookup=N adds a prompt-lookup branch of up to N tokens to every tree: a continuation
-    copied from where the latest tokens occurred before in the prompt or the output
-    (tree.lookup_branch). It works without a speculator too.
-
-    adaptive=True picks each step's tree shape (or none) for the most tokens per second,
-    from what it measures while decoding (adaptive.py); pass an AdaptivePolicy to keep
-    what it learned across calls. Any shape is lossless.
-
-    streamer (a transformers streamer, batch 1) receives the tokens as they come;
-    on_step(emitted) is called after every step with the tokens each row emitted,
-    [b, w] with -1 where a row emitted nothing (a server streams each row from it).
-
-    Returns GenerateOutput(sequences [b, P + T], stats), T the longest row's new tokens;
-    rows that stopped at EOS earlier are padded with the pad token, as in transformers.
-    Everything runs on the model's device: the prompt moves there, and a generator must
-    live there (torch.Generator(model.device)).
-    """
-    input_ids = input_ids.to(model.device)
-    attention_mask = attention_mask.to(model.device) if attention_mask is not None else None
-    if generator is not None and generator.device.type != model.device.type:
-        raise MLPSpecError(f"the generator is on {generator.device} and the model on {model.device}: sampling draws "
-                           f"where the model runs, so make it with torch.Generator({str(model.device)!r})")
-    prompt_valid = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
-    _check_sampling(temperature, top_k, top_p)
-    eos = eos_tokens(model, eos_token_id, input_ids.device)
-    b, P = input_ids.shape
-    if streamer is not None and b != 1:
-        raise MLPSpecError("streaming works for a single prompt only")
-    shape, policy, h = decoding_shapes(model, speculator, top_k_tokens_per_head, n_candidates, lookup, adaptive)
-    menu = policy.menu if policy is not None else [shape]
-    reach = max(max(s.depth, s.lookup) for s in menu)  # the most candidate tokens one step can accept
-    lookup = max(s.lookup for s in menu)  # the branch every step looks up, for whichever shape wants it
-
-    start = time.perf_counter()
-    if max_new_tokens == 0:
-        nothing = torch.zeros(b, dtype=torch.long)
-        return GenerateOutput(input_ids.clone(), DecodeStats(n_predict=h, steps=0, emitted=nothing, steps_per_row=nothing))
-    if streamer is not None:
-        streamer.put(input_ids[0].cpu())
-    choose = make_chooser(temperature, top_k, top_p, generator)
-    largest = max(s.max_nodes for s in menu)
-    state = prefill(model, input_ids, prompt_valid, P + max_new_tokens + cache_class(model).pass_width(largest, b), choose,
-                    max_new_tokens + reach + 1, h, speculator.config.feature_layers if speculator is not None else ())
-    build_graphs(model, state, largest)
-    first = _emit(state, state.pending.unsqueeze(1), torch.ones_like(state.n_emitted), eos, max_new_tokens)
-    if policy is not None and not policy.calibrated(b) and not bool(state.finished.all()):
-        calibrate(policy, model, state, speculator)
-    _stream(streamer, on_step, first)
-    while not bool(state.finished.all()):
-        behind, remaining = rows_left(state, max_new_tokens)  # b, int
-        tick = policy.clock() if policy is not None else None
-        resting = policy is not None and policy.resting(b)  # a plain step, unasked
-        # no lookup where the policy offers no lookup shape at this batch size (its cost)
-        wanted = lookup and not resting and (policy is None or bool(policy.lookup_shapes(b)))
-        branch, matched = look_up(state, lookup) if wanted else (None, torch.zeros_like(state.n_emitted))
-        before, active = state.n_emitted.clone(), ~state.finished  # b, b
-        # what each active row's lookup matched is the policy's context: a row with no match
-        # gains nothing from the branch. The shape is chosen for the batch's end (the batch
-        # ends with its last row), and every active row's outcome is learned from.
-        if resting:
-            shape = PLAIN
-        elif policy is not None:
-            shape = policy.choose(b, max_depth=remaining - 1, matched=matched[active].tolist(),
-                                  behind=behind[active].tolist(), pace=_pairs(row_pace(state), active))
-        tree, parts = propose(state, speculator, shape, remaining - 1, branch, policy, matched)
-        logits, hidden = verify(model, state, tree)
-        path, n_accepted, bonus = walk(tree, logits, choose)
-        emitted = commit(state, tree, hidden, path, n_accepted, bonus, eos, max_new_tokens)
-        state.stats.steps += 1
-        state.stats.row_steps += int(active.sum())
-        state.stats.steps_per_row += active.long()
-        if shape != PLAIN:
-            state.stats.accepted.append(torch.where(active, n_accepted, -1).cpu())
-        state.stats.shapes[str(shape)] = state.stats.shapes.get(str(shape), 0) + 1
-        if policy is not None:
-            keep_pace(state, policy, shape, n_accepted, active)
-            policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick, matched[active].tolist(),
-                          tree.size)
-            state.hindsight += foresee(policy, shape, parts, before, active, matched)
-            learn_in_hindsight(policy, state)
-        _stream(streamer, on_step, emitted)
-    if streamer is not None:
-        streamer.end()
-
-    stats = state.stats
-    stats.emitted = state.n_emitted.cpu()
-    stats.steps_per_row = stats.steps_per_row.cpu()
-    stats.seconds = time.perf_counter() - start
-    return GenerateOutput(_sequences(model, input_ids, state, eos), stats)
-
-
-def _stream(streamer, on_step, emitted: torch.Tensor) -> None:
-    """Hand the tokens a step emitted [b, w] (-1 where none) to the caller's callback, and
-    row 0's to a transformers-style streamer."""
-    if on_step is not None:
-        on_step(emitted)
-    if streamer is not None:
-        new = emitted[0][emitted[0] >= 0]
-        if new.numel():
-            streamer.put(new.cpu())
-
-
-def _sequences(model, input_ids, state: DecodeState, eos: torch.Tensor) -> torch.Tensor:
-    T = int(state.n_emitted.max())
-    pad = model.generation_config.pad_token_id
-    pad = int(eos[0]) if pad is None and eos.numel() else (pad or 0)
-    new = state.tokens[:, :T].clone()
-    new[torch.arange(T, device=new.device) >= state.n_emitted.unsqueeze(1)] = pad
-    return torch.cat([input_ids, new], dim=1)
-
-
 def eos_tokens(model, eos_token_id, device) -> torch.Tensor:
     if eos_token_id is None:
         eos_token_id = model.generation_config.eos_token_id
@@ -825,45 +631,3 @@ def eos_tokens(model, eos_token_id, device) -> torch.Tensor:
     if isinstance(eos_token_id, int):
         eos_token_id = [eos_token_id]
     return torch.tensor(list(eos_token_id), dtype=torch.long, device=device)
-
-
-def _check_prompt(model, input_ids, attention_mask, max_new_tokens) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise MLPSpecError("input_ids must be an int64 tensor of shape [batch, prompt length]")
-    if input_ids.size(1) == 0:
-        raise MLPSpecError("the prompt is empty: give at least one token")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise MLPSpecError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if attention_mask is None:
-        valid = torch.ones_like(input_ids, dtype=torch.bool)
-    else:
-        if attention_mask.shape != input_ids.shape:
-            raise MLPSpecError(
-                f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}"
-            )
-        valid = attention_mask.bool()
-    lengths = valid.sum(dim=1)
-    if bool((lengths == 0).any()):
-        raise MLPSpecError(f"the prompt in row {int((lengths == 0).long().argmax())} is empty")
-    if bool((valid[:, 1:] < valid[:, :-1]).any()):
-        raise MLPSpecError("prompts of different lengths must be left-padded (padding first)")
-    if int(input_ids[valid].max()) >= model.get_output_embeddings().weight.size(0) or int(input_ids[valid].min()) < 0:
-        raise MLPSpecError("input_ids hold a token id outside the model's vocabulary")
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    longest = int(lengths.max())
-    if context is not None and longest > context:
-        raise MLPSpecError(f"the prompt has {longest} tokens, more than the model's context of {context}")
-    if context is not None and longest + max_new_tokens > context:
-        raise MLPSpecError(
-            f"prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's context of {context}"
-        )
-    window = getattr(model.config.get_text_config(), "sliding_window", None)
-    if window is not None and longest + max_new_tokens > window:
-        raise MLPSpecError("sliding-window attention is not supported beyond the window")
-    return valid
-
-
-def _check_sampling(temperature, top_k, top_p) -> None:
-    if not isinstance(temperature, (int, float)) or temperature < 0 or math.isnan(temperature):
-        raise MLPSpecError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
-    check_warping(top_k, top_p)

@@ -20,10 +20,12 @@ from __future__ import annotations
 import torch
 
 from .adaptive import PLAIN, AdaptivePolicy
-from .cache import RowCache
-from .decode import (DecodeState, DecodeStats, calibrate, commit, decoding_shapes, eos_tokens, look_up, prefill,
-                     propose, verify)
+from .cache import RowCache, StaticRowCache
+from . import decode  # its step functions by module (decode.propose ...): tests time them there
+from .decode import (DecodeState, DecodeStats, build_graphs, commit, decoding_shapes, eos_tokens, foresee,
+                     judge_leaving, learn_in_hindsight, look_up, prefill, renumber_hindsight)
 from .errors import MLPSpecError
+from .kernels import kernels_of
 from .model import MLPSpeculator
 from .sampler import RowChooser
 from .scheduler import Scheduler
@@ -31,8 +33,7 @@ from .sequence import Request, RequestOutput, SamplingParams, Status, TokenLogpr
 from .tree import NO_TOKEN, walk
 
 # DecodeState's per-row tensors, which a request's row joins and leaves
-ROW_FIELDS = ("prompt", "valid", "position", "pending", "hidden", "tokens", "n_emitted", "finished", "accepted",
-              "expected")
+ROW_FIELDS = ("prompt", "valid", "position", "pending", "hidden", "tokens", "n_emitted", "finished")
 KEPT_STEPS = 4096  # steps whose acceptance stats.accepted keeps
 DEFAULT_MAX_LEN = 2048  # KV slots per row unless the model's context is shorter: 1.5 GB at 16 rows for SmolLM2
 
@@ -60,8 +61,13 @@ class Engine:
         context = getattr(text, "max_position_embeddings", None) or DEFAULT_MAX_LEN
         self.max_len = min(context, max_len or DEFAULT_MAX_LEN)
         self.reach = max(max(s.depth, s.lookup) for s in menu)  # the most candidate tokens a step accepts
-        widest = max(s.max_nodes for s in menu)
-        self.cache = RowCache(text.num_hidden_layers, self.max_len + widest + 1, max_batch)
+        self.widest = max(s.max_nodes for s in menu)
+        # a compiled model's tree passes run on graphs of fixed shapes (kernels "compiled"),
+        # built for each live batch size when it is first seen
+        cache_class = StaticRowCache if kernels_of(model) == "compiled" else RowCache
+        self.cache = cache_class(text.num_hidden_layers, self.max_len + cache_class.pass_width(self.widest, 1) + 1,
+                                 max_batch)
+        self.graphs: set[int] = set()  # batch sizes whose graphs are built
         self.scheduler = Scheduler(max_batch, max_waiting)
         self.generator = generator
         self.eos = eos_tokens(model, None, self.device).tolist()
@@ -90,7 +96,8 @@ class Engine:
         if request.id in self.requests:
             raise MLPSpecError(f"request id {request.id!r} is in use")
         seeded = torch.Generator().manual_seed(params.seed) if params.seed is not None else self.generator
-        request.uniforms = torch.rand(self._token_room(params), generator=seeded, dtype=torch.float64)
+        request.uniforms = torch.rand(self._token_room(params), generator=seeded, dtype=torch.float64,
+                                      device=seeded.device if seeded is not None else None)
         self.scheduler.add(request)
         self.requests[request.id] = request
         return request.id
@@ -123,11 +130,12 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        """Admit who fits, run one speculative step over the live batch, let the finished
+        """Admit who fits (each prefilled alone, its first token out at once) or, when none
+        is waiting, run one speculative step over the live batch; then let the finished
         leave. Returns, per request that got tokens or finished, what it got."""
         outputs = [self._join(request) for request in self.scheduler.admit(len(self.rows))]
-        if self.rows and not bool(self.state.finished.all()):
-            outputs += self._decode()
+        if not outputs and self.rows and not bool(self.state.finished.all()):
+            outputs = self._decode()
         done = [row for row, request in enumerate(self.rows) if request.status == Status.FINISHED]
         if done:
             self._leave(done)
@@ -137,8 +145,11 @@ class Engine:
         state, b, policy = self.state, len(self.rows), self.policy
         active = ~state.finished  # b
         depth = int((self.max_new - state.n_emitted)[active].max()) - 1  # the deepest tree any row can use
+        if self.cache.static and b not in self.graphs:  # before any step is timed: tens of seconds a graph
+            build_graphs(self.model, state, self.widest)
+            self.graphs.add(b)
         if policy is not None and not policy.calibrated(b):  # once per batch-size bucket, rolled back
-            calibrate(policy, self.model, state, self.speculator)
+            decode.calibrate(policy, self.model, state, self.speculator)
         resting = policy is not None and policy.resting(b)  # a plain step, unasked
         wanted = self.lookup and not resting and (policy is None or bool(policy.lookup_shapes(b)))
         branch, matched = look_up(state, self.lookup) if wanted else (None, torch.zeros_like(state.n_emitted))
@@ -149,8 +160,9 @@ class Engine:
         else:
             shape = self.shape
         tick = policy.clock() if policy is not None else 0.0
-        tree, _ = propose(state, self.speculator, shape, depth, branch, policy, matched)
-        logits, hidden = verify(self.model, state, tree)
+        before = state.n_emitted.clone()  # b
+        tree, parts = decode.propose(state, self.speculator, shape, depth, branch, policy, matched)
+        logits, hidden = decode.verify(self.model, state, tree)
         wants = [row for row, r in enumerate(self.rows) if r.params.logprobs is not None]
         choose = RowChooser([self._setting(r) for r in self.rows], self.uniforms, state.n_emitted.clone(), wants)
         path, n_accepted, bonus = walk(tree, logits, choose)
@@ -158,6 +170,8 @@ class Engine:
         if policy is not None:
             policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick,
                           matched[active].tolist(), tree.size)
+            state.hindsight += foresee(policy, shape, parts, before, active, matched)
+            learn_in_hindsight(policy, state)
         self.stats.steps += 1
         self.stats.row_steps += int(active.sum())
         self.stats.shapes[str(shape)] = self.stats.shapes.get(str(shape), 0) + 1
@@ -206,6 +220,9 @@ class Engine:
         """Prefill `request` alone, write its keys into the next free row (its prompt ending
         at the shared slot counter), emit its first token."""
         P, T = len(request.prompt_ids), self.max_len + self.reach + 1
+        self.stats.steps += 1  # a step is a forward pass: this one over the prompt
+        self.stats.row_steps += 1
+        request.steps += 1
         ids = torch.tensor([request.prompt_ids], device=self.device)
         wants = request.params.logprobs is not None
         first_choice = RowChooser([self._setting(request)], request.uniforms.unsqueeze(0).to(self.device),
@@ -258,10 +275,13 @@ class Engine:
     def _leave(self, rows: list[int]) -> None:
         """Free these rows: the batch's last row moves into each freed one."""
         s, cache = self.state, self.cache
+        if self.policy is not None:
+            judge_leaving(self.policy, s, rows)
         for row in sorted(rows, reverse=True):
             last = len(self.rows) - 1
             if row != last:
                 cache.move_row(last, row)
+                renumber_hindsight(s, last, row)
                 for name in ROW_FIELDS:
                     getattr(s, name)[row] = getattr(s, name)[last]
                 for tensor in (self.max_new, self.stops, self.uniforms):

@@ -189,7 +189,8 @@ def compiled_forward(model: torch.nn.Module, **kwargs):
     kwargs = {k: v.clone(memory_format=torch.contiguous_format) if isinstance(v, torch.Tensor) else v
               for k, v in kwargs.items()}
     compiled = _COMPILING[model]
-    compiled.built.add((*kwargs["input_ids"].shape, kwargs["attention_mask"].size(-1)))
+    mask = kwargs["attention_mask"]  # one tensor, or one per layer type (base.layer_masks), all as wide
+    compiled.built.add((*kwargs["input_ids"].shape, (next(iter(mask.values())) if isinstance(mask, dict) else mask).size(-1)))
     # freezing is read before torch.compile's options apply: as an option it froze nothing
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), torch._inductor.config.patch(freezing=True):
         return _compiled(compiled.autotune)(model, kwargs)

@@ -3,7 +3,7 @@ the argmax, sampled rows draw from their own p_target with their own settings.
 
 A sampled row draws by inverse CDF with a uniform fixed per output position (the
 request's `uniforms`): the token at position t is the first whose cumulative p_target
-exceeds uniforms[t]. The walk's SpecInfer rule (decode.speculative_generate) keeps a child
+exceeds uniforms[t]. The walk's SpecInfer rule (generate.speculative_generate) keeps a child
 that carries the draw and emits the draw otherwise, so what a row emits at position t is
 the draw from p_target given exactly the tokens before it: the same token whichever tree
 the step checked, whether the row decoded alone or batched. That is what makes a seed

@@ -160,19 +160,29 @@ def pad_tree(tree: Tree, width: int) -> Tree:
 
 
 def tree_attention_mask(tree: Tree, context_valid: torch.Tensor, dtype: torch.dtype,
-                        slots: int | None = None) -> torch.Tensor:
+                        slots: int | None = None, window: int | None = None) -> torch.Tensor:
     """The 4D additive mask for scoring the tree after a committed context.
 
     context_valid [b, L] marks the cache slots that hold committed tokens (holes left by
     ragged acceptance and prompt padding are False); the tree's q nodes sit in slots L..L+q.
     Returns [b, 1, q, slots] (slots: L + q unless given, for a cache that attends over all
-    of its slots): 0 where a node may attend, the dtype's minimum where not."""
+    of its slots): 0 where a node may attend, the dtype's minimum where not.
+
+    With `window`, the mask of a sliding-window layer: a node sees only tokens fewer than
+    `window` positions back. Committed slots hold positions 0, 1, ... in slot order (holes
+    skipped), and a node sits at the pending token's position, the committed count, plus
+    its depth."""
     b, q = tree.tokens.shape
     L = context_valid.size(1)
     slots = L + q if slots is None else slots
     allowed = torch.zeros(b, q, slots, dtype=torch.bool, device=tree.tokens.device)  # b q S
     allowed[:, :, :L] = context_valid.unsqueeze(1)
     allowed[:, :, L : L + q] = tree.ancestors
+    if window is not None:
+        slot_position = context_valid.long().cumsum(dim=1) - 1  # b L
+        node_position = context_valid.sum(dim=1, keepdim=True) + tree.depth  # b q
+        allowed[:, :, :L] &= slot_position.unsqueeze(1) > (node_position - window).unsqueeze(2)  # b q L
+        allowed[:, :, L : L + q] &= (tree.depth.unsqueeze(2) - tree.depth.unsqueeze(1)) < window  # b q q
     return _additive(allowed, dtype)  # b 1 q S
 
 
