@@ -160,14 +160,17 @@ def cmd_bench(args) -> None:
         return _serving_bench(args)
     if args.minutes < 0:
         raise MLPSpecError(f"--minutes must be >= 0 (0: no budget), got {args.minutes:g}")
+    from .decode import DEFAULT_LOOKUP
+
+    lookup = DEFAULT_LOOKUP if args.lookup is None else args.lookup  # --serving's default is serve's, 0
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     lengths = [int(n) for n in args.prompt_lengths.split(",")] if args.prompt_lengths else []
     settings = BenchSettings(batch_sizes=sizes, max_new_tokens=args.max_new_tokens, prompt_lengths=lengths,
-                             prompts=named_prompts(args.prompts) if args.prompts else None, lookup=args.lookup,
+                             prompts=named_prompts(args.prompts) if args.prompts else None, lookup=lookup,
                              minutes=args.minutes or None)
     if args.quick:
         settings = BenchSettings(batch_sizes=[1, 4], max_new_tokens=32, n_code=2, n_chat=2, prompt_lengths=[],
-                                 prompts=settings.prompts[:4] if settings.prompts else None, lookup=args.lookup,
+                                 prompts=settings.prompts[:4] if settings.prompts else None, lookup=lookup,
                                  floor_batches=6, minutes=settings.minutes)
     model, tokenizer = _load(args)
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
@@ -198,7 +201,7 @@ def _serving_bench(args) -> None:
     except ValueError:
         raise MLPSpecError(f"--rates must be comma-separated requests per second, got {args.rates!r}") from None
     settings = ServingSettings(rates=rates, requests=args.requests, max_tokens=args.max_new_tokens,
-                               max_batch=args.max_batch, targets=tuple(args.targets.split(",")))
+                               max_batch=args.max_batch, lookup=args.lookup or 0, targets=tuple(args.targets.split(",")))
     model, tokenizer = _load(args)
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
     print(f"[speculator: {origin}]", file=sys.stderr)
@@ -408,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--minutes", type=float, default=9.0,
                     help="time budget: past 2 batches per batch size, only batches that end within it run (0: no budget)")
     be.add_argument("--assistant", help="a draft model for HF assisted generation")
-    be.add_argument("--lookup", type=_non_negative, default=DEFAULT_LOOKUP,
-                    help=f"prompt-lookup branch of ours_lookup and ours_adaptive (default {DEFAULT_LOOKUP}; 0: none)")
+    be.add_argument("--lookup", type=_non_negative,
+                    help=f"prompt-lookup branch of ours_lookup and ours_adaptive (default {DEFAULT_LOOKUP}; 0: none); "
+                         "with --serving, the speculating server's (serve --lookup; default 0 there too)")
     _add_speed(be)
     _add_device(be)
     be.add_argument("--out", default="bench", help="folder for results.json, report.md and plots")
