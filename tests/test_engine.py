@@ -206,3 +206,31 @@ def test_logprobs_are_the_base_models_log_softmax_where_each_token_was_chosen():
             here = exact[len(prompt) - 1 + j]  # V
             assert abs(entry.logprob - float(here[token])) < 1e-4
             assert [t for t, _ in entry.top] == here.topk(top).indices.tolist()
+
+
+def test_a_stop_string_ends_the_request_at_the_token_that_completes_it():
+    from conftest import tiny_tokenizer
+
+    model, tokenizer = tiny_llama(seed=6), tiny_tokenizer()
+    prompt = [5, 9, 14, 3]
+    engine = Engine(model, None, max_batch=2, tokenizer=tokenizer)
+    full_ids = greedy_alone(model, prompt, 30)
+    full = engine.text_of(full_ids)
+    stop = " ".join(full.split()[4:6])  # two words: a stop string across tokens
+    at = full.index(stop)
+    ends = next(k for k in range(len(full_ids) + 1) if stop in engine.text_of(full_ids[:k]))
+    engine.add_request(prompt, SamplingParams(max_tokens=30, stop=(stop, "zzz")))
+    other = engine.add_request(prompt, SamplingParams(max_tokens=30))
+    text, tokens, reasons = {}, {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            text[out.id] = text.get(out.id, "") + out.text
+            tokens[out.id] = tokens.get(out.id, []) + out.new_ids
+            if out.finished:
+                reasons[out.id] = out.finish_reason
+    stopped = next(i for i in text if i != other)
+    assert text[stopped] == full[:at] and reasons[stopped] == "stop"
+    assert tokens[stopped] == full_ids[:ends]  # up to the token that completed the stop string
+    assert text[other] == full and tokens[other] == full_ids and reasons[other] == "length"
+    with pytest.raises(MLPSpecError, match="stop strings need text"):
+        Engine(model, None).add_request(prompt, SamplingParams(stop=("x",)))

@@ -24,6 +24,7 @@ from .cache import RowCache, StaticRowCache
 from . import decode  # its step functions by module (decode.propose ...): tests time them there
 from .decode import (DecodeState, DecodeStats, build_graphs, commit, decoding_shapes, eos_tokens, foresee,
                      judge_leaving, learn_in_hindsight, look_up, prefill, renumber_hindsight)
+from .detokenizer import Detokenizer
 from .errors import MLPSpecError
 from .kernels import kernels_of
 from .model import MLPSpeculator
@@ -44,11 +45,12 @@ class Engine:
     def __init__(self, model, speculator: MLPSpeculator | None = None, *, max_batch: int = 16,
                  max_waiting: int = 256, max_len: int | None = None, top_k_tokens_per_head: list[int] | None = None,
                  n_candidates: int | None = None, lookup: int = 0, adaptive: AdaptivePolicy | bool = False,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, tokenizer=None):
         """adaptive=True picks each step's tree shape for the live batch size, from step
         costs timed once per batch-size bucket and acceptance learned as it goes
         (adaptive.py); pass an AdaptivePolicy to keep what it learned. Otherwise every
-        step uses the speculator's tree (or top_k_tokens_per_head / n_candidates)."""
+        step uses the speculator's tree (or top_k_tokens_per_head / n_candidates). With a
+        tokenizer, every output carries its text, and requests may have stop strings."""
         self.model, self.speculator = model, speculator
         self.device = model.device
         self.shape, self.policy, h = decoding_shapes(model, speculator, top_k_tokens_per_head, n_candidates, lookup,
@@ -71,6 +73,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch, max_waiting)
         self.generator = generator
         self.eos = eos_tokens(model, None, self.device).tolist()
+        self.tokenizer = tokenizer
         self.rows: list[Request] = []  # the live batch, row by row
         self.state: DecodeState | None = None
         self.requests: dict[str, Request] = {}
@@ -92,7 +95,11 @@ class Engine:
         if len(prompt_ids) + params.max_tokens > self.max_len:
             raise MLPSpecError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                                f"this engine's {self.max_len} tokens a request")
+        if params.stop and self.tokenizer is None:
+            raise MLPSpecError("stop strings need text: give the engine a tokenizer (Engine(..., tokenizer=...))")
         request = Request(list(prompt_ids), params, **({"id": request_id} if request_id else {}))
+        if self.tokenizer is not None:
+            request.detokenizer = Detokenizer(self.text_of, params.stop)
         if request.id in self.requests:
             raise MLPSpecError(f"request id {request.id!r} is in use")
         seeded = torch.Generator().manual_seed(params.seed) if params.seed is not None else self.generator
@@ -117,6 +124,10 @@ class Engine:
     def head_acceptance(self) -> list[float]:
         """Per head i, the share of rows in speculative steps that accepted its token."""
         return (self.head_hits / max(self.speculated_rows, 1)).tolist()
+
+    def text_of(self, tokens: list[int]) -> str:
+        """An output's text: its tokens decoded, the model's EOS tokens and special tokens left out."""
+        return self.tokenizer.decode([t for t in tokens if t not in self.eos], skip_special_tokens=True)
 
     @property
     def running(self) -> int:
@@ -168,10 +179,12 @@ class Engine:
         path, n_accepted, bonus = walk(tree, logits, choose)
         emitted = commit(state, tree, hidden, path, n_accepted, bonus, self.stops, self.max_new)
         if policy is not None:
-            policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick,
-                          matched[active].tolist(), tree.size)
+            # the hindsight's bookkeeping is part of what a speculative step costs (a few ms at
+            # batch 16): the step's time is taken after it
             state.hindsight += foresee(policy, shape, parts, before, active, matched)
             learn_in_hindsight(policy, state)
+            policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick,
+                          matched[active].tolist(), tree.size)
         self.stats.steps += 1
         self.stats.row_steps += int(active.sum())
         self.stats.shapes[str(shape)] = self.stats.shapes.get(str(shape), 0) + 1
@@ -190,6 +203,7 @@ class Engine:
             new = [t for t in new if t >= 0]
             logprobs = _logprobs(choose, wants.index(row), new, request.params.logprobs) if row in wants else None
             outputs.append(self._record(request, new, bool(state.finished[row]), logprobs))
+            state.finished[row] |= outputs[-1].finished  # a stop string ends it too
         return outputs
 
     # ---- rows
@@ -208,13 +222,21 @@ class Engine:
 
     def _record(self, request: Request, new: list[int], finished: bool,
                 logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
+        """Add a step's tokens to the request, with their text where the engine has a
+        tokenizer: a stop string ends it at the token that completes it."""
+        text, words = None, request.detokenizer
+        if words is not None:
+            text, used = words.take(new, final=finished)
+            if words.stopped:
+                new, finished = new[:used], True
+                logprobs = logprobs[:used] if logprobs is not None else None
         request.output_ids += new
         if finished:
             request.status = Status.FINISHED
             stopped = bool(request.output_ids) and request.output_ids[-1] in self._stop_ids(request.params)
-            request.finish_reason = "stop" if stopped else "length"
+            request.finish_reason = "stop" if stopped or (words is not None and words.stopped) else "length"
             self.requests.pop(request.id, None)
-        return RequestOutput(request.id, new, finished, request.finish_reason, logprobs)
+        return RequestOutput(request.id, new, finished, request.finish_reason, logprobs, text)
 
     def _join(self, request: Request) -> RequestOutput:
         """Prefill `request` alone, write its keys into the next free row (its prompt ending
@@ -267,10 +289,10 @@ class Engine:
         s = self.state
         s.tokens[row, 0] = first
         s.n_emitted[row] = 1
-        finished = first in stops or request.params.max_tokens == 1
-        s.finished[row] = finished
         logprobs = _logprobs(first_choice, 0, [first], request.params.logprobs) if wants else None
-        return self._record(request, [first], finished, logprobs)
+        out = self._record(request, [first], first in stops or request.params.max_tokens == 1, logprobs)
+        s.finished[row] = out.finished
+        return out
 
     def _leave(self, rows: list[int]) -> None:
         """Free these rows: the batch's last row moves into each freed one."""

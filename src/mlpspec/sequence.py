@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .detokenizer import Detokenizer
 from .errors import MLPSpecError
 
 _ids = itertools.count()
@@ -27,7 +28,8 @@ class SamplingParams:
     """Per-request decoding settings. temperature 0 is greedy; top_k / top_p warp the
     distribution as transformers does; a seed makes a sampled output reproducible, alone or
     batched; a request stops after any of stop_token_ids (the model's EOS tokens are added
-    by the engine unless ignore_eos)."""
+    by the engine unless ignore_eos), or at the token that completes any of the `stop`
+    strings, its text ending before it."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -37,6 +39,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # return each token's log-probability and this many likeliest alternatives (<= 20)
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first (needs the engine's tokenizer)
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -52,7 +55,10 @@ class SamplingParams:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= 20):
             raise MLPSpecError(f"logprobs must be an integer from 0 to 20, got {self.logprobs!r}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise MLPSpecError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", tuple(self.stop))
 
 
 class Status(enum.Enum):
@@ -73,9 +79,10 @@ class Request:
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop" (a stop token or string), "length" or "abort"
     uniforms: torch.Tensor | None = None  # T   float64 in [0, 1)
     steps: int = 0  # verification passes this request rode in
+    detokenizer: Detokenizer | None = None  # its text, where the engine has a tokenizer
 
 
 @dataclass(frozen=True)
@@ -97,3 +104,4 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    text: str | None = None  # the text that may be shown now (the engine's tokenizer decodes; None without one)

@@ -54,7 +54,7 @@ class Job:
     steps: int = 0  # engine steps that gave this request tokens
     batch_size: int = 0  # the largest batch it decoded in
     finished: bool = False
-    cancelled: bool = False  # the client went away, or a stop string ended it: free the row
+    cancelled: bool = False  # the client went away: free the row
     submitted: float = field(default_factory=time.perf_counter)
     last_token_at: float | None = None
 
@@ -98,7 +98,7 @@ class Worker:
         self.tokenizer = tokenizer
         speculates = speculator is not None or lookup > 0
         self.engine = Engine(model, speculator, max_batch=max_batch, max_waiting=max_waiting, lookup=lookup,
-                             adaptive=speculates)
+                             adaptive=speculates, tokenizer=tokenizer)
         self.eos = list(self.engine.eos)
         self.metrics = Metrics()
         self.inbox: queue.Queue[Job] = queue.Queue()
@@ -146,7 +146,7 @@ class Worker:
         while True:
             self._take()
             for request_id, job in list(self.jobs.items()):
-                if job.cancelled:  # the client left, or a stop string ended it: its row is free for the next step
+                if job.cancelled:  # the client left: its row is free for the next step
                     self.engine.abort(request_id)
                     del self.jobs[request_id]
                     self.metrics.finished.labels("abort").inc()
@@ -175,8 +175,8 @@ class Worker:
                 job.tokens += out.new_ids
                 job.steps += 1
                 job.batch_size = max(job.batch_size, self.engine.running)
-                if out.new_ids and not job.cancelled:
-                    job.send("tokens", out.new_ids)
+                if (out.new_ids or out.text) and not job.cancelled:
+                    job.send("tokens", (out.new_ids, out.text))
                 if out.finished:
                     job.finished = True
                     del self.jobs[out.id]
@@ -231,51 +231,19 @@ class Asked:
 
 
 class Choice:
-    """One choice's text as its tokens come: what may be sent (never a piece of a stop
-    string that may yet complete), and where a stop string ends it."""
+    """One choice as its client sees it: the text so far (the engine's, which never shows a
+    piece of a stop string) and why it ended."""
 
-    def __init__(self, job: Job, stops: list[str], text_of):
-        self.job, self.stops, self.text_of = job, stops, text_of
-        self.text, self.sent, self.kept = "", 0, []
-        self.done, self.finish_reason = False, None
+    def __init__(self, job: Job):
+        self.job, self.text, self.done, self.finish_reason = job, "", False, None
 
-    def take(self, new: list[int], finish_reason: str | None) -> str:
-        """Add a step's tokens (and, when the engine finished it, why); returns the text
-        that may be sent now."""
-        self.kept = self.kept + new
-        text = self.text_of(self.kept)
-        hits = [(text.find(stop), stop) for stop in self.stops if stop in text]
-        if hits:
-            at, _ = min(hits)
-            self.text, self.done, self.finish_reason = text[:at], True, "stop"
-            self.kept = self._tokens_before(at)
-        else:
-            self.text = text
-            if finish_reason is not None:
-                self.done, self.finish_reason = True, finish_reason
-        safe = len(self.text) if self.done else _safe_length(self.text, self.stops)
-        if not self.done and self.text[:safe].endswith("\ufffd"):  # hold back half a UTF-8 character
-            safe -= 1
-        delta, self.sent = self.text[self.sent:safe], max(self.sent, safe)
-        return delta
-
-    def _tokens_before(self, at: int) -> list[int]:
-        """The shortest prefix of the tokens whose text reaches `at` characters (usage counts it)."""
-        for k in range(len(self.kept) + 1):
-            if len(self.text_of(self.kept[:k])) >= at:
-                return self.kept[:k]
-        return self.kept
-
-
-def _safe_length(text: str, stops: list[str]) -> int:
-    """How much of `text` cannot be the start of a stop string still to come."""
-    hold = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:size]):
-                hold = max(hold, size)
-                break
-    return len(text) - hold
+    def take(self, event: str, payload) -> str:
+        """A "tokens" event's text (returned), or "done" with the finish reason."""
+        if event == "tokens":
+            self.text += payload[1]
+            return payload[1]
+        self.done, self.finish_reason = True, payload
+        return ""
 
 
 def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16, max_tokens_limit: int | None = None,
@@ -291,14 +259,11 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
     engine = Worker(model, tokenizer, speculator, max_batch=max_batch, lookup=lookup, max_waiting=max_waiting)
     context = engine.engine.max_len  # KV slots a request may fill: prompt plus max_tokens
     limit = min(max_tokens_limit or context, context)
-    eos = set(engine.eos)
-
-    def text_of(tokens: list[int]) -> str:
-        return tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
+    text_of = engine.engine.text_of
 
     def logprobs_field(choice: Choice, chat: bool) -> dict:
         """A choice's logprobs as OpenAI writes them, for the tokens its text kept."""
-        tokens = choice.kept
+        tokens = choice.job.tokens
         entries = choice.job.token_logprobs[: len(tokens)]
         piece = [tokenizer.decode([t]) for t in tokens]
         if chat:
@@ -409,9 +374,9 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         params = SamplingParams(max_tokens=asked.max_tokens, temperature=asked.temperature, top_p=asked.top_p,
-                                logprobs=asked.logprobs)
+                                logprobs=asked.logprobs, stop=tuple(asked.stops))
         choices = [Choice(Job(prompt_ids, replace(params, seed=None if asked.seed is None else asked.seed + i), loop,
-                              events, index=i), asked.stops, text_of)
+                              events, index=i))
                    for i in range(asked.n)]
         for choice in choices:
             engine.submit(choice.job)
@@ -420,7 +385,7 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
         kind = "chat.completion" if chat else "text_completion"
 
         def usage() -> dict:
-            tokens = sum(len(c.kept) for c in choices)
+            tokens = sum(len(c.job.tokens) for c in choices)
             steps = max(sum(c.job.steps for c in choices), 1)
             return {"prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
                     "total_tokens": len(prompt_ids) + tokens, "tokens_per_step": round(tokens / steps, 3),
@@ -436,10 +401,7 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
                     continue
                 if event == "error":
                     raise BadRequest(*payload, kind="server_error" if payload[0] >= 500 else "invalid_request_error")
-                delta = choice.take(payload if event == "tokens" else [], payload if event == "done" else None)
-                if choice.done and not choice.job.finished:  # a stop string ended it: free its row now
-                    choice.job.cancelled = True
-                yield choice, delta
+                yield choice, choice.take(event, payload)
 
         if not body.get("stream"):
             try:
