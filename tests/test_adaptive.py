@@ -205,14 +205,17 @@ def test_adaptive_with_real_timing_is_lossless_in_a_batch():
 
 
 
-def test_node_counts_take_the_likeliest_nodes_while_they_pay():
+def test_node_counts_take_the_likeliest_nodes_while_they_pay_for_the_batch():
     likeliest = TreeShape((4, 3), 0, nodes=4)
     policy = calibrated([PLAIN, likeliest], {1: 1.0, 2: 1.1, 5: 1.4}, batch_size=3)  # 0.1 a node
     p_draft = torch.tensor([[0.9, 0.5, 0.05, 0.01], [0.99, 0.98, 0.97, 0.96], [0.05, 0.01, 0.0, 0.0]])
-    # row 0: 1.9 / 1.1, 2.4 / 1.2 = 2.0, 2.45 / 1.3, 2.46 / 1.4: two nodes; row 1: all four
-    # (4.9 / 1.4 = 3.5); row 2: one, the fewest a tree of this shape has
-    assert policy.node_counts(3, likeliest, p_draft).tolist() == [2, 4, 1]
-
+    # alone, row 0 would take two nodes (2.4 / 1.2 = 2.0 tokens per second, the most), row 2
+    # one; but the pass pads each row to the widest, and row 1 wants all four (4.9 / 1.4).
+    # For the batch: a row's mean 1.65 / 1.1, 2.14 / 1.2, 2.48 / 1.3, 2.81 / 1.4 = 2.0: four each
+    assert policy.node_counts(3, likeliest, p_draft).tolist() == [4, 4, 4]
+    calibrated(policy.menu, {1: 1.0, 2: 1.1, 5: 1.4}, batch_size=1, policy=policy)
+    assert policy.node_counts(1, likeliest, p_draft[:1]).tolist() == [2]
+    assert policy.node_counts(1, likeliest, p_draft[2:]).tolist() == [1]  # the fewest a tree of this shape has
 
 
 def test_lookup_chances_are_what_the_branch_alone_accepted_at_each_match_length():
@@ -233,10 +236,11 @@ def test_likeliest_takes_the_nodes_and_branch_tokens_most_likely_right_while_the
     p_path = torch.tensor([[[0.6, 0.3], [0.6, 0.2], [0.4, 0.35], [0.4, 0.01]]]).expand(2, -1, -1)
     branch = torch.tensor([[[8, 8, 8]], [[NO_TOKEN] * 3]])  # row 1 matched nothing
     candidates, taken = decode.likeliest(policy, shape, paths, p_path.log(), [2, 2], branch, torch.tensor([2, 0]))
-    # row 0: 0.9 (branch) 0.6 0.5 (branch) 0.4 0.35 0.3 | 0.2 ...: 6 taken, 4.05 tokens in 1.6 (7 in 1.7 gives
-    # 4.25); row 1, nodes alone: 0.6 0.4 0.35 0.3 0.2 | 0.01, 2.85 tokens in 1.5
+    # row 0: 0.9 (branch) 0.6 0.5 (branch) 0.4 0.35 0.3 0.2 ...; row 1, nodes alone: 0.6 0.4 0.35
+    # 0.3 0.2 0.01. The rows' mean with m each: 1.75 / 1.1, 2.25 / 1.2, 2.675 / 1.3, 3.025 / 1.4,
+    # 3.3 / 1.5 = 2.2, 3.455 / 1.6: five each, two of them branch tokens for row 0
     assert taken.tolist() == [2, 0]
-    assert candidates[0].tolist() == [[5, NO_TOKEN], [6, NO_TOKEN], [6, 9], [5, 7], [NO_TOKEN] * 2]
+    assert candidates[0].tolist() == [[5, NO_TOKEN], [6, NO_TOKEN], [6, 9], [NO_TOKEN] * 2, [NO_TOKEN] * 2]
     assert candidates[1].tolist() == [[5, NO_TOKEN], [6, NO_TOKEN], [6, 9], [5, 7], [5, 8]]
 
 def test_the_likeliest_nodes_tree_takes_the_runner_up_where_it_pays_and_stays_lossless(fake_costs):

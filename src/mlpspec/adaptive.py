@@ -253,9 +253,14 @@ class AdaptivePolicy:
 
     def node_counts(self, batch_size: int, shape: TreeShape, chances: torch.Tensor) -> torch.Tensor:
         """How many of a tree's likeliest nodes each row takes [b], given their chances of
-        acceptance [b, n] (descending: decode.likeliest): the count m with the most tokens
-        per second, 1 + the sum of the first m chances over the calibrated time of a step
-        of `shape` with m + 1 nodes.
+        acceptance [b, n] (descending: decode.likeliest): one count m for the whole batch,
+        the one with the most tokens per second, the rows' mean of 1 + the sum of their
+        first m chances over the calibrated time of a step of `shape` with m + 1 nodes.
+
+        One count, because a pass pads every row's tree to the widest: a row given fewer
+        nodes than another saves nothing, and each row's m likeliest are its own, by its
+        own draft confidence and lookup match. That is the step's node budget, b (m + 1)
+        nodes, chosen from the cost curve of this batch size.
 
         A step accepts the nodes on one path, so its expected accepted tokens are the sum of
         each node's chance that its whole path is right, and for the speculator's nodes the
@@ -266,8 +271,9 @@ class AdaptivePolicy:
         than the draft's own word."""
         counts = np.arange(1, chances.size(1) + 1)  # m
         seconds = self._seconds(self.bucket(batch_size), shape, 1 + counts)  # m
-        tokens = 1 + chances.float().cumsum(dim=1)  # b m
-        return (tokens / torch.tensor(seconds, dtype=tokens.dtype, device=tokens.device)).argmax(dim=1) + 1  # b
+        tokens = 1 + chances.float().cumsum(dim=1).mean(dim=0)  # m   a row's mean, with m nodes each
+        best = int((tokens / torch.tensor(seconds, dtype=tokens.dtype, device=tokens.device)).argmax()) + 1
+        return torch.full((chances.size(0),), best, dtype=torch.long, device=chances.device)  # b
 
     def lookup_chances(self, lookup: int, matched: Sequence[int]) -> torch.Tensor:
         """The chance that a lookup branch of `lookup` tokens is right up to and with its
