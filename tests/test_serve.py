@@ -105,7 +105,7 @@ def test_concurrent_mixed_requests_match_single_request_greedy_output(server):
     (json.dumps({"model": MODEL_ID, "prompt": "w4", "stop": ["a"] * 5}).encode(), 400, "up to 4 non-empty"),
     (json.dumps({"model": MODEL_ID, "prompt": "w4", "n": 9}).encode(), 400, "n must be an integer from 1 to 8"),
     (json.dumps({"model": MODEL_ID, "prompt": "w4", "seed": 1.5}).encode(), 400, "seed must be an integer"),
-    (json.dumps({"model": MODEL_ID, "prompt": "w4", "max_tokens": 0}).encode(), 400, "max_tokens must be a positive"),
+    (json.dumps({"model": MODEL_ID, "prompt": "w4", "max_tokens": 0}).encode(), 400, "max_tokens must be an integer >= 1"),
     (json.dumps({"model": MODEL_ID, "prompt": "w4 " * 250, "max_tokens": 10}).encode(), 400, "exceeds this server's"),
     (json.dumps({"model": MODEL_ID, "prompt": "w4", "logprobs": 21}).encode(), 400, "logprobs must be an integer"),
     (json.dumps({"model": MODEL_ID, "prompt": "w4", "logprobs": 2, "stream": True}).encode(), 400, "with stream"),

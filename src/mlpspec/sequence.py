@@ -15,12 +15,20 @@ from .errors import MLPSpecError
 _ids = itertools.count()
 
 
+class BadSetting(MLPSpecError):
+    """A SamplingParams field that is out of range; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def check_warping(top_k, top_p) -> None:
     """Refuse a top_k or top_p that transformers' warpers would not take."""
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise MLPSpecError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise MLPSpecError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise BadSetting("top_k", f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not (isinstance(top_p, (int, float)) and 0 < top_p <= 1)):
+        raise BadSetting("top_p", f"top_p must be in (0, 1], got {top_p!r}")
 
 
 @dataclass(frozen=True)
@@ -43,20 +51,20 @@ class SamplingParams:
 
     def __post_init__(self):
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise MLPSpecError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise BadSetting("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not 0 <= self.temperature <= 2:
-            raise MLPSpecError(f"temperature must be a number in [0, 2], got {self.temperature!r}")
+            raise BadSetting("temperature", f"temperature must be a number in [0, 2], got {self.temperature!r}")
         check_warping(self.top_k, self.top_p)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise MLPSpecError(f"seed must be an integer, got {self.seed!r}")
+            raise BadSetting("seed", f"seed must be an integer, got {self.seed!r}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            raise MLPSpecError(f"stop_token_ids must be token ids, got {self.stop_token_ids!r}")
+            raise BadSetting("stop_token_ids", f"stop_token_ids must be token ids, got {self.stop_token_ids!r}")
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= 20):
-            raise MLPSpecError(f"logprobs must be an integer from 0 to 20, got {self.logprobs!r}")
+            raise BadSetting("logprobs", f"logprobs must be an integer from 0 to 20, got {self.logprobs!r}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
-            raise MLPSpecError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
+            raise BadSetting("stop", f"stop must be a sequence of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))
 

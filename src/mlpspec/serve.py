@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from .engine import Engine
 from .errors import MLPSpecError
 from .scheduler import QueueFull
-from .sequence import SamplingParams
+from .sequence import BadSetting, SamplingParams
 from .text import encode_prompt, is_message_list
 
 log = logging.getLogger("mlpspec.serve")
@@ -218,16 +218,12 @@ MAX_CHOICES = 8  # the most choices (n) one request may ask for
 
 @dataclass(frozen=True)
 class Asked:
-    """A request's decoding fields, checked."""
+    """A request's decoding fields, checked: its engine settings (choice i is seeded
+    seed + i), how many choices, and whether a stream ends with the usage."""
 
-    max_tokens: int
-    temperature: float
-    top_p: float | None
-    stops: list[str]
+    params: SamplingParams
     n: int
-    seed: int | None
     include_usage: bool
-    logprobs: int | None = None  # alternatives per token (0: the token's own only); None: not asked
 
 
 class Choice:
@@ -312,17 +308,6 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
         return top
 
     def sampling(body: dict, max_key: str) -> Asked:
-        max_tokens = body.get(max_key, body.get("max_tokens", 16))
-        temperature = body.get("temperature", 1.0)
-        top_p = body.get("top_p", 1.0)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise BadRequest(400, f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens")
-        if max_tokens > limit:
-            raise BadRequest(400, f"max_tokens {max_tokens} exceeds this server's limit of {limit}", param="max_tokens")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise BadRequest(400, f"temperature must be between 0 and 2, got {temperature!r}", param="temperature")
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise BadRequest(400, f"top_p must be in (0, 1], got {top_p!r}", param="top_p")
         for unsupported in ("tools", "logit_bias", "suffix"):
             if body.get(unsupported) not in (None, False, [], {}, 0):
                 raise BadRequest(400, f"{unsupported!r} is not supported by this server", param=unsupported)
@@ -334,14 +319,21 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
         n = body.get("n", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
             raise BadRequest(400, f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}", param="n")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise BadRequest(400, f"seed must be an integer, got {seed!r}", param="seed")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise BadRequest(400, "stream_options must be an object", param="stream_options")
-        return Asked(max_tokens, float(temperature), None if top_p == 1 else float(top_p), stops, n, seed,
-                     bool(options.get("include_usage")), logprobs_asked(body, max_key == "max_completion_tokens"))
+        top_p = body.get("top_p")
+        try:  # SamplingParams checks each field's type and range
+            params = SamplingParams(max_tokens=body.get(max_key, body.get("max_tokens", 16)),
+                                    temperature=body.get("temperature", 1.0), top_p=None if top_p == 1 else top_p,
+                                    seed=body.get("seed"), stop=tuple(stops),
+                                    logprobs=logprobs_asked(body, max_key == "max_completion_tokens"))
+        except BadSetting as e:
+            raise BadRequest(400, str(e), param=e.field) from None
+        if params.max_tokens > limit:
+            raise BadRequest(400, f"max_tokens {params.max_tokens} exceeds this server's limit of {limit}",
+                             param="max_tokens")
+        return Asked(params, n, bool(options.get("include_usage")))
 
     def tokenize(body: dict, chat: bool) -> list[int]:
         if chat:
@@ -366,16 +358,15 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
             body = await parse(request)
             asked = sampling(body, "max_completion_tokens" if chat else "max_tokens")
             prompt_ids = tokenize(body, chat)
-            if len(prompt_ids) + asked.max_tokens > context:
-                raise BadRequest(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({asked.max_tokens}) "
+            if len(prompt_ids) + asked.params.max_tokens > context:
+                raise BadRequest(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({asked.params.max_tokens}) "
                                       f"exceeds this server's {context} tokens a request", param="max_tokens")
         except BadRequest as e:
             return error(e)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        params = SamplingParams(max_tokens=asked.max_tokens, temperature=asked.temperature, top_p=asked.top_p,
-                                logprobs=asked.logprobs, stop=tuple(asked.stops))
-        choices = [Choice(Job(prompt_ids, replace(params, seed=None if asked.seed is None else asked.seed + i), loop,
+        params = asked.params
+        choices = [Choice(Job(prompt_ids, replace(params, seed=None if params.seed is None else params.seed + i), loop,
                               events, index=i))
                    for i in range(asked.n)]
         for choice in choices:
@@ -414,7 +405,7 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
                 entry = {"index": c.job.index, "finish_reason": c.finish_reason}
                 entry |= ({"message": {"role": "assistant", "content": c.text}} if chat
                           else {"text": c.text, "logprobs": None})
-                if asked.logprobs is not None:
+                if params.logprobs is not None:
                     entry["logprobs"] = logprobs_field(c, chat)
                 listed.append(entry)
             return JSONResponse({"id": rid, "object": kind, "created": created, "model": model_id,
