@@ -179,8 +179,8 @@ class Engine:
         path, n_accepted, bonus = walk(tree, logits, choose)
         emitted = commit(state, tree, hidden, path, n_accepted, bonus, self.stops, self.max_new)
         if policy is not None:
-            # the hindsight's bookkeeping is part of what a speculative step costs (a few ms at
-            # batch 16): the step's time is taken after it
+            # the hindsight's bookkeeping is part of what a speculative step costs (it grows
+            # with the batch): the step's time is taken after it
             state.hindsight += foresee(policy, shape, parts, before, active, matched)
             learn_in_hindsight(policy, state)
             policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick,
