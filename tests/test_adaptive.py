@@ -522,3 +522,22 @@ def test_a_likeliest_tree_that_takes_its_branch_alone_stays_lossless_and_teaches
     assert out.stats.shapes == {str(likeliest_lookup): out.stats.steps - 2}  # but the two prefills
     learned = {shape for shape, _ in policy.log}
     assert {TreeShape((1, 1, 1), 1), TreeShape((), 0, 4)} <= learned  # the chain, the branch alone
+
+
+def test_what_a_shape_accepted_at_a_batch_size_scales_what_its_records_promise_there():
+    policy = calibrated([PLAIN, CHAIN2], {1: 1.0, 2: 1.2, 3: 1.5})
+    calibrated(policy.menu, {1: 1.0, 2: 1.2, 3: 1.5}, batch_size=16, policy=policy)
+    policy.update(CHAIN2, 1, [3.0], 1.5)  # records: 2 candidate tokens a step
+    policy.record(CHAIN2).uses = policy.steps = 10**6  # no optimism left
+    assert policy.choose(16, max_depth=5, matched=[0] * 16) == CHAIN2  # 3 tokens in 1.5 s
+    # at batch 16 its steps accept a quarter of what the records say (1.5 tokens in 1.5 s):
+    # the first step moves its yield there a fifth of the way, and a dozen or so more turn the choice
+    policy.update(CHAIN2, 16, [1.5] * 16, 1.5)
+    assert policy.yields[(16, CHAIN2)] == (1, pytest.approx(1 - 0.75 / 5))
+    for steps in range(2, 40):
+        policy.update(CHAIN2, 16, [1.5] * 16, 1.5)
+        if policy.choose(16, max_depth=5, matched=[0] * 16) == PLAIN:
+            break
+    assert steps < 20 and policy.choose(1, max_depth=5) == CHAIN2  # batch 1 keeps its own
+    policy.yields.clear()  # the records alone, which batch 16's steps pulled down too, still say speculate
+    assert policy.choose(16, max_depth=5, matched=[0] * 16) == CHAIN2

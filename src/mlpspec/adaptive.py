@@ -171,6 +171,14 @@ class AdaptivePolicy:
     propose_seconds: dict[int, dict[TreeShape, float]] = field(default_factory=dict)  # bucket -> shape -> s
     nodes: dict[tuple[int, TreeShape], tuple[int, float]] = field(default_factory=dict)  # -> (steps, mean tree size)
     rest: dict[int, tuple[int, int]] = field(default_factory=dict)  # bucket -> (plain picks in a row, steps to rest)
+    # (bucket, shape) -> (steps, what its steps accepted over what its records expected, a
+    # moving average). The records hold at every batch size, but a likeliest-nodes tree
+    # takes fewer nodes where a step's cost grows faster with its width, and accepts less:
+    # its steps at batch 16 gave 1.56 tokens a row where its records, learned mostly at
+    # small batches, said more, and speculation ran at 0.90x plain decoding (closed loop,
+    # float32, 2-core AMD EPYC; scripts/engine_ab.py)
+    yields: dict[tuple[int, TreeShape], tuple[int, float]] = field(default_factory=dict)
+    yield_prior: int = 4  # steps' worth of belief in the records at first: one unlucky step moves a yield a fifth
     steps: int = 0
 
     def __post_init__(self):
@@ -361,16 +369,29 @@ class AdaptivePolicy:
         return 1.0 + sum(sum(known[n]) for n in matched) / max(len(matched), 1)
 
     def _score(self, shape: TreeShape, batch_size: int, matched: Sequence[int]) -> float:
-        score = self.expected_tokens(shape, matched, True) / max(self.cost(shape, batch_size), 1e-9)
-        return score if shape == PLAIN else score / (1 + self.margin)
+        """Expected tokens per second (a speculative shape's candidate tokens scaled by what
+        its steps at this batch size accepted against its records: yields), less the margin."""
+        tokens = self.expected_tokens(shape, matched, True)
+        if shape == PLAIN:
+            return tokens / max(self.cost(shape, batch_size), 1e-9)
+        # the optimism bonus is not scaled: a shape that yielded little here is still retried
+        mean = self.expected_tokens(shape, matched)
+        accepted = (mean - 1) * self.yields.get((self.bucket(batch_size), shape), (0, 1.0))[1] + tokens - mean
+        return (1 + accepted) / max(self.cost(shape, batch_size), 1e-9) / (1 + self.margin)
 
     def update(self, shape: TreeShape, batch_size: int, row_tokens: Sequence[float], seconds: float,
                matched: Sequence[int] | None = None, nodes: int | None = None) -> None:
         """One step of `shape` took `seconds` and gave each active row row_tokens tokens;
         matched holds the n-gram size each row's lookup matched (None: no lookup), and nodes
         the size of the tree it verified (None: as calibrated)."""
-        self.learn(shape, row_tokens, matched)
         bucket = self.bucket(batch_size)
+        expected = self.expected_tokens(shape, matched if matched is not None else [0] * len(row_tokens)) - 1
+        if shape != PLAIN and expected > 0:  # before this step is learned: what the records said
+            ratio = (sum(row_tokens) / len(row_tokens) - 1) / expected
+            count, mean = self.yields.get((bucket, shape), (0, 1.0))
+            weight = max(1.0 / (count + 1 + self.yield_prior), self.smoothing)
+            self.yields[(bucket, shape)] = (count + 1, mean + weight * (ratio - mean))
+        self.learn(shape, row_tokens, matched)
         key = (bucket, shape != PLAIN)
         expected = self.seconds[bucket][shape] if nodes is None else self._seconds(bucket, shape, nodes)
         ratio = seconds / max(expected, 1e-9)
