@@ -541,3 +541,15 @@ def test_what_a_shape_accepted_at_a_batch_size_scales_what_its_records_promise_t
     assert steps < 20 and policy.choose(1, max_depth=5) == CHAIN2  # batch 1 keeps its own
     policy.yields.clear()  # the records alone, which batch 16's steps pulled down too, still say speculate
     assert policy.choose(16, max_depth=5, matched=[0] * 16) == CHAIN2
+
+
+def test_the_optimism_bonus_shrinks_with_the_batch_so_the_policy_explores_where_it_is_cheap():
+    policy = calibrated([PLAIN, CHAIN2], {1: 1.0, 2: 1.2, 3: 1.3})
+    calibrated(policy.menu, {1: 1.0, 2: 1.2, 3: 1.3}, batch_size=16, policy=policy)
+    for _ in range(2):
+        policy.update(CHAIN2, 1, [1.0], 1.3)  # two steps that accepted nothing
+    policy.steps = 100
+    # the bonus, 0.2 * sqrt(ln 101 / 2) on each of the two tails: 1.61 tokens in 1.3 s, with
+    # the margin 1.13 plain steps' worth at batch 1; a sixteenth of it at batch 16, 0.73
+    assert policy.choose(1, max_depth=5) == CHAIN2
+    assert policy.choose(16, max_depth=5, matched=[0] * 16) == PLAIN

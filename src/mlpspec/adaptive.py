@@ -351,7 +351,7 @@ class AdaptivePolicy:
             # use. At batch 1 this adds up to `reach` bonuses (UCB1's range: a lookup branch
             # of 10 that two unlucky first copies put at 1 token/step was never retried at
             # 0.2 tokens of optimism, and code fell from 2.36x to 1.50x on that luck); at
-            # batch > 1 each row's tails are raised, and the batch's mean carries them
+            # batch b the policy weighs it by 1 / b (_score)
             lift = self.exploration * math.sqrt(math.log(self.steps + 1) / used)
             at_least = [min(1.0, p + lift) for p in list(at_least) + [0.0] * (reach - len(at_least))]
         return list(at_least)
@@ -374,9 +374,12 @@ class AdaptivePolicy:
         tokens = self.expected_tokens(shape, matched, True)
         if shape == PLAIN:
             return tokens / max(self.cost(shape, batch_size), 1e-9)
-        # the optimism bonus is not scaled: a shape that yielded little here is still retried
+        # the optimism bonus is not scaled by the yield (a shape that yielded little here is
+        # still retried), but by the batch size: a retry costs every row a step, and what it
+        # teaches is the same at any batch size, so the policy explores where that is cheapest
         mean = self.expected_tokens(shape, matched)
-        accepted = (mean - 1) * self.yields.get((self.bucket(batch_size), shape), (0, 1.0))[1] + tokens - mean
+        yielded = self.yields.get((self.bucket(batch_size), shape), (0, 1.0))[1]
+        accepted = (mean - 1) * yielded + (tokens - mean) / batch_size
         return (1 + accepted) / max(self.cost(shape, batch_size), 1e-9) / (1 + self.margin)
 
     def update(self, shape: TreeShape, batch_size: int, row_tokens: Sequence[float], seconds: float,
