@@ -388,12 +388,13 @@ class AdaptivePolicy:
         matched holds the n-gram size each row's lookup matched (None: no lookup), and nodes
         the size of the tree it verified (None: as calibrated)."""
         bucket = self.bucket(batch_size)
-        expected = self.expected_tokens(shape, matched if matched is not None else [0] * len(row_tokens)) - 1
-        if shape != PLAIN and expected > 0:  # before this step is learned: what the records said
-            ratio = (sum(row_tokens) / len(row_tokens) - 1) / expected
-            count, mean = self.yields.get((bucket, shape), (0, 1.0))
-            weight = max(1.0 / (count + 1 + self.yield_prior), self.smoothing)
-            self.yields[(bucket, shape)] = (count + 1, mean + weight * (ratio - mean))
+        if shape != PLAIN:  # before this step is learned: what the records said of it
+            expected = self.expected_tokens(shape, matched if matched is not None else [0] * len(row_tokens)) - 1
+            if expected > 0:
+                ratio = (sum(row_tokens) / len(row_tokens) - 1) / expected
+                count, mean = self.yields.get((bucket, shape), (0, 1.0))
+                weight = max(1.0 / (count + 1 + self.yield_prior), self.smoothing)
+                self.yields[(bucket, shape)] = (count + 1, mean + weight * (ratio - mean))
         self.learn(shape, row_tokens, matched)
         key = (bucket, shape != PLAIN)
         expected = self.seconds[bucket][shape] if nodes is None else self._seconds(bucket, shape, nodes)

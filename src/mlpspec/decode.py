@@ -339,9 +339,9 @@ def learn_in_hindsight(policy: AdaptivePolicy, state: DecodeState) -> None:
     stopped), and tell the policy what it would have accepted (tree.hindsight_accepted)."""
     waiting = []
     for seen in state.hindsight:
-        known = (state.n_emitted[seen.rows] - seen.start).clamp(0, seen.candidates.size(2))  # r
+        known = _known(state, seen)  # r
         if bool(((known >= seen.candidates.size(2)) | state.finished[seen.rows]).all()):
-            _judge(policy, state, seen)
+            _judge(policy, state, seen, known)
         else:
             waiting.append(seen)
     state.hindsight = waiting
@@ -357,7 +357,8 @@ def judge_leaving(policy: AdaptivePolicy, state: DecodeState, leaving: list[int]
         leaves = torch.isin(seen.rows, gone.to(seen.rows.device))  # r
         done = leaves & state.finished[seen.rows]  # r
         if bool(done.any()):
-            _judge(policy, state, seen.only(done))
+            finished = seen.only(done)
+            _judge(policy, state, finished, _known(state, finished))
         if not bool(leaves.all()):
             waiting.append(seen.only(~leaves))
     state.hindsight = waiting
@@ -369,10 +370,15 @@ def renumber_hindsight(state: DecodeState, source: int, target: int) -> None:
                        for seen in state.hindsight]
 
 
-def _judge(policy: AdaptivePolicy, state: DecodeState, seen: Hindsight) -> None:
-    L = seen.candidates.size(2)
-    known = (state.n_emitted[seen.rows] - seen.start).clamp(0, L)  # r
-    slots = seen.start.unsqueeze(1) + torch.arange(L, device=known.device)  # r L
+def _known(state: DecodeState, seen: Hindsight) -> torch.Tensor:
+    """How many of the tokens a waiting tree guessed each of its rows has emitted [r]."""
+    return (state.n_emitted[seen.rows] - seen.start).clamp(0, seen.candidates.size(2))
+
+
+def _judge(policy: AdaptivePolicy, state: DecodeState, seen: Hindsight, known: torch.Tensor) -> None:
+    """Tell the policy what the waiting tree would have accepted for its rows, `known` [r]
+    of whose guessed tokens are out (tree.hindsight_accepted)."""
+    slots = seen.start.unsqueeze(1) + torch.arange(seen.candidates.size(2), device=known.device)  # r L
     accepted = hindsight_accepted(seen.candidates, state.tokens[seen.rows].gather(1, slots), known)  # r
     policy.learn(seen.shape, (accepted + 1).tolist(), seen.matched)
 

@@ -99,7 +99,6 @@ class Worker:
         speculates = speculator is not None or lookup > 0
         self.engine = Engine(model, speculator, max_batch=max_batch, max_waiting=max_waiting, lookup=lookup,
                              adaptive=speculates, tokenizer=tokenizer)
-        self.eos = list(self.engine.eos)
         self.metrics = Metrics()
         self.inbox: queue.Queue[Job] = queue.Queue()
         self.jobs: dict[str, Job] = {}
