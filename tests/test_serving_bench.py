@@ -4,7 +4,8 @@ import pytest
 
 from mlpspec import MLPSpecError, load_base
 from mlpspec.base import TREE_ATTENTION
-from mlpspec.serving_bench import ServingSettings, Timing, arrivals, run_serving_bench, summarize, write_serving_report
+from mlpspec.serving_bench import (ServingSettings, Timing, arrivals, median_run, paired_ratios, run_serving_bench,
+                                   summarize, write_serving_report)
 from test_decode import random_speculator
 
 
@@ -29,13 +30,15 @@ def test_every_target_serves_the_same_schedule(tmp_path, tiny_llama_folder):
     model, tokenizer = load_base(tiny_llama_folder)  # with mlpspec's tree attention, which transformers' CB refuses
     assert model.config._attn_implementation == TREE_ATTENTION
     prompts = [tokenizer(f"w{i} w{i + 1} w{i + 2}").input_ids for i in range(4)]
-    settings = ServingSettings(rates=[20.0], requests=4, max_tokens=6, max_batch=4)
+    settings = ServingSettings(rates=[20.0], requests=4, max_tokens=6, max_batch=4, repeats=2)
     report = run_serving_bench(model, tokenizer, random_speculator(model, seed=9), prompts, settings)
     assert set(report["results"]) == {"mlpspec", "mlpspec_plain", "transformers_cb"}
     for target, by_rate in report["results"].items():
         result = by_rate["20.0"]
         assert result["errors"] == 0, target
         assert 4 <= result["completion_tokens"] <= 24 and result["ttft_p50_s"] is not None, target
+        assert len(result["tokens_per_s_runs"]) == 2, target
+    assert len(report["speculation_on_off"]["20.0"]["rounds"]) == 2
     assert model.config._attn_implementation == TREE_ATTENTION  # given back after the anchor's run
     write_serving_report(report, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "serving.json").read_text())["settings"]["requests"] == 4
@@ -43,8 +46,18 @@ def test_every_target_serves_the_same_schedule(tmp_path, tiny_llama_folder):
     assert (tmp_path / "out" / "serving.png").stat().st_size > 0
 
 
+def test_median_run_and_paired_ratios_by_hand():
+    on = [{"tokens_per_s": 30.0, "errors": 0}, {"tokens_per_s": 10.0, "errors": 1}, {"tokens_per_s": 20.0, "errors": 0}]
+    off = [{"tokens_per_s": 20.0, "errors": 0}, {"tokens_per_s": 20.0, "errors": 0}, {"tokens_per_s": 16.0, "errors": 0}]
+    assert median_run(on) == {"tokens_per_s": 20.0, "errors": 1, "tokens_per_s_runs": [30.0, 10.0, 20.0]}
+    assert median_run(on[:2])["tokens_per_s"] == 10.0  # of an even count, the lower middle run
+    assert paired_ratios(on, off) == {"rounds": [1.5, 0.5, 1.25], "median": 1.25}
+
+
 def test_bad_settings():
     with pytest.raises(MLPSpecError, match="rates must be positive"):
         ServingSettings(rates=[0])
     with pytest.raises(MLPSpecError, match="unknown targets"):
         ServingSettings(targets=("vllm",))
+    with pytest.raises(MLPSpecError, match="repeats"):
+        ServingSettings(repeats=0)

@@ -201,14 +201,15 @@ def _serving_bench(args) -> None:
     except ValueError:
         raise MLPSpecError(f"--rates must be comma-separated requests per second, got {args.rates!r}") from None
     settings = ServingSettings(rates=rates, requests=args.requests, max_tokens=args.max_new_tokens,
-                               max_batch=args.max_batch, lookup=args.lookup or 0, targets=tuple(args.targets.split(",")))
+                               max_batch=args.max_batch, lookup=args.lookup or 0, targets=tuple(args.targets.split(",")),
+                               repeats=args.repeats)
     model, tokenizer = _load(args)
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
     print(f"[speculator: {origin}]", file=sys.stderr)
     asks = [encode_prompt(tokenizer, p, chat=False) for p in code_prompts(6)]
     asks += [encode_prompt(tokenizer, m, chat=True) for m in chat_prompts()[:6]]
     asks = [ask for pair in zip(asks[:6], asks[6:]) for ask in pair]  # code and chat take turns
-    bar = tqdm(total=len(settings.rates) * len(settings.targets), desc="serving bench", unit="run")
+    bar = tqdm(total=len(settings.rates) * len(settings.targets) * settings.repeats, desc="serving bench", unit="run")
     report = run_serving_bench(model, tokenizer, speculator, asks, settings, progress=lambda *_: bar.update(1))
     bar.close()
     write_serving_report(report, Path(args.out))
@@ -426,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--max-batch", type=_positive, default=16, help="--serving: the server's --max-batch")
     be.add_argument("--targets", default="mlpspec,mlpspec_plain,transformers_cb",
                     help="--serving: which of mlpspec, mlpspec_plain, transformers_cb")
+    be.add_argument("--repeats", type=_positive, default=1,
+                    help="--serving: rounds over all targets, taking turns (each reports its median run; "
+                         "speculation on / off is the median of the rounds' paired ratios)")
     be.set_defaults(func=cmd_bench)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with batched speculative decoding")

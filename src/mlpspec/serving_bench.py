@@ -5,7 +5,10 @@ this process). Reports throughput, time to first token and inter-token latency (
 p95), tokens per step and errors, as JSON, markdown and plots.
 
 Every target gets the same requests at the same arrival times (one seeded schedule per
-rate): mixed code and chat prompts, greedy, `max_tokens` as set.
+rate): mixed code and chat prompts, greedy, `max_tokens` as set. On a shared machine a slow
+spell can move one run's throughput by a quarter, so with `repeats` the targets take turns
+(in reversed order every other round, each started afresh), each (target, rate) reports
+its median run, and speculation on against off is the median of the rounds' paired ratios.
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ class ServingSettings:
     max_batch: int = 16
     lookup: int = 0  # the speculating server's prompt-lookup branch (serve --lookup)
     seed: int = 0
+    repeats: int = 1  # rounds over all targets, taking turns
     targets: tuple[str, ...] = TARGETS
 
     def __post_init__(self):
         if not self.rates or any(r <= 0 for r in self.rates):
             raise MLPSpecError(f"rates must be positive requests per second, got {self.rates}")
-        if self.requests < 1 or self.max_tokens < 1:
-            raise MLPSpecError("requests and max_tokens must be at least 1")
+        if self.requests < 1 or self.max_tokens < 1 or self.repeats < 1:
+            raise MLPSpecError("requests, max_tokens and repeats must be at least 1")
         unknown = set(self.targets) - set(TARGETS)
         if unknown:
             raise MLPSpecError(f"unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
@@ -206,20 +210,41 @@ def target_sender(target: str, model, tokenizer, speculator, settings: ServingSe
 
 def run_serving_bench(model, tokenizer, speculator, prompts: list[list[int]], settings: ServingSettings,
                       progress=None) -> dict:
-    """Every target at every rate; the same requests and arrival times for each. Each
-    target first answers one request untimed: transformers' manager pays for its start-up
-    there, as mlpspec's server does before it says it is ready."""
-    report = {"settings": asdict(settings), "results": {}}
+    """Every target at every rate, `repeats` rounds; the same requests and arrival times
+    for each. Each target first answers one request untimed: transformers' manager pays for
+    its start-up there, as mlpspec's server does before it says it is ready."""
     asks = [prompts[i % len(prompts)] for i in range(settings.requests)]
-    for target in settings.targets:
-        with target_sender(target, model, tokenizer, speculator, settings) as send:
-            send(Timing(sent=0.0), asks[0])
-            for rate in settings.rates:
-                wall, timings = replay(send, asks, arrivals(rate, len(asks), settings.seed))
-                report["results"].setdefault(target, {})[str(rate)] = summarize(timings, wall)
-                if progress:
-                    progress(target, rate)
+    runs: dict[str, dict[str, list[dict]]] = {t: {str(rate): [] for rate in settings.rates} for t in settings.targets}
+    for round_ in range(settings.repeats):
+        for target in settings.targets[:: 1 if round_ % 2 == 0 else -1]:
+            with target_sender(target, model, tokenizer, speculator, settings) as send:
+                send(Timing(sent=0.0), asks[0])
+                for rate in settings.rates:
+                    wall, timings = replay(send, asks, arrivals(rate, len(asks), settings.seed))
+                    runs[target][str(rate)].append(summarize(timings, wall))
+                    if progress:
+                        progress(target, rate)
+    report = {"settings": asdict(settings),
+              "results": {t: {rate: median_run(rs) for rate, rs in by_rate.items()} for t, by_rate in runs.items()}}
+    if {"mlpspec", "mlpspec_plain"} <= set(settings.targets):
+        report["speculation_on_off"] = {rate: paired_ratios(runs["mlpspec"][rate], runs["mlpspec_plain"][rate])
+                                        for rate in runs["mlpspec"]}
     return report
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median throughput (the lower middle one of an even count), with every
+    run's throughput beside it and the errors of all runs."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"] or 0.0)
+    return ordered[(len(ordered) - 1) // 2] | {"tokens_per_s_runs": [r["tokens_per_s"] for r in runs],
+                                                "errors": sum(r["errors"] for r in runs)}
+
+
+def paired_ratios(on: list[dict], off: list[dict]) -> dict:
+    """Round by round, speculation on's throughput over off's, and their median."""
+    ratios = [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(on, off)
+              if a["tokens_per_s"] and b["tokens_per_s"]]
+    return {"rounds": ratios, "median": round(statistics.median(ratios), 3) if ratios else None}
 
 
 def write_serving_report(report: dict, out: Path) -> None:
@@ -231,12 +256,18 @@ def write_serving_report(report: dict, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
-    rows = ["| target | rate (req/s) | tokens/s | TTFT p50 / p95 (s) | ITL p50 / p95 (s) | tokens/step | errors |",
+    rows = ["| target | rate (req/s) | tokens/s (median run; every run) | TTFT p50 / p95 (s) | ITL p50 / p95 (s) | tokens/step | errors |",
             "|---|---|---|---|---|---|---|"]
     for target, by_rate in report["results"].items():
         for rate, r in by_rate.items():
-            rows.append(f"| {target} | {rate} | {r['tokens_per_s']} | {r['ttft_p50_s']} / {r['ttft_p95_s']} | "
+            runs = r.get("tokens_per_s_runs", [])
+            speed = f"{r['tokens_per_s']}" + (f" ({', '.join(map(str, runs))})" if len(runs) > 1 else "")
+            rows.append(f"| {target} | {rate} | {speed} | {r['ttft_p50_s']} / {r['ttft_p95_s']} | "
                         f"{r['itl_p50_s']} / {r['itl_p95_s']} | {r['tokens_per_step']} | {r['errors']} |")
+    ratios = report.get("speculation_on_off")
+    if ratios:
+        rows += ["", "| rate (req/s) | speculation on / off, per round | median |", "|---|---|---|"]
+        rows += [f"| {rate} | {', '.join(map(str, r['rounds']))} | {r['median']} |" for rate, r in ratios.items()]
     (out / "serving.md").write_text("\n".join(rows) + "\n")
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for target, by_rate in report["results"].items():
