@@ -108,7 +108,6 @@ def test_concurrent_mixed_requests_match_single_request_greedy_output(server):
     (json.dumps({"model": MODEL_ID, "prompt": "w4", "max_tokens": 0}).encode(), 400, "max_tokens must be an integer >= 1"),
     (json.dumps({"model": MODEL_ID, "prompt": "w4 " * 250, "max_tokens": 10}).encode(), 400, "exceeds this server's"),
     (json.dumps({"model": MODEL_ID, "prompt": "w4", "logprobs": 21}).encode(), 400, "logprobs must be an integer"),
-    (json.dumps({"model": MODEL_ID, "prompt": "w4", "logprobs": 2, "stream": True}).encode(), 400, "with stream"),
 ])
 def test_bad_requests_are_answered_and_logged(server, caplog, body, status, message):
     url = server[0]
@@ -285,3 +284,18 @@ def test_logprobs_through_the_openai_client(server):
     assert content[0].top_logprobs[0].logprob >= content[0].logprob - 1e-6  # the likeliest comes first
     with pytest.raises(openai.BadRequestError, match="top_logprobs must be an integer from 0 to 20"):
         api.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=6, logprobs=True, top_logprobs=21)
+
+    # streamed, each chunk carries its tokens' logprobs: together they are the whole reply's
+    chunks = list(api.completions.create(model=MODEL_ID, prompt=text, max_tokens=10, temperature=0, logprobs=3,
+                                         stream=True))
+    scored = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert len(scored) > 1 and "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    assert sum((s.tokens for s in scored), []) == got.tokens
+    assert sum((s.text_offset for s in scored), []) == got.text_offset
+    for streamed, whole in zip(sum((s.token_logprobs for s in scored), []), got.token_logprobs):
+        assert abs(streamed - whole) < 1e-4
+    chat_chunks = list(api.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=6, temperature=0,
+                                                   logprobs=True, top_logprobs=2, stream=True))
+    streamed = [e for c in chat_chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, content))

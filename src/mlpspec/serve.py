@@ -50,7 +50,6 @@ class Job:
     events: asyncio.Queue
     index: int = 0
     tokens: list[int] = field(default_factory=list)
-    token_logprobs: list = field(default_factory=list)  # sequence.TokenLogprob per token, when asked
     steps: int = 0  # engine steps that gave this request tokens
     batch_size: int = 0  # the largest batch it decoded in
     finished: bool = False
@@ -170,12 +169,11 @@ class Worker:
                 if job is None:
                     continue
                 self._count(job, out.new_ids, now)
-                job.token_logprobs += out.logprobs or []
                 job.tokens += out.new_ids
                 job.steps += 1
                 job.batch_size = max(job.batch_size, self.engine.running)
                 if (out.new_ids or out.text) and not job.cancelled:
-                    job.send("tokens", (out.new_ids, out.text))
+                    job.send("tokens", (out.new_ids, out.text, out.logprobs))
                 if out.finished:
                     job.finished = True
                     del self.jobs[out.id]
@@ -227,18 +225,34 @@ class Asked:
 
 class Choice:
     """One choice as its client sees it: the text so far (the engine's, which never shows a
-    piece of a stop string) and why it ended."""
+    piece of a stop string), its tokens and their logprobs when asked, and why it ended."""
 
     def __init__(self, job: Job):
         self.job, self.text, self.done, self.finish_reason = job, "", False, None
+        self.tokens: list[int] = []
+        self.logprobs: list = []  # sequence.TokenLogprob per token, when asked
 
-    def take(self, event: str, payload) -> str:
-        """A "tokens" event's text (returned), or "done" with the finish reason."""
-        if event == "tokens":
-            self.text += payload[1]
-            return payload[1]
-        self.done, self.finish_reason = True, payload
-        return ""
+    def take(self, event: str, payload) -> Delta:
+        """What a "tokens" event adds; "done" sets the finish reason (and adds nothing)."""
+        if event != "tokens":
+            self.done, self.finish_reason = True, payload
+            return Delta(len(self.tokens), [], "", [])
+        ids, text, logprobs = payload
+        delta = Delta(len(self.tokens), ids, text, logprobs or [])
+        self.text, self.tokens, self.logprobs = self.text + text, self.tokens + ids, self.logprobs + delta.logprobs
+        return delta
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A choice's new tokens from one step (after `start` earlier ones), their text, which
+    may lag them (a stop string's first characters, an unfinished character), and their
+    logprobs when asked."""
+
+    start: int
+    tokens: list[int]
+    text: str
+    logprobs: list
 
 
 def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16, max_tokens_limit: int | None = None,
@@ -256,10 +270,11 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
     limit = min(max_tokens_limit or context, context)
     text_of = engine.engine.text_of
 
-    def logprobs_field(choice: Choice, chat: bool) -> dict:
-        """A choice's logprobs as OpenAI writes them, for the tokens its text kept."""
-        tokens = choice.job.tokens
-        entries = choice.job.token_logprobs[: len(tokens)]
+    def logprobs_field(choice: Choice, delta: Delta | None, chat: bool) -> dict:
+        """Logprobs as OpenAI writes them: a stream chunk's for its delta's tokens, a whole
+        response's (delta None) for every token of the choice."""
+        tokens, entries, before = ((choice.tokens, choice.logprobs, []) if delta is None else
+                                   (delta.tokens, delta.logprobs, choice.tokens[: delta.start]))
         piece = [tokenizer.decode([t]) for t in tokens]
         if chat:
             return {"content": [
@@ -267,7 +282,7 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
                  "top_logprobs": [{"token": tokenizer.decode([t]), "logprob": lp,
                                    "bytes": list(tokenizer.decode([t]).encode())} for t, lp in e.top]}
                 for text, e in zip(piece, entries)]}
-        offsets = [len(text_of(tokens[:j])) for j in range(len(tokens))]
+        offsets = [len(text_of(before + tokens[:j])) for j in range(len(tokens))]
         return {"tokens": piece, "token_logprobs": [e.logprob for e in entries],
                 "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in e.top} for e in entries],
                 "text_offset": offsets}
@@ -302,8 +317,6 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
             top, key = body.get("logprobs"), "logprobs"
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
             raise BadRequest(400, f"{key} must be an integer from 0 to 20, got {top!r}", param=key)
-        if top is not None and body.get("stream"):
-            raise BadRequest(400, "logprobs with stream are not supported yet", param=key)
         return top
 
     def sampling(body: dict, max_key: str) -> Asked:
@@ -382,7 +395,7 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
                     "steps": steps, "batch_size": max(c.job.batch_size for c in choices)}
 
         async def updates():
-            """(choice, text delta) as the choices' tokens come, until every one is done;
+            """(choice, Delta) as the choices' tokens come, until every one is done;
             an engine error ends it with BadRequest."""
             while not all(c.done for c in choices):
                 index, event, payload = await events.get()
@@ -405,17 +418,20 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
                 entry |= ({"message": {"role": "assistant", "content": c.text}} if chat
                           else {"text": c.text, "logprobs": None})
                 if params.logprobs is not None:
-                    entry["logprobs"] = logprobs_field(c, chat)
+                    entry["logprobs"] = logprobs_field(c, None, chat)
                 listed.append(entry)
             return JSONResponse({"id": rid, "object": kind, "created": created, "model": model_id,
                                  "choices": listed, "usage": usage()})
 
-        def chunk(index: int, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+        def chunk(index: int, text: str | None, finish_reason: str | None = None, role: bool = False,
+                  logprobs: dict | None = None) -> str:
             if chat:
                 delta = {"role": "assistant"} if role else {} if text is None else {"content": text}
                 entry = {"index": index, "delta": delta, "finish_reason": finish_reason}
+                if logprobs is not None:
+                    entry["logprobs"] = logprobs
             else:
-                entry = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+                entry = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
             payload = {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": model_id,
                        "choices": [entry]}
             return f"data: {json.dumps(payload)}\n\n"
@@ -426,8 +442,11 @@ def create_app(model, tokenizer, speculator, model_id: str, max_batch: int = 16,
                     for c in choices:
                         yield chunk(c.job.index, None, role=True)
                 async for choice, delta in updates():
-                    if delta:
-                        yield chunk(choice.job.index, delta)
+                    # with logprobs, a step's tokens go out even while their text lags
+                    scored = params.logprobs is not None and bool(delta.tokens)
+                    if delta.text or scored:
+                        yield chunk(choice.job.index, delta.text,
+                                    logprobs=logprobs_field(choice, delta, chat) if scored else None)
                     if choice.done:
                         yield chunk(choice.job.index, None, choice.finish_reason)
                 if asked.include_usage:
