@@ -55,7 +55,7 @@ for context in (256, 1024):
     cache.set_rows(b)
     cache.set_length(context)
     move = ms(lambda: cache.move_row(b - 1, 3))
-    write = ms(lambda: cache.write_row(5, 0, like, context))
+    write = ms(lambda: cache.write_row(5, 0, like, 0, 0, context))
     # paged: a pool of 16-slot pages, each row's pages scattered; gather them for every layer
     page = 16
     pages = b * context // page

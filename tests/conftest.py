@@ -132,3 +132,11 @@ def tiny_llama_folder(tmp_path):
     tiny_llama().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def prefill_passes(lengths: list[int]) -> int:
+    """The prefill passes the engine makes for prompts of these lengths joining at once."""
+    from mlpspec.engine import PREFILL_PADDING, PREFILL_TOKENS
+    from mlpspec.scheduler import prefill_groups
+
+    return len(prefill_groups(lengths, PREFILL_TOKENS, PREFILL_PADDING))

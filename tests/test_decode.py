@@ -5,7 +5,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import mlpspec.decode as decode
-from conftest import TINY_VOCAB, OracleSpeculator, tiny_gpt2, tiny_llama, tiny_qwen2
+from conftest import TINY_VOCAB, OracleSpeculator, prefill_passes, tiny_gpt2, tiny_llama, tiny_qwen2
 
 ARCHITECTURES = pytest.mark.parametrize("build", [tiny_llama, tiny_qwen2, tiny_gpt2], ids=["llama", "qwen2", "gpt2"])
 from mlpspec import MLPSpecError, MLPSpeculator, run_base, speculator_config_for
@@ -114,7 +114,7 @@ def test_the_speculator_reads_the_feature_layers_of_the_state_that_made_the_pend
                                top_k_tokens_per_head=[1, 1, 1], n_candidates=1)
     assert out.sequences.tolist() == expected.tolist()
     assert {0, 1, 2, 3} <= set(out.stats.accepted_lengths)
-    decoding = out.stats.steps - 3  # each row's prompt is a pass of its own
+    decoding = out.stats.steps - prefill_passes([4, 9, 6])
     assert len(oracle.distances) >= 3 * (decoding - 1) and max(oracle.distances) < 1e-4
 
 
@@ -134,7 +134,7 @@ def test_oracle_reaches_n_predict_plus_one_tokens_per_step(n_predict):
     oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=n_predict)
     out = speculative_generate(model, oracle, ids, mask, max_new_tokens=max_new, eos_token_id=[])
     assert out.sequences.tolist() == expected.tolist()
-    assert out.stats.steps == 3 + 6  # each row's prefill, then six steps of the batch
+    assert out.stats.steps == prefill_passes([5, 11, 8]) + 6  # the rows' prefills, then six steps of the batch
     assert out.stats.accepted_lengths == [n_predict] * 18  # every row accepts every head, every step
     assert out.stats.per_head_acceptance == [1.0] * n_predict
     # each speculative step emits n_predict + 1 tokens per row (the prefill step emits 1)
@@ -150,7 +150,7 @@ def test_a_shorter_top_k_runs_fewer_stages_and_stays_lossless():
     out = speculative_generate(model, oracle, ids, mask, max_new_tokens=max_new, eos_token_id=[],
                                top_k_tokens_per_head=[1, 1], n_candidates=1)
     assert out.sequences.tolist() == expected.tolist()
-    assert out.stats.steps == 3 + 6 and out.stats.accepted_lengths == [2] * 18
+    assert out.stats.steps == prefill_passes([5, 11, 8]) + 6 and out.stats.accepted_lengths == [2] * 18
     assert out.stats.per_head_acceptance == [1.0, 1.0]  # the two stages run, not the speculator's four
 
 

@@ -6,13 +6,14 @@ import torch
 from conftest import OracleSpeculator, tiny_llama
 from mlpspec import MLPSpecError
 from mlpspec.engine import Engine
-from mlpspec.scheduler import QueueFull
+from mlpspec.scheduler import QueueFull, prefill_groups
 from mlpspec.sequence import SamplingParams
 
 
-def greedy_alone(model, prompt: list[int], n: int) -> list[int]:
-    """transformers' own greedy continuation (float32), up to and with EOS."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+def greedy_alone(model, prompt: list[int], n: int, **settings) -> list[int]:
+    """transformers' own greedy continuation (float32), up to and with EOS (unless settings
+    say eos_token_id=None)."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, **settings)
     return out[0, len(prompt):].tolist()
 
 
@@ -70,11 +71,31 @@ def test_staggered_greedy_requests_equal_each_decoded_alone(adaptive):
         assert tokens[request_id] == greedy_alone(model, prompt, by_prompt[tuple(prompt)]), prompt
     if adaptive:  # its choices follow timings, so only that it ran: calibrated, a shape every step
         assert engine.policy.calibrated(1)
-        assert sum(engine.stats.shapes.values()) == engine.stats.steps - len(asks)  # but the prefills
+        assert engine.stats.steps - len(asks) <= sum(engine.stats.shapes.values()) < engine.stats.steps  # prefills
     else:
         accepted = torch.cat(engine.stats.accepted)
         assert int(accepted.max()) == 3 and int(accepted[accepted >= 0].min()) == 0  # ragged
     assert not engine.has_unfinished() and engine.cache.rows == 0
+
+
+def test_prefill_groups_by_hand():
+    # by length 10, 12 | 50, 55 | 200: 12 joins 10 (24 padded tokens <= 1.25 x 22), 50
+    # does not (150 > 1.25 x 72), 55 joins 50 (110 <= 1.25 x 105), 200 does not (600 > 381)
+    assert prefill_groups([50, 10, 12, 200, 55], max_tokens=2048, max_padding=0.25) == [[1, 2], [0, 4], [3]]
+    assert prefill_groups([1000, 1000, 1000], max_tokens=2048, max_padding=0.25) == [[0, 1], [2]]  # the token cap
+    assert prefill_groups([], max_tokens=2048, max_padding=0.25) == []
+
+
+def test_requests_that_join_together_share_a_prefill_pass_and_decode_as_alone():
+    model = tiny_llama(seed=2)
+    g = torch.Generator().manual_seed(3)
+    asks = [torch.randint(4, 64, (n,), generator=g).tolist() for n in (9, 10, 8, 10, 3, 9)]
+    engine = Engine(model, oracle_for(model, asks, 12, wrong=lambda p, j: j % 4 == 0), max_batch=8,
+                    top_k_tokens_per_head=[2, 1, 1], n_candidates=2)
+    tokens, order, _ = run(engine, {0: [(p, SamplingParams(max_tokens=12, ignore_eos=True)) for p in asks]})
+    for request_id, prompt in zip(order, asks):
+        assert tokens[request_id] == greedy_alone(model, prompt, 12, eos_token_id=None), prompt
+    assert engine.stats.steps - sum(engine.stats.shapes.values()) == 2  # lengths 8-10 together, 3 alone
 
 
 def test_a_short_request_sent_during_a_long_one_finishes_first():

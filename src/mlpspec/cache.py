@@ -214,11 +214,12 @@ class RowCache(TreeCache):
         for layer in self.layers:
             layer.length = length
 
-    def write_row(self, row: int, start: int, prefilled: TreeCache, count: int) -> None:
-        """Copy the first `count` slots of `prefilled`'s only row to slots start.. of `row`."""
+    def write_row(self, row: int, start: int, prefilled: TreeCache, source: int, first: int, count: int) -> None:
+        """Copy `count` slots of `prefilled`'s row `source`, from slot `first` on, to slots
+        start.. of `row`."""
         for layer, like in zip(self.layers, prefilled.layers):
-            layer.key_store[row, :, start : start + count] = like.keys[0, :, :count]
-            layer.value_store[row, :, start : start + count] = like.values[0, :, :count]
+            layer.key_store[row, :, start : start + count] = like.keys[source, :, first : first + count]
+            layer.value_store[row, :, start : start + count] = like.values[source, :, first : first + count]
 
     def move_row(self, source: int, target: int) -> None:
         """Copy row `source`'s used slots over row `target`'s."""

@@ -6,9 +6,10 @@
         for out in engine.step():                # new tokens per request, and who finished
             ...
 
-Each step: waiting requests join the batch while it has room (scheduler.py), each
-prefilled alone and written into a free row of the engine's KV cache (cache.RowCache);
-then one speculative step runs over the live batch, as decode.py's loop runs one (propose,
+Each step: waiting requests join the batch while it has room (scheduler.py), prefilled
+together where their lengths are close (scheduler.prefill_groups), each written into a free
+row of the engine's KV cache (cache.RowCache), their first tokens out at once; or, when
+none joins, one speculative step runs over the live batch, as decode.py's loop runs one (propose,
 verify, walk, commit), with every row's own sampling settings (sampler.RowChooser), stop
 tokens and token budget; then the requests that finished leave, and their rows go to the
 next ones. A request that arrives while others decode joins at the next step instead of
@@ -29,7 +30,7 @@ from .errors import MLPSpecError
 from .kernels import kernels_of
 from .model import MLPSpeculator
 from .sampler import RowChooser
-from .scheduler import Scheduler
+from .scheduler import Scheduler, prefill_groups
 from .sequence import Request, RequestOutput, SamplingParams, Status, TokenLogprob
 from .tree import NO_TOKEN, walk
 
@@ -37,6 +38,10 @@ from .tree import NO_TOKEN, walk
 ROW_FIELDS = ("prompt", "valid", "position", "pending", "hidden", "tokens", "n_emitted", "finished")
 KEPT_STEPS = 4096  # steps whose acceptance stats.accepted keeps
 DEFAULT_MAX_LEN = 2048  # KV slots per row unless the model's context is shorter: 1.5 GB at 16 rows for SmolLM2
+# joining prompts share a prefill pass (scheduler.prefill_groups) of at most this many
+# tokens, padding included (the pass keeps every layer's states: 146 MB at 2048 for SmolLM2),
+# and with at most this share of padding over their own tokens
+PREFILL_TOKENS, PREFILL_PADDING = 2048, 0.25
 
 
 class Engine:
@@ -141,10 +146,13 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        """Admit who fits (each prefilled alone, its first token out at once) or, when none
+        """Admit who fits (prefilled together where their lengths allow, their first tokens
+        out at once) or, when none
         is waiting, run one speculative step over the live batch; then let the finished
         leave. Returns, per request that got tokens or finished, what it got."""
-        outputs = [self._join(request) for request in self.scheduler.admit(len(self.rows))]
+        joining = self.scheduler.admit(len(self.rows))
+        outputs = [out for group in prefill_groups([len(r.prompt_ids) for r in joining], PREFILL_TOKENS, PREFILL_PADDING)
+                   for out in self._join([joining[i] for i in group])]
         if not outputs and self.rows and not bool(self.state.finished.all()):
             outputs = self._decode()
         done = [row for row, request in enumerate(self.rows) if request.status == Status.FINISHED]
@@ -238,44 +246,60 @@ class Engine:
             self.requests.pop(request.id, None)
         return RequestOutput(request.id, new, finished, request.finish_reason, logprobs, text)
 
-    def _join(self, request: Request) -> RequestOutput:
-        """Prefill `request` alone, write its keys into the next free row (its prompt ending
-        at the shared slot counter), emit its first token."""
-        P, T = len(request.prompt_ids), self.max_len + self.reach + 1
-        self.stats.steps += 1  # a step is a forward pass: this one over the prompt
-        self.stats.row_steps += 1
-        request.steps += 1
-        ids = torch.tensor([request.prompt_ids], device=self.device)
-        wants = request.params.logprobs is not None
-        first_choice = RowChooser([self._setting(request)], request.uniforms.unsqueeze(0).to(self.device),
-                                  torch.zeros(1, dtype=torch.long, device=self.device), [0] if wants else [])
-        alone = prefill(self.model, ids, torch.ones_like(ids, dtype=torch.bool), P, first_choice, T,
-                        self.n_predict, self.feature_layers)
-        cache, row = self.cache, len(self.rows)
-        if not cache.allocated:
-            cache.allocate_like(alone.cache)
-        if P > cache.length:
-            cache.set_length(P)
+    def _join(self, requests: list[Request]) -> list[RequestOutput]:
+        """Prefill these requests in one pass (left-padded to the longest), write each one's
+        keys into the next free row (its prompt ending at the shared slot counter), and emit
+        their first tokens."""
+        n, lengths = len(requests), [len(r.prompt_ids) for r in requests]
+        W, T = max(lengths), self.max_len + self.reach + 1
+        self.stats.steps += 1  # a step is a forward pass: this one over the prompts
+        self.stats.row_steps += n
+        ids = torch.tensor([[0] * (W - P) + r.prompt_ids for r, P in zip(requests, lengths)], device=self.device)  # n W
+        padding = torch.tensor([W - P for P in lengths], device=self.device)  # n
+        prompt_valid = torch.arange(W, device=self.device) >= padding.unsqueeze(1)  # n W
+        wants = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        room = max(r.uniforms.numel() for r in requests)
+        uniforms = torch.stack([_right_pad(r.uniforms.unsqueeze(0), room, 0.0)[0] for r in requests]).to(self.device)
+        first_choice = RowChooser([self._setting(r) for r in requests], uniforms,
+                                  torch.zeros(n, dtype=torch.long, device=self.device), wants)
+        joined = prefill(self.model, ids, prompt_valid, W, first_choice, T, self.n_predict, self.feature_layers)
+        if not self.cache.allocated:
+            self.cache.allocate_like(joined.cache)
+        if W > self.cache.length:
+            self.cache.set_length(W)
+        outputs = []
+        for i, request in enumerate(requests):
+            request.steps += 1
+            logprobs = (_logprobs(first_choice, wants.index(i), [int(joined.pending[i])], request.params.logprobs)
+                        if i in wants else None)
+            outputs.append(self._seat(request, joined, i, W - lengths[i], logprobs))
+        return outputs
+
+    def _seat(self, request: Request, joined: DecodeState, i: int, first: int,
+              logprobs: list[TokenLogprob] | None) -> RequestOutput:
+        """Give `request` the next free row: its prompt's keys (row i of the prefill
+        `joined`, from slot `first` on) end at the shared slot counter."""
+        P, cache, row = len(request.prompt_ids), self.cache, len(self.rows)
         start = cache.length - P
-        cache.write_row(row, start, alone.cache, P)
+        cache.write_row(row, start, joined.cache, i, first, P)
         cache.set_rows(row + 1)
 
         valid = torch.zeros(1, cache.capacity, dtype=torch.bool, device=self.device)
         valid[0, start : start + P] = True
         stops = self._stop_ids(request.params)
-        joined = {name: getattr(alone, name) for name in ROW_FIELDS} | {"valid": valid}
+        seated = {name: getattr(joined, name)[i : i + 1] for name in ROW_FIELDS} | {"valid": valid}
         if self.state is None:
-            self.state = DecodeState(cache=cache, stats=self.stats, feature_layers=self.feature_layers, **joined)
+            self.state = DecodeState(cache=cache, stats=self.stats, feature_layers=self.feature_layers, **seated)
             self.max_new = torch.tensor([request.params.max_tokens], device=self.device)
             self.stops = torch.tensor([stops or [-1]], device=self.device)
             self.uniforms = request.uniforms.unsqueeze(0).to(self.device)
         else:
             s = self.state
-            width = max(s.prompt.size(1), P)  # prompts are left-padded with NO_TOKEN (look_up reads them)
-            s.prompt = torch.cat([_left_pad(s.prompt, width), _left_pad(alone.prompt, width)])
+            width = max(s.prompt.size(1), seated["prompt"].size(1))  # prompts are left-padded with NO_TOKEN
+            s.prompt = torch.cat([_left_pad(s.prompt, width), _left_pad(seated["prompt"], width)])  # (look_up reads them)
             for name in ROW_FIELDS:
                 if name != "prompt":  # padded above
-                    setattr(s, name, torch.cat([getattr(s, name), joined[name]]))
+                    setattr(s, name, torch.cat([getattr(s, name), seated[name]]))
             self.max_new = torch.cat([self.max_new, torch.tensor([request.params.max_tokens], device=self.device)])
             E = max(self.stops.size(1), len(stops) or 1)
             self.stops = torch.cat([_right_pad(self.stops, E), _right_pad(torch.tensor([stops or [-1]],
@@ -285,12 +309,11 @@ class Engine:
                                        _right_pad(request.uniforms.unsqueeze(0).to(self.device), room, 0.0)])
         self.rows.append(request)
 
-        first = int(alone.pending[0])
+        token = int(joined.pending[i])
         s = self.state
-        s.tokens[row, 0] = first
+        s.tokens[row, 0] = token
         s.n_emitted[row] = 1
-        logprobs = _logprobs(first_choice, 0, [first], request.params.logprobs) if wants else None
-        out = self._record(request, [first], first in stops or request.params.max_tokens == 1, logprobs)
+        out = self._record(request, [token], token in stops or request.params.max_tokens == 1, logprobs)
         s.finished[row] = out.finished
         return out
 

@@ -42,3 +42,23 @@ class Scheduler:
                 self.waiting.remove(request)
                 return request
         return None
+
+
+def prefill_groups(lengths: list[int], max_tokens: int, max_padding: float) -> list[list[int]]:
+    """Which of the joining prompts (their `lengths`) share a prefill pass, as lists of
+    their indices: shortest first, a group grows while its padded tokens (its size times
+    its longest prompt: prompts are left-padded to it) stay within `max_tokens` and within
+    1 + max_padding times its real tokens. A pass has a fixed cost beside its tokens' (on
+    the default in float32 on 2 Zen 4 cores: 72 ms, and 1.4-1.6 ms a token), which a
+    shared pass pays once."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else []
+        size, longest = len(group) + 1, lengths[i]  # in this order the newcomer is the longest
+        real = sum(lengths[j] for j in group) + lengths[i]
+        if group and size * longest <= max_tokens and size * longest <= (1 + max_padding) * real:
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
