@@ -78,8 +78,22 @@ def test_costs_follow_the_tree_sizes_that_steps_report():
     for nodes, seconds in ((4, 1.4), (6, 1.6), (5, 1.5)):  # candidates that shared prefixes
         policy.update(TREE, 1, [2.0], seconds, nodes=nodes)
     assert policy.seconds[1][TREE] == pytest.approx(1.5)  # 1.2 + 3/9 of the way to 2.1
-    assert policy.cost(CHAIN1, 1) == pytest.approx(1.2 * policy.drift[(1, True)])
-    assert policy.drift[(1, True)] == pytest.approx(1.0, abs=0.01)  # each step timed as its own size predicts
+    assert policy.cost(CHAIN1, 1) == pytest.approx(1.2 * policy.drift[(1, True)][1])
+    assert policy.drift[(1, True)] == (3, pytest.approx(1.0, abs=0.01))  # each step timed as its own size predicts
+
+
+def test_step_costs_follow_what_steps_measure_at_once_then_slowly():
+    policy = calibrated([PLAIN, CHAIN1], {1: 1.0, 2: 1.2, 11: 2.1})
+    for seconds in (1.2, 1.8, 2.4):  # calibrated 1.2: measured 1.0, 1.5, 2.0 times that
+        policy.update(CHAIN1, 1, [2.0], seconds)
+    assert policy.drift[(1, True)] == (3, pytest.approx(1.5))  # the plain mean of the first steps
+    assert policy.cost(CHAIN1, 1) == pytest.approx(1.8)
+    for _ in range(200):
+        policy.update(CHAIN1, 1, [2.0], 1.2)
+    before = policy.drift[(1, True)][1]
+    policy.update(CHAIN1, 1, [2.0], 2.4)  # one slow step, late: a 0.03 share of its 2.0
+    assert policy.drift[(1, True)][1] == pytest.approx(before + 0.03 * (2.0 - before))
+    assert policy.drift.get((1, False)) is None  # plain steps keep their own
 
 
 def test_policy_tries_what_could_pay_then_takes_the_best_per_second():
