@@ -397,21 +397,24 @@ class AdaptivePolicy:
             expected = self.expected_tokens(shape, matched if matched is not None else [0] * len(row_tokens)) - 1
             if expected > 0:
                 ratio = (sum(row_tokens) / len(row_tokens) - 1) / expected
-                count, mean = self.yields.get((bucket, shape), (0, 1.0))
-                weight = max(1.0 / (count + 1 + self.yield_prior), self.smoothing)
-                self.yields[(bucket, shape)] = (count + 1, mean + weight * (ratio - mean))
+                self.yields[(bucket, shape)] = self._averaged(self.yields.get((bucket, shape), (0, 1.0)), ratio,
+                                                              self.yield_prior)
         self.learn(shape, row_tokens, matched)
         key = (bucket, shape != PLAIN)
         expected = self.seconds[bucket][shape] if nodes is None else self._seconds(bucket, shape, nodes)
         ratio = seconds / max(expected, 1e-9)
-        count, mean = self.drift.get(key, (0, 1.0))
-        self.drift[key] = (count + 1, mean + max(1.0 / (count + 1), self.smoothing) * (ratio - mean))
+        self.drift[key] = self._averaged(self.drift.get(key, (0, 1.0)), ratio)
         if nodes is not None and shape != PLAIN:
-            count, mean = self.nodes.get((bucket, shape), (0, 0.0))
-            mean += max(1.0 / (count + 1), self.smoothing) * (nodes - mean)
-            self.nodes[(bucket, shape)] = (count + 1, mean)
-            self.seconds[bucket][shape] = self._seconds(bucket, shape, mean)
+            self.nodes[(bucket, shape)] = self._averaged(self.nodes.get((bucket, shape), (0, 0.0)), nodes)
+            self.seconds[bucket][shape] = self._seconds(bucket, shape, self.nodes[(bucket, shape)][1])
         self.steps += 1
+
+    def _averaged(self, entry: tuple[int, float], value: float, prior: int = 0) -> tuple[int, float]:
+        """(observations, mean) with `value` folded in: the plain mean at first (the start
+        value counting as `prior` observations), a moving average of weight `smoothing`
+        once there are enough."""
+        count, mean = entry
+        return count + 1, mean + max(1.0 / (count + 1 + prior), self.smoothing) * (value - mean)
 
     def learn(self, shape: TreeShape, row_tokens: Sequence[float], matched: Sequence[int] | None = None) -> None:
         """What one step of `shape` gave (or, learned in hindsight, would have given) each

@@ -147,9 +147,9 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         """Admit who fits (prefilled together where their lengths allow, their first tokens
-        out at once) or, when none
-        is waiting, run one speculative step over the live batch; then let the finished
-        leave. Returns, per request that got tokens or finished, what it got."""
+        out at once) or, when none is waiting, run one speculative step over the live batch;
+        then let the finished leave. Returns, per request that got tokens or finished, what
+        it got."""
         joining = self.scheduler.admit(len(self.rows))
         outputs = [out for group in prefill_groups([len(r.prompt_ids) for r in joining], PREFILL_TOKENS, PREFILL_PADDING)
                    for out in self._join([joining[i] for i in group])]

@@ -239,7 +239,9 @@ class Choice:
             return Delta(len(self.tokens), [], "", [])
         ids, text, logprobs = payload
         delta = Delta(len(self.tokens), ids, text, logprobs or [])
-        self.text, self.tokens, self.logprobs = self.text + text, self.tokens + ids, self.logprobs + delta.logprobs
+        self.text += text
+        self.tokens += ids
+        self.logprobs += delta.logprobs
         return delta
 
 
