@@ -70,7 +70,8 @@ def test_staggered_greedy_requests_equal_each_decoded_alone(adaptive):
     for request_id, prompt in zip(order, added):
         assert tokens[request_id] == greedy_alone(model, prompt, by_prompt[tuple(prompt)]), prompt
     if adaptive:  # its choices follow timings, so only that it ran: calibrated, a shape every step
-        assert engine.policy.calibrated(1)
+        # (at the batch sizes the steps had, which follow those choices: not always down to 1)
+        assert engine.policy.calibrated(4)
         assert engine.stats.steps - len(asks) <= sum(engine.stats.shapes.values()) < engine.stats.steps  # prefills
     else:
         accepted = torch.cat(engine.stats.accepted)
