@@ -75,15 +75,17 @@ class OracleSpeculator(torch.nn.Module):
     the whole one, as in MLPSpeculator.expand, and reruns from the same point agree. It
     finds where decoding stands by matching the given hidden state against the reference
     run's hidden states (with `feature_layers`, the states after those layers too; each
-    match's distance is kept in `distances`: 0 where the decoder handed over those states)."""
+    match's distance is kept in `distances`: 0 where the decoder handed over those states).
+    `hidden` gives the reference run's states [b, T, (1+l)d] where they come from another
+    runtime than transformers (the llama.cpp backend)."""
 
     def __init__(self, model, sequences, prompt_valid, n_predict=3, right=None, seed=0, wrong=None,
-                 feature_layers=()):
+                 feature_layers=(), hidden=None):
         super().__init__()
         self.config = speculator_config_for(model, n_predict=n_predict, feature_layers=list(feature_layers))
         self.dtype = model.dtype
         valid = torch.cat([prompt_valid, torch.ones_like(sequences[:, prompt_valid.size(1):], dtype=torch.bool)], 1)
-        self.hidden = run_base(
+        self.hidden = hidden if hidden is not None else run_base(
             model, sequences, attention_mask=valid.long(),
             position_ids=(valid.long().cumsum(1) - 1).clamp(min=0), feature_layers=feature_layers,
         ).hidden  # b T (1+l)d

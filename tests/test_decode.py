@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+import mlpspec.base as base
 import mlpspec.decode as decode
 from conftest import TINY_VOCAB, OracleSpeculator, prefill_passes, tiny_gpt2, tiny_llama, tiny_qwen2
 
@@ -70,21 +71,20 @@ def test_the_walk_reads_the_lm_head_only_at_the_nodes_it_visits(build, temperatu
     reaches, here a runner-up that carries the truth where the oracle's first child is
     wrong. Greedy output stays transformers' own; sampled output the same draws as a
     pass that computed every node's logits."""
-    from mlpspec import base
 
     model = build(seed=2)
     assert base.lazy_head(model)
     ids, mask = left_padded([6, 11], seed=2)
     expected = hf_greedy(model, ids, mask, 24, eos=None)
     rows = []
-    head = decode.head_logits
-    monkeypatch.setattr(decode, "head_logits", lambda m, hidden: rows.append(hidden.size(0)) or head(m, hidden))
+    head = base.head_logits  # the transformers runner's NodeLogits reads the head through it
+    monkeypatch.setattr(base, "head_logits", lambda m, hidden: rows.append(hidden.size(0)) or head(m, hidden))
     nodes = []
     verify = decode.verify
     monkeypatch.setattr(decode, "verify", lambda m, state, tree: nodes.append(tree.tokens.numel()) or verify(m, state, tree))
 
     def run(lazy: bool):
-        monkeypatch.setattr(decode, "lazy_head", lambda m: lazy)
+        monkeypatch.setattr(base, "lazy_head", lambda m: lazy)
         oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=3, wrong=lambda p, j: (p + j) % 3 == 0)
         rows.clear(), nodes.clear()
         return speculative_generate(model, oracle, ids, mask, max_new_tokens=24, eos_token_id=[],
@@ -523,6 +523,6 @@ def test_a_sliding_window_model_generates_past_its_window(monkeypatch):
     for r in range(2):
         assert both.sequences[r, 48:].tolist() == alone[r][0, -64:].tolist()  # each row's 64 new tokens
     # the window matters here: without it the tree passes see keys the model would not
-    monkeypatch.setattr(decode, "sliding_window", lambda model: None)
+    monkeypatch.setattr(base, "sliding_window", lambda model: None)  # the transformers runner reads it there
     blind = speculative_generate(model, speculator, ids[:1], max_new_tokens=64, eos_token_id=[], lookup=4)
     assert blind.sequences.tolist() != alone[0].tolist()

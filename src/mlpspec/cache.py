@@ -119,6 +119,16 @@ class TreeCache(Cache):
         for layer in self.layers:
             layer.keep(start + first, slots[:, first:])
 
+    def keep_path(self, start: int, slots: torch.Tensor, counts: torch.Tensor) -> None:
+        """Commit a tree pass: per row r, the first counts[r] of slots [b, n] (the accepted
+        path, root first) go to start..; the cache ends at start + n. Here the whole width
+        moves, and the decoder's `valid` hides each row's slots past its count."""
+        self.keep(start, slots)
+
+    def roll_back(self, start: int) -> None:
+        """Forget the pass that began at slot `start`, as if it had not run."""
+        self.keep(start, torch.empty(1, 0, dtype=torch.long))
+
 
 # Trees of 1-4 nodes share one graph at batch 1: compiled, a pass over 2 or 4 nodes took
 # 24.8 / 23.3 ms (SmolLM2-135M, bfloat16, 2-core AMD EPYC with native bfloat16; 16.6 / 19.5

@@ -10,6 +10,9 @@ from pathlib import Path
 from .errors import MLPSpecError
 
 
+DEFAULT_SERVING_TARGETS = "mlpspec,mlpspec_plain,transformers_cb"  # (transformers_cb left out on llama.cpp)
+
+
 def _millions(n: int) -> str:
     return f"{n / 1e6:.1f}M"
 
@@ -46,8 +49,15 @@ def _speculator_for(model, name_or_path: str | None, default_base: bool):
 def _load(args, speculate: bool = True):
     """The base model as the command's --base, --dtype, --device and --kernels say; for
     --dtype auto, one line on stderr says which dtype it chose and why."""
-    from .base import load_base, pick_dtype
+    from .base import chosen_backend, load_base, pick_dtype
 
+    if chosen_backend(args.base, args.backend) == "llama.cpp":
+        if args.dtype not in ("auto", "float32") or args.kernels != "auto" or args.device not in ("auto", "cpu"):
+            raise MLPSpecError("--dtype, --kernels and --device are for the transformers backend: on llama.cpp "
+                               "the GGUF file's own types run on the CPU")
+        print(f"[backend: llama.cpp, {Path(args.base).name if args.base else 'the embedded default GGUF file'}]",
+              file=sys.stderr)
+        return load_base(args.base, backend="llama.cpp")
     choice = pick_dtype(args.base, args.dtype, args.device, args.kernels, speculate=speculate)
     if args.dtype == "auto":
         print(f"[dtype auto: {choice.name}. {choice.reason}]", file=sys.stderr)
@@ -90,6 +100,7 @@ def cmd_generate(args) -> None:
 
     from .decode import remember_calibration, remembered_policy
     from .generate import speculative_generate
+    from .llama_cpp import LlamaCppRunner
     from .text import decode_new_tokens, encode_prompts, read_prompt_file
 
     if bool(args.prompt) == bool(args.batch_file):
@@ -129,7 +140,8 @@ def cmd_generate(args) -> None:
             print(f"--- {i + 1}\n{text}")
     if args.stats:
         mode = "plain decoding" if speculator is None else "adaptive speculative" if args.adaptive else "speculative"
-        print(f"[{mode}, {str(model.dtype).removeprefix('torch.')}] {out.stats.summary()}", file=sys.stderr)
+        runtime = "llama.cpp" if isinstance(model, LlamaCppRunner) else str(model.dtype).removeprefix("torch.")
+        print(f"[{mode}, {runtime}] {out.stats.summary()}", file=sys.stderr)
         if out.stats.shapes and args.adaptive:
             shapes = ", ".join(f"{shape} {n}" for shape, n in sorted(out.stats.shapes.items(), key=lambda kv: -kv[1]))
             print(f"[tree shapes chosen, steps each: {shapes}]", file=sys.stderr)
@@ -153,17 +165,21 @@ def cmd_bench(args) -> None:
 
     import torch
 
-    from .base import load_base
+    from .base import chosen_backend, load_base
     from .bench import BenchSettings, named_prompts, run_bench, write_report
 
     if args.serving:
         return _serving_bench(args)
+    on_llama_cpp = chosen_backend(args.base, args.backend) == "llama.cpp"
+    if on_llama_cpp and args.assistant:
+        raise MLPSpecError("--assistant is transformers' assisted generation: not on the llama.cpp backend")
     if args.minutes < 0:
         raise MLPSpecError(f"--minutes must be >= 0 (0: no budget), got {args.minutes:g}")
     from .decode import DEFAULT_LOOKUP
 
     lookup = DEFAULT_LOOKUP if args.lookup is None else args.lookup  # --serving's default is serve's, 0
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    # llama.cpp's own decoding (the peers there) runs one row at a time: batch 1 unless asked
+    sizes = [int(b) for b in (args.batch_sizes or ("1" if on_llama_cpp else "1,2,4,8,16")).split(",")]
     lengths = [int(n) for n in args.prompt_lengths.split(",")] if args.prompt_lengths else []
     settings = BenchSettings(batch_sizes=sizes, max_new_tokens=args.max_new_tokens, prompt_lengths=lengths,
                              prompts=named_prompts(args.prompts) if args.prompts else None, lookup=lookup,
@@ -176,7 +192,8 @@ def cmd_bench(args) -> None:
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
     assistant = load_base(args.assistant, dtype=model.dtype, device=args.device)[0] if args.assistant else None
     other = None
-    if model.device.type == "cpu" and not args.one_dtype:  # the plain methods in the other dtype too, at batch 1
+    if model.device.type == "cpu" and not args.one_dtype and not on_llama_cpp:  # the plain methods in the other
+        # dtype too, at batch 1
         other_dtype = torch.bfloat16 if model.dtype == torch.float32 else torch.float32
         other = load_base(args.base, dtype=other_dtype, device=args.device, kernels=args.kernels)[0]
     print(f"[speculator: {origin}]", file=sys.stderr)
@@ -192,6 +209,7 @@ def cmd_bench(args) -> None:
 def _serving_bench(args) -> None:
     from tqdm import tqdm
 
+    from .base import chosen_backend
     from .bench import chat_prompts, code_prompts
     from .serving_bench import ServingSettings, run_serving_bench, write_serving_report
     from .text import encode_prompt
@@ -200,8 +218,13 @@ def _serving_bench(args) -> None:
         rates = [float(r) for r in args.rates.split(",")]
     except ValueError:
         raise MLPSpecError(f"--rates must be comma-separated requests per second, got {args.rates!r}") from None
+    targets = tuple(args.targets.split(","))
+    if chosen_backend(args.base, args.backend) == "llama.cpp":
+        if args.targets != DEFAULT_SERVING_TARGETS and "transformers_cb" in targets:
+            raise MLPSpecError("transformers_cb is transformers' continuous batching: not on the llama.cpp backend")
+        targets = tuple(t for t in targets if t != "transformers_cb")
     settings = ServingSettings(rates=rates, requests=args.requests, max_tokens=args.max_new_tokens,
-                               max_batch=args.max_batch, lookup=args.lookup or 0, targets=tuple(args.targets.split(",")),
+                               max_batch=args.max_batch, lookup=args.lookup or 0, targets=targets,
                                repeats=args.repeats)
     model, tokenizer = _load(args)
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
@@ -264,8 +287,9 @@ def _serve_with_vllm(args) -> None:
     from .base import cache_dir, default_base_folder
     from .vllm_serve import VLLMServeConfig, export_once, installed_vllm, serve_with_vllm
 
-    if args.kernels != "auto" or args.device != "auto" or args.lookup:
-        raise MLPSpecError("--kernels, --device and --lookup are for mlpspec's own engine; vLLM chooses its own")
+    if args.kernels != "auto" or args.device != "auto" or args.lookup or args.backend != "auto":
+        raise MLPSpecError("--kernels, --device, --backend and --lookup are for mlpspec's own engine; vLLM chooses "
+                           "its own")
     installed_vllm()  # before any work: one line where vLLM is absent or of a version the drafter does not know
     speculator = None if args.no_speculate else export_once(args.speculator, args.base, cache_dir())
     serve_with_vllm(VLLMServeConfig(
@@ -337,6 +361,10 @@ def _add_speed(parser: argparse.ArgumentParser) -> None:
                              "it can (a second copy of them); aten leaves PyTorch's own choice; compiled runs decoding "
                              "passes on torch.compile graphs, one per batch size and tree width, built on first use "
                              "(about 40 s each for SmolLM2-135M on 2 cores)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "transformers", "llama.cpp"],
+                        help="what runs the base model: transformers, or llama.cpp for a GGUF file (--base FILE.gguf; "
+                             "without --base, the embedded default's own Q4_1 file). auto (default): llama.cpp for a "
+                             ".gguf file where llama-cpp-python is installed (scripts/install_llama_cpp.sh)")
 
 
 def _layer_list(text: str) -> list[int]:
@@ -407,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no plain decoding in the other dtype at batch 1 (by default, on the CPU, HF greedy and "
                          "ours_plain also run in float32 beside bfloat16 or back, for the fastest plain decoding)")
     be.add_argument("--max-new-tokens", type=int, default=40)
-    be.add_argument("--batch-sizes", default="1,2,4,8,16")
+    be.add_argument("--batch-sizes", help="comma-separated (default 1,2,4,8,16; on the llama.cpp backend 1, since "
+                                         "llama.cpp's own decoding there runs one row at a time)")
     be.add_argument("--prompt-lengths", default="64,256,1024", help="batch-1 prompt-length sweep ('' to skip)")
     be.add_argument("--minutes", type=float, default=9.0,
                     help="time budget: past 2 batches per batch size, only batches that end within it run (0: no budget)")
@@ -425,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--rates", default="0.5,1,2", help="--serving: requests per second, comma-separated")
     be.add_argument("--requests", type=_positive, default=24, help="--serving: requests per rate and target")
     be.add_argument("--max-batch", type=_positive, default=16, help="--serving: the server's --max-batch")
-    be.add_argument("--targets", default="mlpspec,mlpspec_plain,transformers_cb",
+    be.add_argument("--targets", default=DEFAULT_SERVING_TARGETS,
                     help="--serving: which of mlpspec, mlpspec_plain, transformers_cb")
     be.add_argument("--repeats", type=_positive, default=1,
                     help="--serving: rounds over all targets, taking turns (each reports its median run; "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,24 +30,13 @@ from typing import NamedTuple
 import torch
 
 from .adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
-from .base import cache_dir, check_pair, head_logits, layer_masks, lazy_head, run_base, sliding_window
-from .cache import StaticTreeCache, TreeCache
+from .base import as_runner, cache_dir
+from .cache import TreeCache
 from .errors import MLPSpecError
 from .fileio import atomic_write, keyed_file
-from .kernels import compiles, graph_built, kernels_of
-from .model import MLPSpeculator, best_paths, check_proposal_shape, is_inside, likeliest_nodes, sub_paths
-from .tree import (
-    NO_TOKEN,
-    Tree,
-    build_tree,
-    flat_tree,
-    hindsight_accepted,
-    lookup_branch,
-    pad_tree,
-    prompt_positions,
-    root_only,
-    tree_attention_mask,
-)
+from .kernels import compiles, graph_built
+from .model import MLPSpeculator, best_paths, check_fits, check_proposal_shape, is_inside, likeliest_nodes, sub_paths
+from .tree import NO_TOKEN, Tree, build_tree, flat_tree, hindsight_accepted, lookup_branch, root_only
 
 
 # Tokens in the prompt-lookup branch that the CLI, the bench and the server add to the
@@ -168,36 +156,21 @@ def target_probs(logits: torch.Tensor, temperature: float, top_k: int | None, to
     return logits.softmax(dim=-1)
 
 
-def cache_class(model) -> type[TreeCache]:
-    """The cache a decoding of `model` keeps: a static one where its tree passes go to
-    compiled graphs (kernels "compiled")."""
-    return StaticTreeCache if kernels_of(model) == "compiled" else TreeCache
-
-
 def prefill(model, input_ids, prompt_valid, capacity, choose, max_emit, n_predict, feature_layers=()) -> DecodeState:
     """Run the prompt, pick the first new token, and set up the state. `capacity`: cache
-    slots for the prompt, the new tokens and the widest tree pass (cache_class's pass_width)."""
+    slots for the prompt, the new tokens and the widest tree pass (TreeCache.pass_width).
+    `model`: a transformers model or a runner.Runner."""
     b, P = input_ids.shape
-    cache = cache_class(model)(model.config.get_text_config().num_hidden_layers, capacity)
-    out = run_base(
-        model,
-        input_ids,
-        attention_mask=prompt_valid.long(),  # 2D: the model builds its own (fused) causal mask
-        position_ids=prompt_positions(prompt_valid),
-        cache=cache,
-        last_logits_only=True,
-        feature_layers=feature_layers,
-    )
+    out = as_runner(model).prefill(input_ids, prompt_valid, capacity, tuple(feature_layers))
     valid = torch.zeros(b, capacity, dtype=torch.bool, device=input_ids.device)
     valid[:, :P] = prompt_valid
-    first = choose(out.logits[:, -1], 0)  # b   left padding puts every row's last token here
     return DecodeState(
-        cache=cache,
+        cache=out.cache,
         prompt=input_ids.masked_fill(~prompt_valid, NO_TOKEN),
         valid=valid,
         position=prompt_valid.sum(dim=1),
-        pending=first,
-        hidden=out.hidden[:, -1],
+        pending=choose(out.logits, 0),  # b
+        hidden=out.hidden,
         tokens=torch.zeros(b, max_emit, dtype=input_ids.dtype, device=input_ids.device),
         n_emitted=torch.zeros(b, dtype=torch.long, device=input_ids.device),
         finished=torch.zeros(b, dtype=torch.bool, device=input_ids.device),
@@ -383,78 +356,14 @@ def _judge(policy: AdaptivePolicy, state: DecodeState, seen: Hindsight, known: t
     policy.learn(seen.shape, (accepted + 1).tolist(), seen.matched)
 
 
-class NodeLogits:
-    """The base model's logits at a verified tree's nodes, for the walk (tree.walk's
-    logits_at). Where the model allows it (base.lazy_head) and the pass ran eagerly (not on
-    a compiled graph), the forward pass skipped the LM head, and it runs here only on the
-    nodes the walk reads: the root and the first candidate's nodes (the speculator's
-    likeliest path, or the lookup branch) in one product up front, any other node when the
-    walk reaches it. A walk reads at most D + 1 of q nodes,
-    and the head is 49152 x 576 for the default, a fifth of its weights: in float32 on
-    oneDNN with AVX2 kernels it took 10.2 ms over 16 rows and 6.4 over 4, where a 16-node
-    pass took 71 ms."""
-
-    def __init__(self, model, tree: Tree, out):
-        b, q = tree.tokens.shape
-        self.model, self.rows = model, torch.arange(b, device=tree.tokens.device)
-        self.values, self.known = out.logits, None  # b q V: computed by the forward pass, or here below
-        if self.values is None:
-            head = model.get_output_embeddings().weight  # V d
-            self.hidden = out.hidden[..., : head.size(1)]  # b q d   the final states, not the feature layers'
-            self.values = out.hidden.new_empty(b, q, head.size(0))
-            self.known = torch.zeros(b, q, dtype=torch.bool, device=self.rows.device)
-            first = tree.node_of[:, 0] if tree.node_of.size(1) else tree.node_of.new_zeros(b, 0)  # b D, -1: none
-            wanted = torch.zeros(b, q + 1, dtype=torch.bool, device=self.rows.device)  # a spare column q for -1
-            wanted.scatter_(1, torch.where(first >= 0, first, q), True)
-            wanted[:, 0] = True  # the root
-            self._compute(*wanted[:, :q].nonzero(as_tuple=True))
-
-    def _compute(self, rows: torch.Tensor, nodes: torch.Tensor) -> None:
-        self.values[rows, nodes] = head_logits(self.model, self.hidden[rows, nodes])  # n V
-        self.known[rows, nodes] = True
-
-    def __call__(self, nodes: torch.Tensor) -> torch.Tensor:
-        """The logits at node nodes[r] of each row r [b, V]."""
-        if self.known is not None:
-            missing = ~self.known[self.rows, nodes]  # b
-            if bool(missing.any()):
-                self._compute(self.rows[missing], nodes[missing])
-        return self.values[self.rows, nodes]  # b V
-
-
-def verify(model, state: DecodeState, tree: Tree) -> tuple[NodeLogits, torch.Tensor]:
-    """Score every tree node in one forward pass after the committed context. Returns the
-    logits at its nodes, as the walk reads them, and the states there [b, q, (1+l)d]."""
+def verify(model, state: DecodeState, tree: Tree):
+    """Score every tree node in one forward pass after the committed context (`model`: a
+    transformers model or a runner.Runner). Returns the logits at its nodes, as the walk
+    reads them (logits_at), and the states there [b, q, (1+l)d]."""
     cache, (b, q) = state.cache, tree.tokens.shape
-    width = cache.pass_width(q, b)  # q, or q padded to a compiled graph's width
-    if cache.length + width > cache.capacity:
+    if cache.length + cache.pass_width(q, b) > cache.capacity:
         compact(state)
-    nodes = pad_tree(tree, width)
-    valid = state.valid[:, : cache.length]  # b L
-    mask = tree_attention_mask(nodes, valid, model.dtype, cache.mask_slots(width))  # b 1 w S
-    window = sliding_window(model)
-    if window is not None:  # the cache keeps every key; sliding-window layers' masks hide the old ones
-        mask = layer_masks(model, mask, tree_attention_mask(nodes, valid, model.dtype, cache.mask_slots(width), window))
-    # A compiled graph computes the head at every node: it reads the head's weights once in
-    # the pass, where the walk would read them again for its nodes (a 4-node pass and the
-    # walk's head over 5 nodes: 14.9 ms in the graph against 18.8 after it held to AVX2
-    # kernels, 20.4 against 22.1 with native bfloat16; 16 nodes: 41.5 against 42.2, 28.6
-    # against 29.3; 2-core AMD EPYC)
-    graph = cache.static and compiles(model, nodes.tokens.numel())
-    cache.open(width)
-    out = run_base(
-        model,
-        nodes.tokens,
-        attention_mask=mask,
-        position_ids=state.position.unsqueeze(1) + nodes.depth,
-        cache=cache,
-        feature_layers=state.feature_layers,
-        logits=graph or not lazy_head(model),
-        compiled=graph,
-    )
-    cache.close(q)
-    out = out._replace(logits=None if out.logits is None else out.logits[:, :q], hidden=out.hidden[:, :q])
-    return NodeLogits(model, tree, out), out.hidden
+    return as_runner(model).verify(cache, state.valid, state.position, tree, state.feature_layers)
 
 
 def build_graphs(model, state: DecodeState, largest: int) -> None:
@@ -464,11 +373,10 @@ def build_graphs(model, state: DecodeState, largest: int) -> None:
     if not state.cache.static:
         return
     b, L = state.pending.size(0), state.cache.length
-    nothing = torch.empty(b, 0, dtype=torch.long, device=state.pending.device)
     for width in sorted({state.cache.pass_width(n, b) for n in range(1, largest + 1)}):
         if compiles(model, b * width) and not graph_built(model, b, width, state.cache.capacity):
             verify(model, state, flat_tree(state.pending, width))
-            state.cache.keep(L, nothing)
+            state.cache.roll_back(L)
 
 
 def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLPSpeculator) -> None:
@@ -476,7 +384,6 @@ def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLP
     proposals, on the real context; nothing is committed, the cache is rolled back."""
     b = state.pending.size(0)
     L = state.cache.length
-    nothing = torch.empty(b, 0, dtype=torch.long, device=state.pending.device)
 
     def forward_seconds(q: int) -> float:
         tree = flat_tree(state.pending, q)
@@ -484,7 +391,7 @@ def calibrate(policy: AdaptivePolicy, model, state: DecodeState, speculator: MLP
         verify(model, state, tree)
         _wait(state.pending.device)
         seconds = policy.clock() - tick
-        state.cache.keep(L, nothing)
+        state.cache.roll_back(L)
         return seconds
 
     def propose_seconds(shape: TreeShape) -> float:
@@ -501,13 +408,8 @@ def calibration_file(model, speculator: MLPSpeculator, menu: list[TreeShape]) ->
     """Where a policy's calibration (AdaptivePolicy.calibration) is kept on this machine,
     one file per host, base model, dtype, device, thread count, CPU kernels (their path and
     capability), speculator and menu: a change in any of them times the steps again."""
-    identity = {
-        "host": platform.node(), "machine": platform.machine(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "device": str(model.device), "dtype": str(model.dtype),
-        "kernels": kernels_of(model), "capability": torch.backends.cpu.get_cpu_capability(),
-        "base": str(getattr(model.config, "_name_or_path", "")), "parameters": sum(p.numel() for p in model.parameters()),
-        "speculator": speculator.config.to_dict(), "menu": [str(shape) for shape in menu],
-    }
+    identity = as_runner(model).identity() | {"speculator": speculator.config.to_dict(),
+                                              "menu": [str(shape) for shape in menu]}
     return keyed_file(cache_dir() / "calibration", identity)
 
 
@@ -561,7 +463,7 @@ def commit(state: DecodeState, tree: Tree, hidden, path, n_accepted, bonus, eos:
     rows = torch.arange(b, device=path.device)
     L = state.cache.length - tree.size  # the tree sat at L..L+q
     if tree.size > 1:  # a lone root is already in place
-        state.cache.keep(L, L + path)
+        state.cache.keep_path(L, L + path, n_accepted + 1)
     kept = torch.arange(width, device=path.device) < (n_accepted + 1).unsqueeze(1)  # b A+1
 
     # The pending token (the root) was emitted when it was picked; now come the accepted
@@ -612,7 +514,8 @@ def decoding_shapes(model, speculator: MLPSpeculator | None, top_k_tokens_per_he
         raise MLPSpecError(f"lookup must be an integer >= 0 (0: no prompt-lookup branch), got {lookup!r}")
     h, cfg, shape, policy = 0, None, TreeShape((), 0, lookup), None
     if speculator is not None:
-        check_pair(model, speculator)
+        runner = as_runner(model)
+        check_fits(speculator.config, runner.hidden_size, runner.vocab_size, runner.num_layers)
         cfg = speculator.config
         top_k = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
         n_candidates = cfg.n_candidates if n_candidates is None else n_candidates
@@ -631,7 +534,7 @@ def decoding_shapes(model, speculator: MLPSpeculator | None, top_k_tokens_per_he
 
 def eos_tokens(model, eos_token_id, device) -> torch.Tensor:
     if eos_token_id is None:
-        eos_token_id = model.generation_config.eos_token_id
+        eos_token_id = as_runner(model).eos_token_id
     if eos_token_id is None:
         eos_token_id = []
     if isinstance(eos_token_id, int):

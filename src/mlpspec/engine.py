@@ -21,13 +21,12 @@ from __future__ import annotations
 import torch
 
 from .adaptive import PLAIN, AdaptivePolicy
-from .cache import RowCache, StaticRowCache
+from .base import as_runner
 from . import decode  # its step functions by module (decode.propose ...): tests time them there
 from .decode import (DecodeState, DecodeStats, build_graphs, commit, decoding_shapes, eos_tokens, foresee,
                      judge_leaving, learn_in_hindsight, look_up, prefill, renumber_hindsight)
 from .detokenizer import Detokenizer
 from .errors import MLPSpecError
-from .kernels import kernels_of
 from .model import MLPSpeculator
 from .sampler import RowChooser
 from .scheduler import Scheduler, prefill_groups
@@ -57,27 +56,24 @@ class Engine:
         step uses the speculator's tree (or top_k_tokens_per_head / n_candidates). With a
         tokenizer, every output carries its text, and requests may have stop strings."""
         self.model, self.speculator = model, speculator
-        self.device = model.device
-        self.shape, self.policy, h = decoding_shapes(model, speculator, top_k_tokens_per_head, n_candidates, lookup,
+        self.runner = runner = as_runner(model)
+        self.device = runner.device
+        self.shape, self.policy, h = decoding_shapes(runner, speculator, top_k_tokens_per_head, n_candidates, lookup,
                                                      adaptive)
         menu = self.policy.menu if self.policy is not None else [self.shape]
         self.lookup = max(s.lookup for s in menu)  # the branch every step looks up, for whichever shape wants it
         self.n_predict = h
         self.feature_layers = tuple(speculator.config.feature_layers) if speculator is not None else ()
-        text = model.config.get_text_config()
-        context = getattr(text, "max_position_embeddings", None) or DEFAULT_MAX_LEN
-        self.max_len = min(context, max_len or DEFAULT_MAX_LEN)
+        self.max_len = min(runner.context or DEFAULT_MAX_LEN, max_len or DEFAULT_MAX_LEN)
         self.reach = max(max(s.depth, s.lookup) for s in menu)  # the most candidate tokens a step accepts
         self.widest = max(s.max_nodes for s in menu)
-        # a compiled model's tree passes run on graphs of fixed shapes (kernels "compiled"),
-        # built for each live batch size when it is first seen
-        cache_class = StaticRowCache if kernels_of(model) == "compiled" else RowCache
-        self.cache = cache_class(text.num_hidden_layers, self.max_len + cache_class.pass_width(self.widest, 1) + 1,
-                                 max_batch)
+        self.cache = runner.row_cache(self.max_len, self.widest, max_batch, self.feature_layers)
+        # a compiled model's tree passes run on graphs of fixed shapes (kernels "compiled",
+        # a static cache), built for each live batch size when it is first seen
         self.graphs: set[int] = set()  # batch sizes whose graphs are built
         self.scheduler = Scheduler(max_batch, max_waiting)
         self.generator = generator
-        self.eos = eos_tokens(model, None, self.device).tolist()
+        self.eos = eos_tokens(runner, None, self.device).tolist()
         self.tokenizer = tokenizer
         self.rows: list[Request] = []  # the live batch, row by row
         self.state: DecodeState | None = None
@@ -92,7 +88,7 @@ class Engine:
                     request_id: str | None = None) -> str:
         """Queue a request; it joins the batch at a coming step. Returns its id."""
         params = params or SamplingParams()
-        vocab = self.model.get_output_embeddings().weight.size(0)
+        vocab = self.runner.vocab_size
         if not prompt_ids:
             raise MLPSpecError("the prompt is empty: give at least one token")
         if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
@@ -168,7 +164,7 @@ class Engine:
             build_graphs(self.model, state, self.widest)
             self.graphs.add(b)
         if policy is not None and not policy.calibrated(b):  # once per batch-size bucket, rolled back
-            decode.calibrate(policy, self.model, state, self.speculator)
+            decode.calibrate(policy, self.runner, state, self.speculator)
         resting = policy is not None and policy.resting(b)  # a plain step, unasked
         wanted = self.lookup and not resting and (policy is None or bool(policy.lookup_shapes(b)))
         branch, matched = look_up(state, self.lookup) if wanted else (None, torch.zeros_like(state.n_emitted))
@@ -181,7 +177,7 @@ class Engine:
         tick = policy.clock() if policy is not None else 0.0
         before = state.n_emitted.clone()  # b
         tree, parts = decode.propose(state, self.speculator, shape, depth, branch, policy, matched)
-        logits, hidden = decode.verify(self.model, state, tree)
+        logits, hidden = decode.verify(self.runner, state, tree)
         wants = [row for row, r in enumerate(self.rows) if r.params.logprobs is not None]
         choose = RowChooser([self._setting(r) for r in self.rows], self.uniforms, state.n_emitted.clone(), wants)
         path, n_accepted, bonus = walk(tree, logits, choose)
@@ -262,7 +258,7 @@ class Engine:
         uniforms = torch.stack([_right_pad(r.uniforms.unsqueeze(0), room, 0.0)[0] for r in requests]).to(self.device)
         first_choice = RowChooser([self._setting(r) for r in requests], uniforms,
                                   torch.zeros(n, dtype=torch.long, device=self.device), wants)
-        joined = prefill(self.model, ids, prompt_valid, W, first_choice, T, self.n_predict, self.feature_layers)
+        joined = prefill(self.runner, ids, prompt_valid, W, first_choice, T, self.n_predict, self.feature_layers)
         if not self.cache.allocated:
             self.cache.allocate_like(joined.cache)
         if W > self.cache.length:

@@ -17,10 +17,12 @@ from typing import Callable, NamedTuple
 import torch
 
 from .adaptive import AdaptivePolicy
+from .base import as_runner
 from .decode import DecodeStats, eos_tokens
 from .engine import Engine
 from .errors import MLPSpecError
 from .model import MLPSpeculator
+from .runner import Runner
 from .sequence import SamplingParams, check_warping
 
 
@@ -92,14 +94,15 @@ def speculative_generate(
     Everything runs on the model's device: the prompt moves there, and a generator must
     live there (torch.Generator(model.device)).
     """
-    input_ids = input_ids.to(model.device)
-    attention_mask = attention_mask.to(model.device) if attention_mask is not None else None
-    if generator is not None and generator.device.type != model.device.type:
-        raise MLPSpecError(f"the generator is on {generator.device} and the model on {model.device}: sampling draws "
-                           f"where the model runs, so make it with torch.Generator({str(model.device)!r})")
-    prompt_valid = _check_prompt(model, input_ids, attention_mask, max_new_tokens)
+    runner = as_runner(model)
+    input_ids = input_ids.to(runner.device)
+    attention_mask = attention_mask.to(runner.device) if attention_mask is not None else None
+    if generator is not None and generator.device.type != runner.device.type:
+        raise MLPSpecError(f"the generator is on {generator.device} and the model on {runner.device}: sampling draws "
+                           f"where the model runs, so make it with torch.Generator({str(runner.device)!r})")
+    prompt_valid = _check_prompt(runner, input_ids, attention_mask, max_new_tokens)
     _check_sampling(temperature, top_k, top_p)
-    eos = eos_tokens(model, eos_token_id, input_ids.device)
+    eos = eos_tokens(runner, eos_token_id, input_ids.device)
     b, P = input_ids.shape
     if streamer is not None and b != 1:
         raise MLPSpecError("streaming works for a single prompt only")
@@ -140,18 +143,18 @@ def speculative_generate(
     stats.emitted = torch.tensor([len(t) for t in new_tokens])
     stats.steps_per_row = torch.tensor(steps)
     stats.seconds = time.perf_counter() - start
-    return GenerateOutput(_sequences(model, input_ids, new_tokens, eos), stats)
+    return GenerateOutput(_sequences(runner, input_ids, new_tokens, eos), stats)
 
 
-def _sequences(model, input_ids: torch.Tensor, new_tokens: list[list[int]], eos: torch.Tensor) -> torch.Tensor:
+def _sequences(runner: Runner, input_ids: torch.Tensor, new_tokens: list[list[int]], eos: torch.Tensor) -> torch.Tensor:
     """The prompts [b, P] and each row's new tokens after them, padded to the longest row."""
     T = max(len(t) for t in new_tokens)
-    pad = model.generation_config.pad_token_id
+    pad = runner.pad_token_id
     pad = int(eos[0]) if pad is None and eos.numel() else (pad or 0)
     new = torch.tensor([t + [pad] * (T - len(t)) for t in new_tokens], dtype=input_ids.dtype)  # b T
     return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
 
-def _check_prompt(model, input_ids, attention_mask, max_new_tokens) -> torch.Tensor:
+def _check_prompt(runner: Runner, input_ids, attention_mask, max_new_tokens) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise MLPSpecError("input_ids must be an int64 tensor of shape [batch, prompt length]")
     if input_ids.size(1) == 0:
@@ -171,9 +174,9 @@ def _check_prompt(model, input_ids, attention_mask, max_new_tokens) -> torch.Ten
         raise MLPSpecError(f"the prompt in row {int((lengths == 0).long().argmax())} is empty")
     if bool((valid[:, 1:] < valid[:, :-1]).any()):
         raise MLPSpecError("prompts of different lengths must be left-padded (padding first)")
-    if int(input_ids[valid].max()) >= model.get_output_embeddings().weight.size(0) or int(input_ids[valid].min()) < 0:
+    if int(input_ids[valid].max()) >= runner.vocab_size or int(input_ids[valid].min()) < 0:
         raise MLPSpecError("input_ids hold a token id outside the model's vocabulary")
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    context = runner.context
     longest = int(lengths.max())
     if context is not None and longest > context:
         raise MLPSpecError(f"the prompt has {longest} tokens, more than the model's context of {context}")

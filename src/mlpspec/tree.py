@@ -203,7 +203,7 @@ def walk(tree: Tree, logits_at, choose) -> tuple[torch.Tensor, torch.Tensor, tor
     """Follow the base model's own choices down the tree.
 
     logits_at(nodes [b]) gives the base model's logits [b, V] at one node of each row
-    (decode.NodeLogits computes them only there; `at_nodes` reads a full [b, q, V]). From
+    (base.NodeLogits computes them only there; `at_nodes` reads a full [b, q, V]). From
     the root, `choose` picks the base model's next token from the logits of the current
     node (argmax for greedy, a draw from the target distribution for sampling), as
     choose(logits [b, V], depth): depth 0 picks the token after the root. If a child
