@@ -158,3 +158,23 @@ def test_resolve_device(monkeypatch):
     assert base.resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(MLPSpecError, match="device must be 'auto' or a torch device such as cpu or cuda:0, got 'gpu0'"):
         base.resolve_device("gpu0")
+
+
+def test_the_backend_is_chosen_by_the_file_and_asked_for_in_one_line(tmp_path, monkeypatch):
+    """auto: llama.cpp for a .gguf file where llama-cpp-python is installed, transformers
+    otherwise; --backend llama.cpp without the package, or for a model that is no GGUF
+    file, or an unknown backend: one line each."""
+    from mlpspec import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "available", lambda: False)
+    assert base.chosen_backend("model.gguf") == "transformers"
+    assert base.chosen_backend(None, "llama.cpp") == "llama.cpp"
+    with pytest.raises(MLPSpecError, match="needs llama-cpp-python: run `bash scripts/install_llama_cpp.sh`"):
+        load_base(str(tmp_path / "model.gguf"), backend="llama.cpp")
+    monkeypatch.setattr(llama_cpp, "available", lambda: True)
+    assert base.chosen_backend("model.GGUF") == "llama.cpp"
+    assert base.chosen_backend("org/model") == "transformers"
+    with pytest.raises(MLPSpecError, match="the llama.cpp backend runs a .gguf file, not 'org/model'"):
+        base.chosen_backend("org/model", "llama.cpp")
+    with pytest.raises(MLPSpecError, match="unknown backend 'vllm'; choose one of auto, transformers, llama.cpp"):
+        base.chosen_backend("org/model", "vllm")
