@@ -168,3 +168,35 @@ def test_bad_input_gets_one_line(tmp_path, gguf_files):
         LlamaCppRunner(odd)
     with pytest.raises(MLPSpecError, match="runs a .gguf file"):
         chosen_backend("HuggingFaceTB/SmolLM2-135M-Instruct", "llama.cpp")
+
+
+def test_the_server_on_llama_cpp(gguf_files, tokenizer):
+    """`mlpspec serve --backend llama.cpp`'s app: concurrent greedy completions, staggered,
+    each llama.cpp's own greedy text; a seeded sampled request answers alike twice."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    openai = pytest.importorskip("openai")
+    from mlpspec.serve import BackgroundServer, create_app
+
+    runner = LlamaCppRunner(gguf_files["F32"])
+    app = create_app(runner, tokenizer, load_speculator(dtype=torch.float32, base=runner), "smol", max_batch=4)
+    server = BackgroundServer(app)
+    try:
+        assert app.state.engine.ready.wait(timeout=120)
+        api = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+        def one(i):
+            time.sleep(0.05 * i)  # staggered: requests join a batch already decoding
+            return api.completions.create(model="smol", prompt=PROMPTS[i % 3], max_tokens=16 + 4 * i, temperature=0)
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(one, range(4)))
+        for i, answer in enumerate(answers):
+            expected = llama_cpp_greedy(gguf_files["F32"], tokenizer(PROMPTS[i % 3])["input_ids"], 16 + 4 * i)
+            assert answer.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True), i
+        sampled = [api.completions.create(model="smol", prompt=PROMPTS[1], max_tokens=12, temperature=0.8, seed=7)
+                   .choices[0].text for _ in range(2)]
+        assert sampled[0] == sampled[1]
+    finally:
+        server.stop()
