@@ -35,7 +35,9 @@ esac
 # backends out of the wheel, and loading a model then fails: "no backends are loaded")
 # GGML_LLAMAFILE=OFF: llamafile's matrix kernels take passes of several tokens and compute
 # them otherwise than a one-token pass (the shipped Q4_1 file's logits moved by up to 0.71),
-# so a tree's verification would not be llama.cpp's own greedy decoding
+# so a tree's verification would not be llama.cpp's own greedy decoding. MLPSPEC_LLAMAFILE=ON
+# trades that for speed on F16 and F32 files, whose passes then read the weights once for
+# all their tokens (docs/experiments/llama-cpp-backend.md)
 export CMAKE_ARGS="$CPU -DGGML_LLAMAFILE=${MLPSPEC_LLAMAFILE:-OFF} -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF"
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 echo "building llama-cpp-python $VERSION ($CMAKE_ARGS): about 10 minutes on 2 cores"
