@@ -50,6 +50,14 @@ def _llama():
     return llama_cpp
 
 
+def llamafile_kernels() -> bool:
+    """Whether this build of llama.cpp multiplies with llamafile's kernels, which compute a
+    pass of several tokens otherwise than a pass of one: trees then score near ties
+    otherwise than llama.cpp's own greedy decoding (scripts/install_llama_cpp.sh builds
+    without them unless MLPSPEC_LLAMAFILE=ON)."""
+    return b"LLAMAFILE = 1" in _llama().llama_print_system_info()
+
+
 class _Tensor(ctypes.Structure):
     """ggml's struct ggml_tensor (ggml.h), as far as its name and data."""
 
@@ -155,6 +163,11 @@ class LlamaCppRunner(Runner):
         self.cells = cells
         self.free = list(range(MAX_SEQUENCES - 1, -1, -1))
 
+    def clear(self) -> None:
+        """Every cell and sequence free (the context stays)."""
+        self.llama.llama_memory_clear(self.memory, True)
+        self.free = list(range(MAX_SEQUENCES - 1, -1, -1))
+
     def take_sequence(self) -> int:
         if not self.free:
             raise MLPSpecError(f"llama.cpp holds at most {MAX_SEQUENCES} sequences: a smaller batch or tree")
@@ -244,8 +257,7 @@ class LlamaCppRunner(Runner):
         if cells > self.cells or self.ctx is None:
             self._start(cells)
         else:  # the same context, emptied
-            self.llama.llama_memory_clear(self.memory, True)
-            self.free = list(range(MAX_SEQUENCES - 1, -1, -1))
+            self.clear()
         return LlamaCppCache(self, max_len + widest + 1, max_rows)
 
     def prefill(self, ids, prompt_valid, capacity, feature_layers) -> Prefilled:
@@ -274,8 +286,11 @@ class LlamaCppRunner(Runner):
         tokens, positions, seqs, where = [], [], [], []
         cache.branches, cache.node_seq, cache.node_tokens = [], [], tree.tokens.tolist()
         parent, depth, ancestors = tree.parent.tolist(), tree.depth.tolist(), tree.ancestors.tolist()
-        for r in range(b):
-            real = [v for v in range(q) if v == 0 or parent[r][v] >= 0]
+        reals = [[v for v in range(q) if v == 0 or parent[r][v] >= 0] for r in range(b)]  # each row's nodes, no padding
+        if sum(map(len, reals)) > UBATCH:
+            raise MLPSpecError(f"a step of {sum(map(len, reals))} nodes over the batch: the llama.cpp backend takes "
+                               f"{UBATCH}")
+        for r, real in enumerate(reals):
             has_child = {parent[r][v] for v in real if v}
             leaves = [v for v in real if v not in has_child]
             own = cache.seqs[r]
@@ -286,20 +301,18 @@ class LlamaCppRunner(Runner):
             for v in real:
                 through = [branch[j] for j, leaf in enumerate(leaves) if ancestors[r][leaf][v]]
                 node_seq[v] = through[0]
-                tokens.append(int(tree.tokens[r, v]))
+                tokens.append(cache.node_tokens[r][v])
                 positions.append(int(position[r]) + depth[r][v])
                 seqs.append(through)
                 where.append((r, v))
             cache.branches.append(branch[1:])
             cache.node_seq.append(node_seq)
             cache.root[r] = int(position[r])
-        if len(tokens) > UBATCH:
-            raise MLPSpecError(f"a step of {len(tokens)} nodes over the batch: the llama.cpp backend takes {UBATCH}")
-        logits, hidden = self._decode(tokens, positions, seqs, [True] * len(tokens))
+        logits, hidden = self._decode(tokens, positions, seqs, [True] * len(tokens))  # n V, n (1+l)d
         rows, nodes = torch.tensor(where).T  # n, n
-        node_logits = logits.new_zeros(b, q, logits.size(1))
+        node_logits = logits.new_zeros(b, q, logits.size(1))  # b q V   padding nodes stay 0: the walk never reads them
         node_logits[rows, nodes] = logits
-        node_hidden = hidden.new_zeros(b, q, hidden.size(1))
+        node_hidden = hidden.new_zeros(b, q, hidden.size(1))  # b q (1+l)d
         node_hidden[rows, nodes] = hidden
         cache.length += q
         return at_nodes(node_logits), node_hidden
@@ -391,7 +404,12 @@ class LlamaCppCache:
         self.rows = rows
 
     def set_length(self, length: int) -> None:
+        """The slot counter; at 0 with no rows (the engine is idle), the cells too start
+        again from the first, so that a request decodes in the cells, and so with the
+        sums, that a lone decoding in a fresh context would use."""
         self.length = length
+        if length == 0 and self.rows == 0 and not self.seqs:
+            self.runner.clear()
 
     def write_row(self, row: int, start: int, prefilled: LlamaCppCache, source: int, first: int, count: int) -> None:
         """Row `row` takes prefill row `source`'s sequence (the prefill gives it up)."""
