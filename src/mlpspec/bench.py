@@ -359,18 +359,14 @@ def _divergences(model, ids, mask, sequences, reference, eos) -> list[dict]:
     if not isinstance(model, LlamaCppRunner):
         return [d.__dict__ for d in find_divergences(model, ids, mask, sequences, reference, eos)]
     found = []
-    P = ids.size(1)
-    for row, (ours, theirs) in enumerate(zip(sequences[:, P:].tolist(), reference[:, P:].tolist())):
-        ours, theirs = _until_eos(ours, eos), _until_eos(theirs, eos)
+    P, stops = ids.size(1), set(eos)
+    for row, (ours, theirs) in enumerate(zip(sequences.tolist(), reference.tolist())):
+        ours, theirs = ours[P : P + _new_token_count(ours, P, stops)], theirs[P : P + _new_token_count(theirs, P, stops)]
         index = next((i for i, (a, t) in enumerate(zip(ours, theirs)) if a != t), None)
         if index is not None:
             found.append({"row": row, "index": index, "ours": ours[index], "theirs": theirs[index], "gap": float("nan"),
                           "ulps": float("nan"), "near_tie": False})
     return found
-
-
-def _until_eos(tokens: list[int], eos: list[int]) -> list[int]:
-    return tokens[: next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
 
 
 def _take_turns(*kinds: list) -> list:

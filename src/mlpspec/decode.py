@@ -30,12 +30,12 @@ from typing import NamedTuple
 import torch
 
 from .adaptive import PLAIN, AdaptivePolicy, TreeShape, shape_menu
-from .base import as_runner, cache_dir
+from .base import as_runner, cache_dir, check_pair
 from .cache import TreeCache
 from .errors import MLPSpecError
 from .fileio import atomic_write, keyed_file
 from .kernels import compiles, graph_built
-from .model import MLPSpeculator, best_paths, check_fits, check_proposal_shape, is_inside, likeliest_nodes, sub_paths
+from .model import MLPSpeculator, best_paths, check_proposal_shape, is_inside, likeliest_nodes, sub_paths
 from .tree import NO_TOKEN, Tree, build_tree, flat_tree, hindsight_accepted, lookup_branch, root_only
 
 
@@ -514,8 +514,7 @@ def decoding_shapes(model, speculator: MLPSpeculator | None, top_k_tokens_per_he
         raise MLPSpecError(f"lookup must be an integer >= 0 (0: no prompt-lookup branch), got {lookup!r}")
     h, cfg, shape, policy = 0, None, TreeShape((), 0, lookup), None
     if speculator is not None:
-        runner = as_runner(model)
-        check_fits(speculator.config, runner.hidden_size, runner.vocab_size, runner.num_layers)
+        check_pair(model, speculator)
         cfg = speculator.config
         top_k = list(cfg.top_k_tokens_per_head if top_k_tokens_per_head is None else top_k_tokens_per_head)
         n_candidates = cfg.n_candidates if n_candidates is None else n_candidates

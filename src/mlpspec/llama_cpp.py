@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +94,8 @@ class _LayerTap:
         d, n = tensor.ne[0], tensor.ne[1]
         if tensor.type != GGML_TYPE_F32 or tensor.nb[1] != d * 4:
             raise MLPSpecError(f"llama.cpp's {tensor.name.decode()} is not a contiguous float32 tensor")
-        self.states[index] = np.ctypeslib.as_array((ctypes.c_float * (d * n)).from_address(tensor.data)).reshape(n, d)
-        self.states[index] = self.states[index].copy()
+        values = np.ctypeslib.as_array((ctypes.c_float * (d * n)).from_address(tensor.data))  # n*d, llama.cpp's
+        self.states[index] = values.reshape(n, d).copy()  # n d
         return True
 
 
@@ -252,10 +252,8 @@ class LlamaCppRunner(Runner):
 
     def row_cache(self, max_len: int, widest: int, max_rows: int, feature_layers=()) -> LlamaCppCache:
         cells = max_rows * (max_len + widest + 1)
-        if tuple(feature_layers) != self.feature_layers:
-            self._read_layers(tuple(feature_layers))
-        if cells > self.cells or self.ctx is None:
-            self._start(cells)
+        if self._tap_layers(tuple(feature_layers)) or cells > self.cells:  # a context that reads them, room enough
+            self._start(max(cells, self.cells))
         else:  # the same context, emptied
             self.clear()
         return LlamaCppCache(self, max_len + widest + 1, max_rows)
@@ -327,24 +325,28 @@ class LlamaCppRunner(Runner):
     def identity(self) -> dict:
         stat = self.path.stat()
         return {"backend": "llama.cpp", "file": str(self.path.resolve()), "size": stat.st_size,
-                "modified": stat.st_mtime, "threads": self.threads, "machine": os.uname().machine,
-                "host": os.uname().nodename}
+                "modified": stat.st_mtime, "threads": self.threads, "machine": platform.machine(),
+                "host": platform.node()}
 
     def _check_layers(self, feature_layers) -> None:
+        """Make the passes read `feature_layers`, in a fresh context where that is new."""
         if tuple(feature_layers) == self.feature_layers:
             return
         if len(self.free) < MAX_SEQUENCES:
             raise MLPSpecError(f"this llama.cpp context reads feature layers {list(self.feature_layers)}, not "
                                f"{list(feature_layers)}, and sequences are in use")
-        self._read_layers(tuple(feature_layers))
+        self._tap_layers(tuple(feature_layers))
+        self._start(self.cells)
 
-    def _read_layers(self, layers: tuple[int, ...]) -> None:
-        """Read the states after `layers` from now on: a fresh context, every sequence free."""
+    def _tap_layers(self, layers: tuple[int, ...]) -> bool:
+        """Tap the states after `layers` in contexts started from now on; whether that is new."""
+        if layers == self.feature_layers:
+            return False
         if any(layer < 1 or layer >= self.num_layers for layer in layers):
             raise MLPSpecError(f"feature layers {list(layers)}: the llama.cpp backend reads layers "
                                f"1..{self.num_layers - 1}")
         self.feature_layers, self.tap = layers, _LayerTap(layers) if layers else None
-        self._start(self.cells)
+        return True
 
 
 class LlamaCppPeer:
@@ -452,21 +454,24 @@ class LlamaCppCache:
                 redo += [(seq, self.node_tokens[r][node], root + j) for j, node in enumerate(path[r][1:count], 1)]
             else:
                 self.runner.drop_sequence(seq, root + count)
-            for other in self.branches[r]:
-                self.runner.drop_sequence(other)
+        self._drop_branches()
         if redo:
             seqs, tokens, positions = zip(*redo)
             self.runner.extend(list(tokens), list(positions), list(seqs))
-        self.branches = [[] for _ in self.seqs]
         self.length = start + slots.size(1)
 
     def roll_back(self, start: int) -> None:
-        for r, seq in enumerate(self.seqs):
-            self.runner.drop_sequence(seq, self.root[r])
-            for other in self.branches[r] if r < len(self.branches) else ():
-                self.runner.drop_sequence(other)
-        self.branches = [[] for _ in self.seqs]
+        for seq, root in zip(self.seqs, self.root):
+            self.runner.drop_sequence(seq, root)
+        self._drop_branches()
         self.length = start
+
+    def _drop_branches(self) -> None:
+        """Hand back the sequences the last pass's branches took."""
+        for branches in self.branches:
+            for seq in branches:
+                self.runner.drop_sequence(seq)
+        self.branches = []
 
 
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_1": 3, "Q8_0": 7}  # llama_ftype values
