@@ -18,11 +18,7 @@ from mlpspec.tree import build_tree, root_only
 from conftest import OracleSpeculator
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: bash scripts/install_llama_cpp.sh")
-from mlpspec.llama_cpp import LlamaCppRunner, llamafile_kernels, requantize  # noqa: E402
-
-# bit for bit only where a pass of several tokens computes each as a pass of one does
-exact = pytest.mark.skipif(llamafile_kernels(), reason="llama.cpp built with llamafile's kernels (MLPSPEC_LLAMAFILE=ON): "
-                                                       "not exactly llama.cpp's greedy decoding")
+from mlpspec.llama_cpp import LlamaCppRunner, requantize  # noqa: E402
 
 PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -47,6 +43,15 @@ def tokenizer():
     return load_base(backend="llama.cpp")[1]
 
 
+def exact_runner(path) -> LlamaCppRunner:
+    """A runner on `path`; the test is skipped where this build of llama.cpp computes a pass
+    of several tokens otherwise than a pass of one (bit for bit only where it does not)."""
+    runner = LlamaCppRunner(path)
+    if not runner.batch_invariant():
+        pytest.skip("this llama.cpp build is not batch invariant (not built by scripts/install_llama_cpp.sh)")
+    return runner
+
+
 def llama_cpp_greedy(path, prompt: list[int], n: int) -> list[int]:
     """llama.cpp's own greedy decoding (llama-cpp-python's Llama, temperature 0)."""
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, verbose=False, n_threads=torch.get_num_threads())
@@ -59,10 +64,9 @@ def llama_cpp_greedy(path, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-@exact
 @pytest.mark.parametrize("kind", ["Q4_1", "F16", "F32"])
 def test_speculative_output_equals_llama_cpp_greedy(gguf_files, tokenizer, kind):
-    runner = LlamaCppRunner(gguf_files[kind])
+    runner = exact_runner(gguf_files[kind])
     speculator = load_speculator(dtype=torch.float32, base=runner)
     for text in PROMPTS:
         prompt = tokenizer(text)["input_ids"]
@@ -74,14 +78,13 @@ def test_speculative_output_equals_llama_cpp_greedy(gguf_files, tokenizer, kind)
         assert out.stats.tokens_per_step > 1.3  # the speculator guessed: trees were verified and kept
 
 
-@exact
 def test_tree_nodes_match_their_branches_decoded_alone(gguf_files):
     """Every node of a tree verified in one llama_decode (branches as sequences) has the
     logits of its branch decoded alone (up to the order attention sums the cache's cells in:
     a branch's nodes are not next to each other there), and after a path down the second
     branch is kept (decoded again into the cells after the root), the next step's logits are
     exactly those of the whole sequence decoded at once in a fresh context."""
-    runner = LlamaCppRunner(gguf_files["F32"])
+    runner = exact_runner(gguf_files["F32"])
     prompt = [1, 504, 3458, 28, 2914, 30]
     candidates = torch.tensor([[[700, 701, 702], [800, 801, -1], [700, 900, -1]]])  # 1 k D
     engine_cache = runner.row_cache(64, 8, 1)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import platform
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +50,6 @@ def _llama():
     import llama_cpp
 
     return llama_cpp
-
-
-def llamafile_kernels() -> bool:
-    """Whether this build of llama.cpp multiplies with llamafile's kernels, which compute a
-    pass of several tokens otherwise than a pass of one: trees then score near ties
-    otherwise than llama.cpp's own greedy decoding (scripts/install_llama_cpp.sh builds
-    without them unless MLPSPEC_LLAMAFILE=ON)."""
-    return b"LLAMAFILE = 1" in _llama().llama_print_system_info()
 
 
 class _Tensor(ctypes.Structure):
@@ -136,6 +130,34 @@ class LlamaCppRunner(Runner):
         self._embeddings = None  # (embedding, LM head), read from the file when first asked for
         self.ctx, self.cells, self.free = None, 0, []
         self._start(context)
+        self._invariant = None
+        if not self.batch_invariant():
+            warnings.warn(f"this llama.cpp build computes a pass of several tokens otherwise than a pass of one on "
+                          f"{path.name}: speculation then leaves llama.cpp's own greedy output at near ties; "
+                          f"`bash scripts/install_llama_cpp.sh` builds one that does not", stacklevel=2)
+
+    def system_info(self) -> str:
+        """llama.cpp's build, as it reports it (its CPU features and kernels)."""
+        return self.llama.llama_print_system_info().decode().strip()
+
+    def batch_invariant(self) -> bool:
+        """Whether a pass of several tokens computes each of them, bit for bit, as a pass of
+        one token does, on this file with this build (probed once, on an empty context:
+        eight tokens in one pass against eight one-token passes). Only then is a tree's
+        verification exactly llama.cpp's own greedy decoding. A stock build is not: its
+        llamafile kernels take passes of two or more tokens and ggml's own take one-token
+        passes, and the two sum in other orders; scripts/install_llama_cpp.sh builds one
+        that is (docs/llama-cpp.md)."""
+        if self._invariant is None:
+            if len(self.free) < MAX_SEQUENCES:
+                raise MLPSpecError("the batch-invariance probe needs an empty llama.cpp context")
+            tokens = [(7919 * i) % self.vocab_size for i in range(1, 9)]
+            one_pass = self._decode(tokens, list(range(8)), [[0]] * 8, [True] * 8)[0]  # 8 V
+            self.clear()
+            token_by_token = torch.cat([self._decode([t], [i], [[0]], [True])[0] for i, t in enumerate(tokens)])  # 8 V
+            self.clear()
+            self._invariant = torch.equal(one_pass, token_by_token)
+        return self._invariant
 
     # ---- the llama.cpp context and its sequences
 
@@ -291,6 +313,13 @@ class LlamaCppRunner(Runner):
         for r, real in enumerate(reals):
             has_child = {parent[r][v] for v in real if v}
             leaves = [v for v in real if v not in has_child]
+            # The row's own sequence takes the deepest branch (the first of them), whose
+            # nodes go first, in the cells right after the root: a path kept down it needs
+            # no second pass (keep_path). A lookup branch is the deepest where there is one,
+            # and when the policy runs one, its copy is most often what is kept.
+            first = max(leaves, key=lambda leaf: depth[r][leaf])
+            leaves = [first] + [leaf for leaf in leaves if leaf != first]
+            real = [v for v in real if ancestors[r][first][v]] + [v for v in real if not ancestors[r][first][v]]
             own = cache.seqs[r]
             branch = [own] + [self.take_sequence() for _ in leaves[1:]]
             for seq in branch[1:]:
@@ -326,7 +355,7 @@ class LlamaCppRunner(Runner):
         stat = self.path.stat()
         return {"backend": "llama.cpp", "file": str(self.path.resolve()), "size": stat.st_size,
                 "modified": stat.st_mtime, "threads": self.threads, "machine": platform.machine(),
-                "host": platform.node()}
+                "host": platform.node(), "build": self.system_info()}
 
     def _check_layers(self, feature_layers) -> None:
         """Make the passes read `feature_layers`, in a fresh context where that is new."""
@@ -363,14 +392,17 @@ class LlamaCppPeer:
                                n_threads=threads or torch.get_num_threads(),
                                draft_model=LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup else None)
 
+    def stream(self, prompt: list[int], max_new_tokens: int, eos: list[int]) -> Iterator[int]:
+        """Up to max_new_tokens greedy tokens after `prompt`, the first of `eos` included,
+        each as soon as llama.cpp has it."""
+        tokens = self.llm.generate(prompt, temp=0.0, top_k=1, reset=True) if max_new_tokens else ()
+        for n, token in enumerate(tokens, 1):
+            yield token
+            if n == max_new_tokens or token in eos:
+                return
+
     def generate(self, prompt: list[int], max_new_tokens: int, eos: list[int]) -> list[int]:
-        """Up to max_new_tokens greedy tokens after `prompt`, the first of `eos` included."""
-        out = []
-        for token in self.llm.generate(prompt, temp=0.0, top_k=1, reset=True) if max_new_tokens else ():
-            out.append(token)
-            if len(out) == max_new_tokens or token in eos:
-                break
-        return out
+        return list(self.stream(prompt, max_new_tokens, eos))
 
 
 class LlamaCppCache:
@@ -443,8 +475,8 @@ class LlamaCppCache:
         order in the cache: the sums would round otherwise than plain decoding's, and with
         quantized weights (whose matrix products quantize each activation) a greedy choice
         could tip. So that path's tokens are decoded again into the cells after the root
-        (one pass over them; with llama.cpp built without llamafile's kernels a pass of many
-        tokens computes each one as a pass of one does)."""
+        (one pass over them; on a batch-invariant build a pass of many tokens computes each
+        one as a pass of one does)."""
         path = (slots - start).tolist()
         redo = []  # (sequence, tokens, positions) to decode again in order
         for r, (count, seq) in enumerate(zip(counts.tolist(), self.seqs)):
