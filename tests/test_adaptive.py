@@ -568,3 +568,24 @@ def test_the_optimism_bonus_shrinks_with_the_batch_so_the_policy_explores_where_
     # the margin 1.13 plain steps' worth at batch 1; a sixteenth of it at batch 16, 0.73
     assert policy.choose(1, max_depth=5) == CHAIN2
     assert policy.choose(16, max_depth=5, matched=[0] * 16) == PLAIN
+
+
+def test_chains_glanced_at_on_plain_steps_bring_a_policy_back_to_a_speculator_that_got_good(fake_costs):
+    """Text changes under a policy (code, then chat). Records that say the chains accept
+    nothing, and no optimism left: plain steps alone would never show the policy otherwise.
+    The chain it drafts beside the plain steps it chooses (decode.glance), judged by the
+    tokens that follow, shows it that the speculator is right now, and it speculates again."""
+    model = tiny_llama(seed=1)
+    ids, mask = left_padded([5], seed=1)
+    expected = hf_greedy(model, ids, mask, 120, eos=None)
+    oracle = OracleSpeculator(model, expected, mask.bool(), n_predict=3)  # always right
+    policy = AdaptivePolicy(shape_menu(oracle.config), clock=fake_costs)
+    for shape in policy.menu:
+        if shape != PLAIN:
+            policy.record(shape).uses, policy.record(shape).at_least = 10**6, [0.0] * shape.depth
+    policy.steps = 10**6
+    out = speculative_generate(model, oracle, ids, mask, max_new_tokens=120, eos_token_id=[], adaptive=policy)
+    assert out.sequences.tolist() == expected.tolist()
+    assert policy.record(TreeShape((1, 1, 1), 1)).tokens_per_step > 2.0  # learned in hindsight, then by use
+    # plain until about ten glances (the records' moving average: 3% of the way each), then the chain
+    assert out.stats.shapes.get("[1, 1, 1]x1", 0) >= 15 and out.stats.shapes["plain"] <= 40

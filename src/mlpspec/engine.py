@@ -23,7 +23,7 @@ import torch
 from .adaptive import PLAIN, AdaptivePolicy
 from .base import as_runner
 from . import decode  # its step functions by module (decode.propose ...): tests time them there
-from .decode import (DecodeState, DecodeStats, build_graphs, commit, decoding_shapes, eos_tokens, foresee,
+from .decode import (DecodeState, DecodeStats, build_graphs, commit, decoding_shapes, eos_tokens, foresee, glance,
                      judge_leaving, learn_in_hindsight, look_up, prefill, renumber_hindsight)
 from .detokenizer import Detokenizer
 from .errors import MLPSpecError
@@ -174,6 +174,10 @@ class Engine:
             shape = policy.choose(b, max_depth=depth, matched=matched[active].tolist())
         else:
             shape = self.shape
+        # a chain drafted beside a plain step the policy chose, judged later (decode.glance);
+        # before the clock, as it is the policy's learning, not the step's cost
+        chose_plain = policy is not None and shape == PLAIN and not resting
+        glanced = glance(policy, state, self.speculator, depth, active) if chose_plain else []
         tick = policy.clock() if policy is not None else 0.0
         before = state.n_emitted.clone()  # b
         tree, parts = decode.propose(state, self.speculator, shape, depth, branch, policy, matched)
@@ -185,7 +189,7 @@ class Engine:
         if policy is not None:
             # the hindsight's bookkeeping is part of what a speculative step costs (it grows
             # with the batch): the step's time is taken after it
-            state.hindsight += foresee(policy, shape, parts, before, active, matched)
+            state.hindsight += foresee(policy, shape, parts, before, active, matched) + glanced
             learn_in_hindsight(policy, state)
             policy.update(shape, b, (n_accepted + 1)[active].tolist(), policy.clock() - tick,
                           matched[active].tolist(), tree.size)
