@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the llama.cpp backend's package (scripts/install_llama_cpp.sh: a build of about
-# 10 minutes, once) and runs its tests, which the default test run skips without it.
+# 4-13 minutes, once) and runs its tests, which the default test run skips without it.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,7 +2,7 @@
 with the speculator on top, lossless against llama.cpp's own greedy decoding.
 
 Skipped where llama-cpp-python is absent; scripts/test_llama_cpp.sh installs it (a build
-of about 10 minutes) and runs them."""
+of 4-13 minutes) and runs them."""
 
 import pytest
 import torch

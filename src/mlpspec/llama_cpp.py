@@ -46,7 +46,7 @@ def _llama():
     """The llama_cpp module, or a one-line error saying how to get it."""
     if not available():
         raise MLPSpecError("the llama.cpp backend needs llama-cpp-python: run `bash scripts/install_llama_cpp.sh` "
-                           "(it builds it for this CPU, about 10 minutes)")
+                           "(it builds it for this CPU, about 4-13 minutes)")
     import llama_cpp
 
     return llama_cpp
