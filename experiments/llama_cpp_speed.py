@@ -11,6 +11,8 @@ import argparse
 import json
 import time
 
+import torch
+
 from mlpspec.adaptive import AdaptivePolicy, shape_menu
 from mlpspec.base import load_base
 from mlpspec.bench import chat_prompts, code_prompts
@@ -20,11 +22,12 @@ from mlpspec.llama_cpp import LlamaCppPeer, LlamaCppRunner
 from mlpspec.text import encode_prompt
 
 
-def timed(generate):
-    """(tokens, tokens/s after the first token) of one run of `generate(on_token)`."""
+def timed(method, ids):
+    """(tokens, tokens/s after the first token, tokens a step) of one run of
+    `method(ids, on_token)`, which returns (tokens, tokens a step or None)."""
     stamps = []
-    tokens = generate(lambda n: stamps.extend([time.perf_counter()] * n))
-    return tokens, (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    tokens, per_step = method(ids, lambda n: stamps.extend([time.perf_counter()] * n))
+    return tokens, (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0, per_step
 
 
 def main():
@@ -39,49 +42,45 @@ def main():
     assert isinstance(runner, LlamaCppRunner)
     speculator = load_speculator(base=runner)
     eos = runner.eos_token_id
-    plain, lookup = LlamaCppPeer(args.file), LlamaCppPeer(args.file, lookup=10)
+    peers = {"plain": LlamaCppPeer(args.file), "lookup": LlamaCppPeer(args.file, lookup=10)}
     policy = AdaptivePolicy(shape_menu(speculator.config, lookup=10))
 
-    def peer(llm, ids):
-        def run(on_token):
+    def peer(name):
+        def run(ids, on_token):
             out = []
-            for token in llm.stream(ids, args.tokens, eos):
+            for token in peers[name].stream(ids, args.tokens, eos):
                 out.append(token)
                 on_token(1)
-            return out
+            return out, None
         return run
 
-    def ours(ids):
-        def run(on_token):
-            import torch
+    def ours(ids, on_token):
+        out = speculative_generate(runner, speculator, torch.tensor([ids]), max_new_tokens=args.tokens,
+                                   adaptive=policy, lookup=10, eos_token_id=eos,
+                                   on_step=lambda emitted: on_token(int((emitted[0] >= 0).sum())))
+        return out.sequences[0, len(ids):len(ids) + int(out.stats.emitted[0])].tolist(), out.stats.tokens_per_step
 
-            out = speculative_generate(runner, speculator, torch.tensor([ids]), max_new_tokens=args.tokens,
-                                       adaptive=policy, lookup=10, eos_token_id=eos,
-                                       on_step=lambda emitted: on_token(int((emitted[0] >= 0).sum())))
-            stats.append(out.stats.tokens_per_step)
-            return out.sequences[0, len(ids):len(ids) + int(out.stats.emitted[0])].tolist()
-        return run
-
+    methods = {"plain": peer("plain"), "lookup": peer("lookup"), "ours": ours}
     report = {"file": args.file, "policy": args.policy, "system": runner.system_info(),
               "batch_invariant": runner.batch_invariant(), "kinds": {}}
     for kind, prompts in (("code", code_prompts(args.prompts)), ("chat", chat_prompts()[: args.prompts])):
         if args.policy == "per-kind":
             policy = AdaptivePolicy(shape_menu(speculator.config, lookup=10))
-        rows = {"plain": [], "lookup": [], "ours": []}
-        stats, equal = [], 0
+        rates = {name: [] for name in methods}
+        per_step, equal = [], 0
         for prompt in prompts:
             ids = encode_prompt(tokenizer, prompt, chat=kind == "chat")
-            results = {}
-            for name, make in (("plain", lambda: peer(plain, ids)), ("lookup", lambda: peer(lookup, ids)),
-                               ("ours", lambda: ours(ids))):
-                timed(make())
-                results[name] = timed(make())
-                rows[name].append(results[name][1])
-            equal += results["ours"][0] == results["plain"][0]
-        mean = {name: sum(v) / len(v) for name, v in rows.items()}
+            tokens = {}
+            for name, method in methods.items():
+                timed(method, ids)  # untimed: warm
+                tokens[name], rate, steps = timed(method, ids)
+                rates[name].append(rate)
+            per_step.append(steps)  # ours, the last method
+            equal += tokens["ours"] == tokens["plain"]
+        mean = {name: sum(v) / len(v) for name, v in rates.items()}
         report["kinds"][kind] = mean | {"ours/plain": mean["ours"] / mean["plain"],
                                         "ours/lookup": mean["ours"] / mean["lookup"],
-                                        "tokens/step": sum(stats[1::2]) / len(stats[1::2]),
+                                        "tokens/step": sum(per_step) / len(per_step),
                                         "equal to plain": f"{equal} of {len(prompts)}"}
         print(kind, json.dumps(report["kinds"][kind]), flush=True)
     print(json.dumps(report))
