@@ -130,8 +130,8 @@ class LlamaCppRunner(Runner):
         self._embeddings = None  # (embedding, LM head), read from the file when first asked for
         self.ctx, self.cells, self.free = None, 0, []
         self._start(context)
-        self._invariant = None
-        if not self.batch_invariant():
+        self._invariant = self._probe_invariance()
+        if not self._invariant:
             warnings.warn(f"this llama.cpp build computes a pass of several tokens otherwise than a pass of one on "
                           f"{path.name}: speculation then leaves llama.cpp's own greedy output at near ties; "
                           f"`bash scripts/install_llama_cpp.sh` builds one that does not", stacklevel=2)
@@ -142,22 +142,21 @@ class LlamaCppRunner(Runner):
 
     def batch_invariant(self) -> bool:
         """Whether a pass of several tokens computes each of them, bit for bit, as a pass of
-        one token does, on this file with this build (probed once, on an empty context:
-        eight tokens in one pass against eight one-token passes). Only then is a tree's
+        one token does, on this file with this build (probed on load). Only then is a tree's
         verification exactly llama.cpp's own greedy decoding. A stock build is not: its
         llamafile kernels take passes of two or more tokens and ggml's own take one-token
         passes, and the two sum in other orders; scripts/install_llama_cpp.sh builds one
         that is (docs/llama-cpp.md)."""
-        if self._invariant is None:
-            if len(self.free) < MAX_SEQUENCES:
-                raise MLPSpecError("the batch-invariance probe needs an empty llama.cpp context")
-            tokens = [(7919 * i) % self.vocab_size for i in range(1, 9)]
-            one_pass = self._decode(tokens, list(range(8)), [[0]] * 8, [True] * 8)[0]  # 8 V
-            self.clear()
-            token_by_token = torch.cat([self._decode([t], [i], [[0]], [True])[0] for i, t in enumerate(tokens)])  # 8 V
-            self.clear()
-            self._invariant = torch.equal(one_pass, token_by_token)
         return self._invariant
+
+    def _probe_invariance(self) -> bool:
+        """In the fresh context: eight tokens in one pass against eight one-token passes."""
+        tokens = [(7919 * i) % self.vocab_size for i in range(1, 9)]
+        one_pass = self._decode(tokens, list(range(8)), [[0]] * 8, [True] * 8)[0]  # 8 V
+        self.clear()
+        token_by_token = torch.cat([self._decode([t], [i], [[0]], [True])[0] for i, t in enumerate(tokens)])  # 8 V
+        self.clear()
+        return torch.equal(one_pass, token_by_token)
 
     # ---- the llama.cpp context and its sequences
 
