@@ -4,8 +4,8 @@ import pytest
 
 from mlpspec import MLPSpecError, load_base
 from mlpspec.base import TREE_ATTENTION
-from mlpspec.serving_bench import (ServingSettings, Timing, arrivals, median_run, paired_ratios, run_serving_bench,
-                                   summarize, write_serving_report)
+from mlpspec.serving_bench import (ServingSettings, Timing, arrivals, budgets, median_run, paired_ratios,
+                                   replay, run_serving_bench, summarize, write_serving_report)
 from test_decode import random_speculator
 
 
@@ -14,6 +14,22 @@ def test_arrivals_are_a_seeded_poisson_process():
     assert times[0] == 0 and times == sorted(times) and times == arrivals(2.0, 4000, seed=1)
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert abs(sum(gaps) / len(gaps) - 0.5) < 0.03  # mean gap 1 / rate
+
+
+def test_mixed_lengths_are_seeded_draws_around_max_tokens():
+    mixed = budgets(48, 4000, "mixed", seed=3)
+    assert mixed == budgets(48, 4000, "mixed", seed=3) and mixed != budgets(48, 4000, "mixed", seed=4)
+    assert min(mixed) == 16 and max(mixed) == 80  # uniform in [48 // 3, 5 * 48 // 3]
+    assert abs(sum(mixed) / len(mixed) - 48) < 1
+    assert budgets(48, 3, "fixed", seed=3) == [48, 48, 48]
+    assert min(budgets(1, 50, "mixed", seed=0)) == 1  # never below one token
+
+
+def test_replay_sends_each_request_its_own_max_tokens():
+    seen = []
+    replay(lambda timing, prompt, max_tokens: seen.append((prompt, max_tokens)), [[1], [2], [3]], [0.0, 0.01, 0.02],
+           [5, 9, 2])
+    assert sorted(seen) == [([1], 5), ([2], 9), ([3], 2)]
 
 
 def test_summary_by_hand():
@@ -36,7 +52,9 @@ def test_every_target_serves_the_same_schedule(tmp_path, tiny_llama_folder):
     for target, by_rate in report["results"].items():
         result = by_rate["20.0"]
         assert result["errors"] == 0, target
-        assert 4 <= result["completion_tokens"] <= 24 and result["ttft_p50_s"] is not None, target
+        # each request stops at its own max_tokens (mixed lengths) or at EOS first
+        assert 4 <= result["completion_tokens"] <= sum(budgets(6, 4, "mixed", 0)), target
+        assert result["ttft_p50_s"] is not None, target
         assert len(result["tokens_per_s_runs"]) == 2, target
     assert len(report["speculation_on_off"]["20.0"]["rounds"]) == 2
     assert model.config._attn_implementation == TREE_ATTENTION  # given back after the anchor's run
@@ -61,3 +79,5 @@ def test_bad_settings():
         ServingSettings(targets=("vllm",))
     with pytest.raises(MLPSpecError, match="repeats"):
         ServingSettings(repeats=0)
+    with pytest.raises(MLPSpecError, match="lengths must be one of mixed, fixed"):
+        ServingSettings(lengths="random")

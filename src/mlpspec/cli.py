@@ -225,7 +225,7 @@ def _serving_bench(args) -> None:
         targets = tuple(t for t in targets if t != "transformers_cb")
     settings = ServingSettings(rates=rates, requests=args.requests, max_tokens=args.max_new_tokens,
                                max_batch=args.max_batch, lookup=args.lookup or 0, targets=targets,
-                               repeats=args.repeats)
+                               repeats=args.repeats, lengths=args.lengths)
     model, tokenizer = _load(args)
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
     print(f"[speculator: {origin}]", file=sys.stderr)
@@ -392,6 +392,7 @@ _non_negative, _positive = _int_at_least(0), _int_at_least(1)
 
 def build_parser() -> argparse.ArgumentParser:
     from .decode import DEFAULT_LOOKUP
+    from .serving_bench import LENGTHS
 
     parser = argparse.ArgumentParser(prog="mlpspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -459,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=_positive, default=1,
                     help="--serving: rounds over all targets, taking turns (each reports its median run; "
                          "speculation on / off is the median of the rounds' paired ratios)")
+    be.add_argument("--lengths", choices=LENGTHS, default="mixed",
+                    help="--serving: each request's max_tokens uniform in [N/3, 5N/3] for --max-new-tokens N "
+                         "(mixed, seeded, the same for every target) or N for all (fixed)")
     be.set_defaults(func=cmd_bench)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with batched speculative decoding")

@@ -5,7 +5,12 @@ this process). Reports throughput, time to first token and inter-token latency (
 p95), tokens per step and errors, as JSON, markdown and plots.
 
 Every target gets the same requests at the same arrival times (one seeded schedule per
-rate): mixed code and chat prompts, greedy, `max_tokens` as set. On a shared machine a slow
+rate): mixed code and chat prompts, greedy, and mixed lengths: each request its own
+`max_tokens`, uniform in [max_tokens / 3, 5 max_tokens / 3] (mean max_tokens), or with
+lengths="fixed" every one `max_tokens`. Fixed lengths are a case real traffic never makes:
+plain decoding then keeps rows that joined together in step until they all finish, so
+their successors share one prefill pass, where speculation's rows finish one at a time
+(docs/experiments/serving-engine.md). On a shared machine a slow
 spell can move one run's throughput by a quarter, so with `repeats` the targets take turns
 (in reversed order every other round, each started afresh), each (target, rate) reports
 its median run, and speculation on against off is the median of the rounds' paired ratios.
@@ -27,6 +32,7 @@ import httpx
 from .errors import MLPSpecError
 
 TARGETS = ("mlpspec", "mlpspec_plain", "transformers_cb")
+LENGTHS = ("mixed", "fixed")
 
 
 @dataclass
@@ -39,12 +45,15 @@ class ServingSettings:
     seed: int = 0
     repeats: int = 1  # rounds over all targets, taking turns
     targets: tuple[str, ...] = TARGETS
+    lengths: str = "mixed"  # each request's max_tokens: "mixed" (seeded, mean max_tokens) or "fixed"
 
     def __post_init__(self):
         if not self.rates or any(r <= 0 for r in self.rates):
             raise MLPSpecError(f"rates must be positive requests per second, got {self.rates}")
         if self.requests < 1 or self.max_tokens < 1 or self.repeats < 1:
             raise MLPSpecError("requests, max_tokens and repeats must be at least 1")
+        if self.lengths not in LENGTHS:
+            raise MLPSpecError(f"lengths must be one of {', '.join(LENGTHS)}, got {self.lengths!r}")
         unknown = set(self.targets) - set(TARGETS)
         if unknown:
             raise MLPSpecError(f"unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
@@ -79,6 +88,15 @@ def arrivals(rate: float, n: int, seed: int) -> list[float]:
     return times
 
 
+def budgets(max_tokens: int, n: int, lengths: str, seed: int) -> list[int]:
+    """Each of n requests' max_tokens: all max_tokens ("fixed"), or seeded draws uniform in
+    [max_tokens // 3, 5 max_tokens // 3], at least 1 ("mixed")."""
+    if lengths == "fixed":
+        return [max_tokens] * n
+    rng = random.Random(seed)
+    return [max(1, rng.randint(max_tokens // 3, max_tokens * 5 // 3)) for _ in range(n)]
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -105,10 +123,10 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def drive_http(url: str, model_id: str, tokenizer, max_tokens: int):
-    """send(timing, prompt): one streaming completion (the prompt's token ids as text)."""
+def drive_http(url: str, model_id: str, tokenizer):
+    """send(timing, prompt, max_tokens): one streaming completion (the prompt's token ids as text)."""
 
-    def send(timing: Timing, prompt: list[int]) -> None:
+    def send(timing: Timing, prompt: list[int], max_tokens: int) -> None:
         body = {"model": model_id, "prompt": tokenizer.decode(prompt), "max_tokens": max_tokens,
                 "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
         try:
@@ -136,10 +154,10 @@ def drive_http(url: str, model_id: str, tokenizer, max_tokens: int):
     return send
 
 
-def drive_transformers(manager, max_tokens: int):
-    """send(timing, prompt) through transformers' ContinuousBatchingManager (streaming)."""
+def drive_transformers(manager):
+    """send(timing, prompt, max_tokens) through transformers' ContinuousBatchingManager (streaming)."""
 
-    def send(timing: Timing, prompt: list[int]) -> None:
+    def send(timing: Timing, prompt: list[int], max_tokens: int) -> None:
         try:
             rid = manager.add_request(prompt, max_new_tokens=max_tokens, streaming=True)
             for output in manager.request_id_iter(rid):
@@ -155,16 +173,17 @@ def drive_transformers(manager, max_tokens: int):
     return send
 
 
-def replay(send, prompts: list[list[int]], times: list[float]) -> tuple[float, list[Timing]]:
-    """Send each prompt at its arrival time, one thread per request. Returns the wall time
-    from the first arrival to the last request's end, and each request's timing."""
+def replay(send, prompts: list[list[int]], times: list[float], max_tokens: list[int]) -> tuple[float, list[Timing]]:
+    """Send each prompt at its arrival time with its max_tokens, one thread per request.
+    Returns the wall time from the first arrival to the last request's end, and each
+    request's timing."""
     timings = [Timing(sent=0.0) for _ in prompts]
     start = time.perf_counter()
 
     def one(i: int) -> None:
         time.sleep(max(0.0, start + times[i] - time.perf_counter()))
         timings[i].sent = time.perf_counter()
-        send(timings[i], prompts[i])
+        send(timings[i], prompts[i], max_tokens[i])
 
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(prompts))]
     for thread in threads:
@@ -180,7 +199,8 @@ def target_sender(target: str, model, tokenizer, speculator, settings: ServingSe
     if target == "transformers_cb":
         from transformers import GenerationConfig
 
-        config = GenerationConfig(max_new_tokens=settings.max_tokens, do_sample=False,
+        config = GenerationConfig(max_new_tokens=max(budgets(settings.max_tokens, settings.requests, settings.lengths,
+                                                             settings.seed)), do_sample=False,
                                   eos_token_id=model.generation_config.eos_token_id,
                                   pad_token_id=model.generation_config.pad_token_id or 0)
         # transformers' continuous batching takes only its own attention kernels: sdpa for
@@ -190,7 +210,7 @@ def target_sender(target: str, model, tokenizer, speculator, settings: ServingSe
         manager = model.init_continuous_batching(generation_config=config)
         manager.start()
         try:
-            yield drive_transformers(manager, settings.max_tokens)
+            yield drive_transformers(manager)
         finally:
             manager.stop(block=True)
             model.set_attn_implementation(ours)
@@ -203,7 +223,7 @@ def target_sender(target: str, model, tokenizer, speculator, settings: ServingSe
     server = BackgroundServer(app)
     try:
         app.state.engine.ready.wait()
-        yield drive_http(server.url, "bench", tokenizer, settings.max_tokens)
+        yield drive_http(server.url, "bench", tokenizer)
     finally:
         server.stop()
 
@@ -214,13 +234,14 @@ def run_serving_bench(model, tokenizer, speculator, prompts: list[list[int]], se
     for each. Each target first answers one request untimed: transformers' manager pays for
     its start-up there, as mlpspec's server does before it says it is ready."""
     asks = [prompts[i % len(prompts)] for i in range(settings.requests)]
+    lengths = budgets(settings.max_tokens, len(asks), settings.lengths, settings.seed)
     runs: dict[str, dict[str, list[dict]]] = {t: {str(rate): [] for rate in settings.rates} for t in settings.targets}
     for round_ in range(settings.repeats):
         for target in settings.targets[:: 1 if round_ % 2 == 0 else -1]:
             with target_sender(target, model, tokenizer, speculator, settings) as send:
-                send(Timing(sent=0.0), asks[0])
+                send(Timing(sent=0.0), asks[0], settings.max_tokens)
                 for rate in settings.rates:
-                    wall, timings = replay(send, asks, arrivals(rate, len(asks), settings.seed))
+                    wall, timings = replay(send, asks, arrivals(rate, len(asks), settings.seed), lengths)
                     runs[target][str(rate)].append(summarize(timings, wall))
                     if progress:
                         progress(target, rate)
@@ -256,7 +277,10 @@ def write_serving_report(report: dict, out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
-    rows = ["| target | rate (req/s) | tokens/s (median run; every run) | TTFT p50 / p95 (s) | ITL p50 / p95 (s) | tokens/step | errors |",
+    settings = report["settings"]
+    rows = [f"{settings['requests']} requests a rate, max_tokens {settings['max_tokens']} ({settings['lengths']} lengths), "
+            f"max batch {settings['max_batch']}, {settings['repeats']} round(s)", "",
+            "| target | rate (req/s) | tokens/s (median run; every run) | TTFT p50 / p95 (s) | ITL p50 / p95 (s) | tokens/step | errors |",
             "|---|---|---|---|---|---|---|"]
     for target, by_rate in report["results"].items():
         for rate, r in by_rate.items():
