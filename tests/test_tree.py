@@ -3,15 +3,20 @@
 import pytest
 import torch
 
+from mlpspec import MLPSpecError
 from mlpspec.tree import (
+    NO_TOKEN,
     PAD_NODE_TOKEN,
     at_nodes,
     build_tree,
+    expansion_nodes,
     flat_tree,
     hindsight_accepted,
+    likeliest_nodes,
     pad_tree,
     prompt_positions,
     root_only,
+    sub_paths,
     tree_attention_mask,
     walk,
 )
@@ -248,3 +253,39 @@ def test_hindsight_accepted_by_hand():
     emitted = torch.tensor([[A, B, E], [A, B, C], [F, F, F], [A, A, A]])
     known = torch.tensor([3, 2, 3, 3])
     assert hindsight_accepted(candidates, emitted, known).tolist() == [2, 2, 3, 0]
+
+
+def test_sub_paths_picks_leaves_by_their_ranks():
+    # expansion order of a [3, 2, 2] tree: leaf 4 * r1 + 2 * r2 + r3 has sibling ranks (r1, r2, r3)
+    paths = torch.arange(12).view(1, 12, 1).expand(1, 12, 3)  # each path holds its own index
+    scores = torch.arange(36.0).view(1, 12, 3)
+    assert sub_paths(paths, scores, [3, 2, 2], [2, 1, 1])[0][0, :, 0].tolist() == [0, 4]
+    assert sub_paths(paths, scores, [3, 2, 2], [2, 2])[0][0, :, 0].tolist() == [0, 2, 4, 6]
+    assert sub_paths(paths, scores, [3, 2, 2], [3])[0][0, :, 0].tolist() == [0, 4, 8]
+    assert sub_paths(paths, scores, [3, 2, 2], [1, 2, 2])[0][0, :, 0].tolist() == [0, 1, 2, 3]
+    sub, sub_scores = sub_paths(paths, scores, [3, 2, 2], [2, 2])
+    assert sub.shape == (1, 4, 2) and sub_scores[0].tolist() == [1.0, 7.0, 13.0, 19.0]  # after stage 2
+    for bad in ([4], [1, 1, 1, 1], []):
+        with pytest.raises(MLPSpecError, match="not inside"):
+            sub_paths(paths, scores, [3, 2, 2], bad)
+
+
+
+def test_expansion_nodes_by_hand():
+    # top_k [2, 2]: leaves 0..3 carry sibling ranks (0,0) (0,1) (1,0) (1,1); the two
+    # depth-1 nodes are the first leaves below them, 0 and 2
+    leaf, depth = expansion_nodes([2, 2])
+    assert leaf.tolist() == [0, 2, 0, 1, 2, 3] and depth.tolist() == [1, 1, 2, 2, 2, 2]
+    leaf, depth = expansion_nodes([3, 1, 2])  # 3 + 3 + 6 nodes
+    assert leaf.tolist() == [0, 2, 4, 0, 2, 4, 0, 1, 2, 3, 4, 5] and depth.tolist() == [1] * 3 + [2] * 3 + [3] * 6
+
+
+def test_likeliest_nodes_rank_every_node_by_its_path_probability():
+    paths = torch.tensor([[[5, 7], [5, 8], [6, 9], [6, 1]]])  # b=1, expand(..., [2, 2])'s leaves
+    p_path = torch.tensor([[[0.6, 0.3], [0.6, 0.2], [0.4, 0.35], [0.4, 0.01]]])  # after each stage
+    candidates, p_draft = likeliest_nodes(paths, p_path.log(), [2, 2])
+    assert candidates[0].tolist() == [[5, NO_TOKEN], [6, NO_TOKEN], [6, 9], [5, 7], [5, 8], [6, 1]]
+    assert p_draft[0].tolist() == pytest.approx([0.6, 0.4, 0.35, 0.3, 0.2, 0.01])
+    # a child as likely as its parent (its own step certain) still comes after it
+    tie = torch.tensor([[[0.5, 0.5], [0.5, 0.0], [0.4, 0.1], [0.4, 0.1]]]).clamp(min=1e-6)
+    assert likeliest_nodes(paths, tie.log(), [2, 2])[0][0, :2].tolist() == [[5, NO_TOKEN], [5, 7]]

@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from .errors import MLPSpecError
-from .model import MLPSpeculatorConfig, expansion_nodes
+from .model import MLPSpeculatorConfig
+from .tree import expansion_nodes
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class TreeShape:
     lookup: int = 0  # tokens of a prompt-lookup branch beside the speculator's candidates
     # > 0: instead of the best n_candidates leaves, the tree is the likeliest of the nodes
     # these stages grow, at most this many, as many as pay for themselves this step
-    # (model.likeliest_nodes, AdaptivePolicy.node_counts)
+    # (tree.likeliest_nodes, AdaptivePolicy.node_counts)
     nodes: int = 0
 
     @property

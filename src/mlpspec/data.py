@@ -23,7 +23,6 @@ import torch
 
 from .errors import MLPSpecError
 from .fileio import atomic_write
-from .model import IGNORE_INDEX
 from .text import user_turn_opening, write_prompt_file
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}

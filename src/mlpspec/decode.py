@@ -35,8 +35,9 @@ from .cache import TreeCache
 from .errors import MLPSpecError
 from .fileio import atomic_write, keyed_file
 from .kernels import compiles, graph_built
-from .model import MLPSpeculator, best_paths, check_proposal_shape, is_inside, likeliest_nodes, sub_paths
-from .tree import NO_TOKEN, Tree, build_tree, flat_tree, hindsight_accepted, lookup_branch, root_only
+from .model import MLPSpeculator, check_proposal_shape
+from .tree import (NO_TOKEN, Tree, best_paths, build_tree, flat_tree, hindsight_accepted, is_inside, likeliest_nodes,
+                   lookup_branch, root_only, sub_paths)
 
 
 # Tokens in the prompt-lookup branch that the CLI, the bench and the server add to the
@@ -216,7 +217,7 @@ def likeliest(policy: AdaptivePolicy, shape: TreeShape, paths: torch.Tensor, sco
     """The likeliest nodes of the speculator's expansion (paths, scores), at most
     shape.nodes, and with a lookup branch [b, 1, L] its first tokens, as many of all these
     as pay (AdaptivePolicy.node_counts): a node's chance is the draft's path probability
-    (model.likeliest_nodes), a branch token's what the branch alone accepted for rows that
+    (tree.likeliest_nodes), a branch token's what the branch alone accepted for rows that
     matched as long an n-gram (AdaptivePolicy.lookup_chances). A branch copied after a
     1-gram match is seldom right past its first tokens, and each costs as much as a node.
     Returns (the speculator's candidates [b, m, D], the branch tokens each row takes [b];

@@ -8,3 +8,9 @@ Messages are one line and name the offending thing; the CLI prints them as
 
 class MLPSpecError(ValueError):
     pass
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (its type's name where it has none), for the
+    one-line errors that name a culprit."""
+    return " ".join(str(e).split()) or type(e).__name__

@@ -26,10 +26,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import CONFIG_FILE, save_speculator
 from .errors import MLPSpecError
 from .fileio import atomic_folder
-from .model import MLPSpeculator, MLPSpeculatorConfig
+from .model import CONFIG_FILE, MLPSpeculator, MLPSpeculatorConfig, save_speculator
 
 FORMATS = ("ibm", "arctic", "vllm")
 ARCTIC_ARCHITECTURE = "ArcticMLPSpeculatorPreTrainedModel"

@@ -20,6 +20,7 @@ differ only by a constant factor inside an RMS norm, i.e. by where the 1e-6 epsi
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,9 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from .errors import MLPSpecError
-from .tree import NO_TOKEN
+from .errors import MLPSpecError, one_line
+from .fileio import atomic_write
+from .tree import best_paths
 
 NORM_EPS = 1e-6
 IGNORE_INDEX = -100  # a target that carries no loss (torch's cross_entropy default)
@@ -214,69 +218,6 @@ def check_proposal_shape(top_k: list[int], n_candidates: int, n_predict: int, he
             f"(give 1 to {n_predict}: fewer entries run fewer stages)"
         )
     check_tree_shape(top_k, n_candidates, len(top_k), head_size)
-
-
-def best_paths(paths: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best-scoring of paths [b, N, D] with scores [b, N]: ([b, k, D], [b, k]), best first."""
-    best_scores, best = scores.topk(k, dim=1)  # b k
-    return paths.gather(1, best.unsqueeze(-1).expand(-1, -1, paths.size(2))), best_scores  # b k D
-
-
-def is_inside(sub_top_k, top_k) -> bool:
-    """Whether the tree keeping sub_top_k[i] children at stage i (one stage or more) lies
-    inside the one keeping top_k[i]: no more stages, and no more children at any stage."""
-    return 0 < len(sub_top_k) <= len(top_k) and all(s <= t for s, t in zip(sub_top_k, top_k))
-
-
-def sub_paths(paths: torch.Tensor, scores: torch.Tensor, top_k: list[int], sub_top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """MLPSpeculator.expand(..., top_k)'s leaves as a smaller tree would have them: the tree
-    that keeps sub_top_k[i] <= top_k[i] children at stage i and runs len(sub_top_k) stages.
-    Returns ([b, N_s, d] paths, [b, N_s] scores), N_s = prod(sub_top_k), d = len(sub_top_k),
-    in that tree's own expansion order. A leaf's place in expansion order is its ranks among
-    its siblings, read as digits in the mixed radix top_k; a smaller tree's leaf is the first
-    leaf whose ranks it shares (later ranks 0): the tree cut to fewer stages, or narrowed."""
-    d = len(sub_top_k)
-    if not is_inside(sub_top_k, top_k):
-        raise MLPSpecError(f"a tree keeping {sub_top_k} children per stage is not inside one keeping {top_k}")
-    index = sub_paths_index(top_k, sub_top_k).to(paths.device)
-    return paths[:, index, :d], scores[:, index, d - 1]  # b N_s d, b N_s
-
-
-def expansion_nodes(top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every node of the tree MLPSpeculator.expand(..., top_k) grows, as (leaf [n], depth
-    [n]): a node at depth d is the first leaf below it in expansion order (its sibling
-    ranks, then ranks 0: see sub_paths) cut to d tokens. Shallower nodes come first, so a
-    parent precedes its children. n = t1 + t1 t2 + ... + prod(top_k)."""
-    leaves, depths = [], []
-    for d in range(1, len(top_k) + 1):
-        index = sub_paths_index(top_k, top_k[:d])
-        leaves.append(index)
-        depths.append(torch.full_like(index, d))
-    return torch.cat(leaves), torch.cat(depths)
-
-
-def sub_paths_index(top_k: list[int], sub_top_k: list[int]) -> torch.Tensor:
-    """The leaves of expand(..., top_k) that sub_paths keeps for sub_top_k, in order [N_s]."""
-    index = torch.zeros(1, dtype=torch.long)
-    for i, k in enumerate(sub_top_k):  # each stage's children after their parent's, best first
-        index = (index.unsqueeze(1) + math.prod(top_k[i + 1:]) * torch.arange(k)).flatten()
-    return index
-
-
-def likeliest_nodes(paths: torch.Tensor, scores: torch.Tensor, top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """expand's nodes (expansion_nodes), likeliest first by the draft's own probability of
-    the whole path to each (exp of its summed log-probs): (candidates [b, n, D], each the
-    path to its node with NO_TOKEN (-1) after it; p_draft [b, n], descending). Any first m
-    of them make a tree (a child is never likelier than its parent; ties keep the parent
-    first), the m nodes a draft of m tokens is likeliest to get accepted (EAGLE-2's
-    dynamic draft tree, Li et al. 2024, arXiv 2406.16858)."""
-    leaf, depth = (t.to(paths.device) for t in expansion_nodes(top_k))  # n, n
-    D = paths.size(2)
-    p_draft = scores[:, leaf, depth - 1].float().exp()  # b n
-    order = p_draft.argsort(dim=1, descending=True, stable=True)  # b n
-    cut = torch.arange(D, device=paths.device) >= depth.unsqueeze(1)  # n D
-    candidates = paths[:, leaf].masked_fill(cut, NO_TOKEN)  # b n D
-    return candidates.gather(1, order.unsqueeze(-1).expand(-1, -1, D)), p_draft.gather(1, order)  # b n D, b n
 
 
 def _rms(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
@@ -576,16 +517,12 @@ class MLPSpeculator(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write the released format: config.json + model.safetensors."""
-        from .checkpoint import save_speculator
-
         save_speculator(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, base=None) -> "MLPSpeculator":
         """Read a released-format folder (single file or sharded index). `base` is the
         base model, needed when the speculator shares its embeddings."""
-        from .checkpoint import load_speculator_folder
-
         return load_speculator_folder(path, dtype=dtype, base=base)
 
 
@@ -598,3 +535,173 @@ def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"a {x.dtype} tensor of shape {list(x.shape)}"
     return type(x).__name__
+
+
+# ---- the released format (the one vLLM v0, TGIS and fms-extras read): a folder with
+# config.json and model.safetensors (or a sharded index), tensor names prefixed with
+# `speculator.`. Everything that can go wrong with a folder on disk (missing, corrupt,
+# unknown keys, a tensor of the wrong shape) raises MLPSpecError with one line that
+# names the culprit.
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TORCH_WEIGHTS_FILE = "pytorch_model.bin"
+PREFIX = "speculator."
+
+
+def save_speculator(model: MLPSpeculator, path: str | Path) -> None:
+    """Write config.json + model.safetensors. Tied tensors are stored once, under the
+    lowest index (emb.0, head.0, ln.0, proj.1), as Hugging Face's own writer does."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    base_tied = model.base_tied_names()
+    tensors = {
+        PREFIX + name: p.detach().contiguous() for name, p in model.named_parameters() if name not in base_tied
+    }
+    tensors.update({PREFIX + name: b.detach().contiguous() for name, b in model.named_buffers()})
+    config = model.config.to_dict()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    # Weights first, then config: a kill in between leaves a config that the new weights'
+    # shape check can still catch, never a config that describes weights not yet written.
+    atomic_write(path / WEIGHTS_FILE, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    atomic_write(path / CONFIG_FILE, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))
+    # A stale sharded index beside the new single file would make the folder ambiguous.
+    (path / INDEX_FILE).unlink(missing_ok=True)
+
+
+def read_config(path: str | Path) -> MLPSpeculatorConfig:
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise MLPSpecError(f"{file}: no such file (a speculator folder needs {CONFIG_FILE})")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MLPSpecError(f"{file}: not valid JSON ({one_line(e)})") from None
+    try:
+        return MLPSpeculatorConfig.from_dict(raw)
+    except MLPSpecError as e:
+        raise MLPSpecError(f"{file}: {e}") from None
+    except TypeError as e:  # a field of the wrong JSON type reaching arithmetic
+        raise MLPSpecError(f"{file}: {one_line(e)}") from None
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a speculator folder: single safetensors file, sharded index, or
+    (for older uploads) a single pytorch_model.bin."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return _load_safetensors(path / WEIGHTS_FILE)
+    if (path / INDEX_FILE).is_file():
+        return _load_sharded(path / INDEX_FILE)
+    if (path / TORCH_WEIGHTS_FILE).is_file():
+        file = path / TORCH_WEIGHTS_FILE
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch.load raises many unrelated types for a bad file
+            raise MLPSpecError(f"{file}: not a readable torch checkpoint ({one_line(e)})") from None
+    raise MLPSpecError(f"{path}: no {WEIGHTS_FILE}, {INDEX_FILE} or {TORCH_WEIGHTS_FILE} in this folder")
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MLPSpecError(f"{file}: not a readable safetensors file ({one_line(e)})") from None
+
+
+def _load_sharded(index_file: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise MLPSpecError(f"{index_file}: not a valid safetensors index ({one_line(e)})") from None
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_file = index_file.parent / shard
+        if not shard_file.is_file():
+            raise MLPSpecError(f"{shard_file}: shard listed in {index_file.name} is missing")
+        shard_tensors = _load_safetensors(shard_file)
+        tensors.update({name: t for name, t in shard_tensors.items() if weight_map.get(name) == shard})
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise MLPSpecError(f"{index_file}: tensor {missing[0]} is listed but not in its shard")
+    return tensors
+
+
+def load_speculator_folder(path: str | Path, dtype: torch.dtype | None = None, base=None) -> MLPSpeculator:
+    """Read a speculator folder. A speculator made with tie_base_embeddings also needs
+    `base`, the model whose embedding and LM head it shares. Given a base, it lands on the
+    base's device."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MLPSpecError(f"{path}: no such speculator folder")
+    return speculator_from(read_config(path), read_tensors(path), path, dtype, base)
+
+
+def speculator_from(config: MLPSpeculatorConfig, tensors: dict[str, torch.Tensor], path: str | Path,
+                    dtype: torch.dtype | None = None, base=None) -> MLPSpeculator:
+    """A speculator of this config holding these tensors (named as in a speculator folder,
+    `path` naming where they came from in errors), every one checked against the config."""
+    path = Path(path)
+    # Build on the meta device: initialising weights that are about to be overwritten
+    # costs seconds for a full-vocab speculator.
+    with torch.device("meta"):
+        model = MLPSpeculator(config)
+    state = _match_tensors(model, tensors, path)
+    if dtype is None:
+        dtype = state["proj.0.weight"].dtype
+    buffers = dict(model.named_buffers())  # token ids keep their integer type
+    state = {name: t if name in buffers else t.to(dtype) for name, t in state.items()}
+    missing, _ = model.load_state_dict(state, strict=False, assign=True)
+    assert set(missing) == model.base_tied_names(), missing  # _match_tensors checked the rest
+    model.share_tied_parameters()  # assign gave each tied name its own Parameter
+    if model.config.tie_base_embeddings:
+        if base is None:
+            raise MLPSpecError(f"{path}: this speculator shares the base model's embeddings; pass the base model")
+        model.attach_base(base)
+    if base is not None:
+        model.to(next(base.parameters()).device)
+    return model.eval()
+
+
+def _match_tensors(model: MLPSpeculator, tensors: dict, path: Path) -> dict[str, torch.Tensor]:
+    """Map the file's tensors onto the model's parameter names, checking every shape.
+
+    A tied checkpoint may hold a shared tensor once or under every name; where it holds
+    several copies they must agree, or tying would silently pick one.
+    """
+    named = {}
+    for name, t in tensors.items():
+        key = name.removeprefix(PREFIX)
+        if key in named:
+            raise MLPSpecError(f"{path}: tensor {key} appears both with and without the {PREFIX!r} prefix")
+        named[key] = t
+    base_tied = model.base_tied_names()
+    expected = {n: p for n, p in model.named_parameters(remove_duplicate=False) if n not in base_tied}
+    expected.update(model.named_buffers())
+    groups: dict[int, list[str]] = {}  # one group of names per distinct parameter
+    for name, p in expected.items():
+        groups.setdefault(id(p), []).append(name)
+
+    state = {}
+    for names in groups.values():
+        present = [n for n in names if n in named]
+        if not present:
+            raise MLPSpecError(f"{path}: missing tensor {PREFIX}{names[0]}")
+        for n in present:
+            shape = tuple(expected[n].shape)
+            if tuple(named[n].shape) != shape:
+                raise MLPSpecError(
+                    f"{path}: tensor {PREFIX}{n} has shape {list(named[n].shape)}, "
+                    f"the config asks for {list(shape)}"
+                )
+            if not torch.equal(named[n], named[present[0]]):
+                raise MLPSpecError(
+                    f"{path}: tie_weights is set but {PREFIX}{n} differs from {PREFIX}{present[0]}"
+                )
+        for n in names:
+            state[n] = named[present[0]]
+    unexpected = sorted(set(named) - set(expected))
+    if unexpected:
+        raise MLPSpecError(f"{path}: unexpected tensor {PREFIX}{unexpected[0]} for this config")
+    return state

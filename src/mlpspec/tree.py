@@ -19,9 +19,12 @@ Shapes: b batch, k candidates, D depth, q tree nodes (root included), S cache sl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from .errors import MLPSpecError
 
 PAD_NODE_TOKEN = 0  # token fed for padding nodes; they attend only to themselves
 NO_TOKEN = -1  # in a candidate: no token here (the candidate ended earlier)
@@ -283,3 +286,70 @@ def greedy_targets(per_position: torch.Tensor, n: int, n_predict: int) -> torch.
     if per_position.size(1) != n + h:
         raise ValueError(f"base outputs for n={n}, h={h} span {n + h} positions, got {per_position.size(1)}")
     return torch.stack([per_position[:, i + 1 : i + 1 + n] for i in range(h)])  # h b n ...
+
+
+# ---- the speculator's tree of candidates (MLPSpeculator.expand grows it: top_k[i]
+# children a node at stage i, leaves in expansion order), and the smaller trees inside it
+
+
+def best_paths(paths: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best-scoring of paths [b, N, D] with scores [b, N]: ([b, k, D], [b, k]), best first."""
+    best_scores, best = scores.topk(k, dim=1)  # b k
+    return paths.gather(1, best.unsqueeze(-1).expand(-1, -1, paths.size(2))), best_scores  # b k D
+
+
+def is_inside(sub_top_k, top_k) -> bool:
+    """Whether the tree keeping sub_top_k[i] children at stage i (one stage or more) lies
+    inside the one keeping top_k[i]: no more stages, and no more children at any stage."""
+    return 0 < len(sub_top_k) <= len(top_k) and all(s <= t for s, t in zip(sub_top_k, top_k))
+
+
+def sub_paths(paths: torch.Tensor, scores: torch.Tensor, top_k: list[int], sub_top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLPSpeculator.expand(..., top_k)'s leaves as a smaller tree would have them: the tree
+    that keeps sub_top_k[i] <= top_k[i] children at stage i and runs len(sub_top_k) stages.
+    Returns ([b, N_s, d] paths, [b, N_s] scores), N_s = prod(sub_top_k), d = len(sub_top_k),
+    in that tree's own expansion order. A leaf's place in expansion order is its ranks among
+    its siblings, read as digits in the mixed radix top_k; a smaller tree's leaf is the first
+    leaf whose ranks it shares (later ranks 0): the tree cut to fewer stages, or narrowed."""
+    d = len(sub_top_k)
+    if not is_inside(sub_top_k, top_k):
+        raise MLPSpecError(f"a tree keeping {sub_top_k} children per stage is not inside one keeping {top_k}")
+    index = sub_paths_index(top_k, sub_top_k).to(paths.device)
+    return paths[:, index, :d], scores[:, index, d - 1]  # b N_s d, b N_s
+
+
+def expansion_nodes(top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every node of the tree MLPSpeculator.expand(..., top_k) grows, as (leaf [n], depth
+    [n]): a node at depth d is the first leaf below it in expansion order (its sibling
+    ranks, then ranks 0: see sub_paths) cut to d tokens. Shallower nodes come first, so a
+    parent precedes its children. n = t1 + t1 t2 + ... + prod(top_k)."""
+    leaves, depths = [], []
+    for d in range(1, len(top_k) + 1):
+        index = sub_paths_index(top_k, top_k[:d])
+        leaves.append(index)
+        depths.append(torch.full_like(index, d))
+    return torch.cat(leaves), torch.cat(depths)
+
+
+def sub_paths_index(top_k: list[int], sub_top_k: list[int]) -> torch.Tensor:
+    """The leaves of expand(..., top_k) that sub_paths keeps for sub_top_k, in order [N_s]."""
+    index = torch.zeros(1, dtype=torch.long)
+    for i, k in enumerate(sub_top_k):  # each stage's children after their parent's, best first
+        index = (index.unsqueeze(1) + math.prod(top_k[i + 1:]) * torch.arange(k)).flatten()
+    return index
+
+
+def likeliest_nodes(paths: torch.Tensor, scores: torch.Tensor, top_k: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """expand's nodes (expansion_nodes), likeliest first by the draft's own probability of
+    the whole path to each (exp of its summed log-probs): (candidates [b, n, D], each the
+    path to its node with NO_TOKEN (-1) after it; p_draft [b, n], descending). Any first m
+    of them make a tree (a child is never likelier than its parent; ties keep the parent
+    first), the m nodes a draft of m tokens is likeliest to get accepted (EAGLE-2's
+    dynamic draft tree, Li et al. 2024, arXiv 2406.16858)."""
+    leaf, depth = (t.to(paths.device) for t in expansion_nodes(top_k))  # n, n
+    D = paths.size(2)
+    p_draft = scores[:, leaf, depth - 1].float().exp()  # b n
+    order = p_draft.argsort(dim=1, descending=True, stable=True)  # b n
+    cut = torch.arange(D, device=paths.device) >= depth.unsqueeze(1)  # n D
+    candidates = paths[:, leaf].masked_fill(cut, NO_TOKEN)  # b n D
+    return candidates.gather(1, order.unsqueeze(-1).expand(-1, -1, D)), p_draft.gather(1, order)  # b n D, b n

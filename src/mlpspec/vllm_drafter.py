@@ -19,9 +19,8 @@ from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 
 from .chain_state import advance, is_packed, one_hot_logits, pack
-from .checkpoint import speculator_from
 from .errors import MLPSpecError
-from .model import MLPSpeculator, MLPSpeculatorConfig, check_fits
+from .model import MLPSpeculator, MLPSpeculatorConfig, check_fits, speculator_from
 from .vllm_plugin import check_vllm_version
 
 class EagleMLPSpeculator(nn.Module):
