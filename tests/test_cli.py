@@ -1,8 +1,10 @@
+import argparse
+
 import pytest
 import torch
 
 from mlpspec import MLPSpeculator, speculator_config_for
-from mlpspec.cli import main
+from mlpspec.cli import build_parser, main
 from conftest import tiny_llama, tiny_tokenizer
 
 
@@ -156,3 +158,13 @@ def test_prompts_writes_the_base_models_own_requests(tiny_llama_folder, tmp_path
     assert main(led) == 0
     texts = [m[0]["content"] for m in read_prompt_file(tmp_path / "led.jsonl")]
     assert len(texts) == 3 and all(t.startswith(("w7 w8 ", "w9 ")) for t in texts)
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert all(choice.help for choice in commands._choices_actions)  # `mlpspec --help`: one line a command
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            assert isinstance(action, argparse._HelpAction) or action.help, f"mlpspec {name} {action.option_strings}"
+        command.format_help()  # every %(default)s expands

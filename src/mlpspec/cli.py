@@ -324,6 +324,39 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                   "is one; else the CPU), or a torch device such as cpu or cuda:1",
         "feature_layers": "comma-separated base layers (e.g. 8,16,24) whose states the first stage also reads, "
                           "each through a learned map started at zero (not exportable)",
+        "text_field": "the field of a JSON/JSONL or hub dataset row that holds its text (default %(default)s)",
+        "n_predict": "heads: tokens the speculator guesses ahead each step (default %(default)s)",
+        "inner_dim": "the speculator's width; 0 (default): the base model's hidden size",
+        "tie_weights": "every stage shares one embedding, norm, head and (after the first) projection, "
+                       "as the authors' tied speculators do (fewer parameters)",
+        "scale_input": "the first stage reads the base state RMS-normed and divided by sqrt(2), as the "
+                       "authors' llama2-70b speculator does",
+        "draft_vocab_size": "heads score only this many tokens, the training data's most frequent (a "
+                            "smaller, faster head); 0 (default): the whole vocabulary",
+        "init_from": "start from this speculator folder's weights (a fresh optimizer and schedule)",
+        "seq_len": "tokens per training window (default %(default)s)",
+        "batch_size": "windows per step per process (default %(default)s)",
+        "grad_accum": "steps whose gradients add up before each update (default %(default)s)",
+        "lr": "peak learning rate: linear warm-up, cosine to 0.1x in stage 1, 0.1x to 0.01x in stage 2 "
+              "(default %(default)s)",
+        "warmup_steps": "stage 1's warm-up steps (default %(default)s)",
+        "weight_decay": "AdamW weight decay (default %(default)s)",
+        "grad_clip": "clip the gradient norm to this (default %(default)s)",
+        "stage1_steps": "optimizer steps on text (default %(default)s)",
+        "stage2_steps": "optimizer steps on the base model's own generations; 0 (default): no stage 2",
+        "seed": "seeds data order, initialisation and stage-2 sampling (default %(default)s)",
+        "stage2_rows": "generations stage 2 makes and trains on (default %(default)s)",
+        "stage2_prompt_length": "tokens of --data each stage-2 (and held-out) prompt takes (default %(default)s)",
+        "stage2_new_tokens": "tokens the base model generates for each stage-2 prompt (default %(default)s)",
+        "stage2_greedy": "generate stage 2's data greedily (default: sampled at temperature 1)",
+        "stage2_dir": "where stage 2's shards are written (default OUT/stage2); share one between runs",
+        "generate_batch_size": "prompts generated together in stage 2 (default %(default)s)",
+        "save_every": "steps between checkpoints, which --resume continues from (default %(default)s)",
+        "log_every": "steps between lines of train_log.jsonl (default %(default)s)",
+        "eval_rows": "held-out prompts whose greedy continuations score per-head accuracy and chain "
+                     "acceptance at each checkpoint (default %(default)s)",
+        "eval_new_tokens": "tokens of each held-out continuation (default %(default)s)",
+        "fsdp_base": "shard the frozen base model with FSDP under torchrun (for bases too big for one GPU)",
     }
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -336,14 +369,14 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=_layer_list, default=[], help=helps[f.name])
         elif default is True:  # on by default: the flag turns it off
             parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
-                                help=helps.get(f.name))
+                                help=helps[f.name])
         elif isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help=helps.get(f.name))
+            parser.add_argument(flag, action="store_true", help=helps[f.name])
         elif f.name in CHOICES:
             parser.add_argument(flag, default=default, choices=CHOICES[f.name], help=helps[f.name])
         else:
             kind = type(default) if default is not None else str
-            parser.add_argument(flag, type=kind, default=default, required=f.name == "out", help=helps.get(f.name))
+            parser.add_argument(flag, type=kind, default=default, required=f.name == "out", help=helps[f.name])
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -394,12 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .decode import DEFAULT_LOOKUP
     from .serving_bench import LENGTHS
 
-    parser = argparse.ArgumentParser(prog="mlpspec", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mlpspec", description="Faster, lossless text generation with MLP speculators: train one for a causal "
+        "LM, generate, benchmark and serve with it.", epilog="`mlpspec COMMAND --help` explains every flag of a command.")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print the base model and speculator configs and sizes")
     info.add_argument("--base", help="HF model id or folder (default: embedded SmolLM2-135M-Instruct)")
     info.add_argument("--speculator", help="speculator folder or hub id (default: the shipped one)")
-    info.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    info.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                      help="dtype the models load in (default %(default)s)")
     _add_device(info)
     info.set_defaults(func=cmd_info)
 
@@ -408,10 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-file", help='JSONL, one {"prompt": ...} or {"messages": [...]} per line')
     gen.add_argument("--base", help="HF model id or folder (default: embedded SmolLM2-135M-Instruct)")
     gen.add_argument("--speculator", help="speculator folder or hub id (default: the shipped one)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default %(default)s)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None, help="with --temperature: sample among the k likeliest tokens")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="with --temperature: sample among the likeliest tokens whose probabilities add up to p")
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     gen.add_argument("--no-speculate", action="store_true", help="plain decoding through the same loop")
     gen.add_argument("--lookup", type=_non_negative, default=DEFAULT_LOOKUP,
@@ -435,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--one-dtype", action="store_true",
                     help="no plain decoding in the other dtype at batch 1 (by default, on the CPU, HF greedy and "
                          "ours_plain also run in float32 beside bfloat16 or back, for the fastest plain decoding)")
-    be.add_argument("--max-new-tokens", type=int, default=40)
+    be.add_argument("--max-new-tokens", type=int, default=40,
+                    help="tokens each prompt generates (default %(default)s); with --serving, the mean of "
+                         "each request's max_tokens (see --lengths)")
     be.add_argument("--batch-sizes", help="comma-separated (default 1,2,4,8,16; on the llama.cpp backend 1, since "
                                          "llama.cpp's own decoding there runs one row at a time)")
     be.add_argument("--prompt-lengths", default="64,256,1024", help="batch-1 prompt-length sweep ('' to skip)")
@@ -469,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--base", help="HF model id or folder (default: embedded SmolLM2-135M-Instruct)")
     sv.add_argument("--speculator", help="folder or hub id (default: the shipped default speculator)")
     sv.add_argument("--no-speculate", action="store_true", help="plain decoding (the baseline)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
     sv.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
     sv.add_argument("--max-waiting", type=int, default=256,
                     help="most requests queued for a row; past it a request is answered 503 with Retry-After")
@@ -493,11 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write a speculator in a serving engine's format (ibm, arctic, vllm)")
     ex.add_argument("--speculator", help="folder or hub id (default: the shipped default speculator)")
-    ex.add_argument("--format", required=True, choices=["ibm", "arctic", "vllm"])
+    ex.add_argument("--format", required=True, choices=["ibm", "arctic", "vllm"],
+                    help="ibm: the authors' released format (vLLM v0, TGIS, fms-extras); arctic: "
+                         "ArcticInference's; vllm: mlpspec's own vLLM plugin (docs/vllm-plugin.md)")
     ex.add_argument("--out", required=True, help="a new folder")
     ex.add_argument("--base", help="the base model, for tied embeddings and the config's base fields "
                                    "(default: the embedded default)")
-    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the written weights (default %(default)s)")
     ex.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("prompts", help="have the base model write chat prompts itself, for --stage2-prompts")
@@ -505,12 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--n", type=_positive, required=True, help="how many distinct prompts")
     pr.add_argument("--base", help="HF model id or folder (default: embedded SmolLM2-135M-Instruct)")
     pr.add_argument("--max-tokens", type=_positive, default=64, help="longest prompt; longer ones are dropped")
-    pr.add_argument("--batch-size", type=_positive, default=16)
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--batch-size", type=_positive, default=16, help="prompts written together (default %(default)s)")
+    pr.add_argument("--seed", type=int, default=0, help="seeds the sampling (default %(default)s)")
     pr.add_argument("--lead", action="append", metavar="TEXT",
                     help="words every request begins with, to steer its topic (e.g. --lead 'In Python,' "
                          "--lead 'In SQL,'); repeat it and the batches take each in turn")
-    pr.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    pr.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="base model dtype (default %(default)s)")
     _add_device(pr)
     pr.set_defaults(func=cmd_prompts)
 
