@@ -160,7 +160,7 @@ Batch 1, greedy, bfloat16, {args.max_new_tokens} new tokens per prompt, against 
 through the same loop, measured in one process on this CPU with
 `.venv/bin/python scripts/package_default.py {args.run}`. "Fixed" verifies the whole tree
 every step; "adaptive" lets the policy pick each step's shape (docs/RESULTS.md). The lookup
-branch (README, "The prompt-lookup branch") is the decoder's, not the speculator's: the
+branch (docs/generating.md, "The prompt-lookup branch") is the decoder's, not the speculator's: the
 rows without it are what this speculator does alone.
 
 | prompts | n | candidates | tokens/step (fixed) | speedup (fixed) | tokens/step (adaptive) | speedup (adaptive) |
