@@ -182,7 +182,7 @@ class AdaptivePolicy:
     # takes fewer nodes where a step's cost grows faster with its width, and accepts less:
     # its steps at batch 16 gave 1.56 tokens a row where its records, learned mostly at
     # small batches, said more, and speculation ran at 0.90x plain decoding (closed loop,
-    # float32, 2-core AMD EPYC; scripts/engine_ab.py)
+    # float32, 2-core AMD EPYC; experiments/engine_ab.py)
     yields: dict[tuple[int, TreeShape], tuple[int, float]] = field(default_factory=dict)
     yield_prior: int = 4  # steps' worth of belief in the records at first: one unlucky step moves a yield a fifth
     steps: int = 0

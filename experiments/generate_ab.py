@@ -2,8 +2,8 @@
 default speculator on the embedded default) for whichever mlpspec is on the path, as JSON
 lines, one per prompt: run it for two checkouts in turn to compare them on one machine.
 
-    PYTHONPATH=OLD/src python scripts/generate_ab.py --dtype float32 --tag old
-    python scripts/generate_ab.py --dtype float32 --tag new
+    PYTHONPATH=OLD/src python experiments/generate_ab.py --dtype float32 --tag old
+    python experiments/generate_ab.py --dtype float32 --tag new
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Where a verify pass of q tree nodes spends its time, on this machine.
 
-    .venv/bin/python scripts/verify_profile.py --dtype float32 --dtype bfloat16 --out runs/profile
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python scripts/verify_profile.py ...
+    .venv/bin/python experiments/verify_profile.py --dtype float32 --dtype bfloat16 --out runs/profile
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python experiments/verify_profile.py ...
 
 For each dtype: the base forward (decode.verify on the decoder's own cache after a
 150-token context, rolled back after each pass: what the adaptive policy calibrates) over

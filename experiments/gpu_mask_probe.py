@@ -2,7 +2,7 @@
 (docs/RESULTS.md, "On a GPU"): time scaled-dot-product attention alone, at the 1B model's
 shape, with the masks a tree verification could pass.
 
-    python scripts/gpu_mask_probe.py [--device cuda]
+    python experiments/gpu_mask_probe.py [--device cuda]
 
 Prints kernel-time medians (ms) for q query tokens per row over L + q keys, for an
 additive float mask as the decoder builds it, the same mask in storage whose rows are

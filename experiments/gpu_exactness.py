@@ -1,6 +1,6 @@
 """Greedy decoding on a GPU is lossless: every way of decoding emits HF `generate`'s tokens.
 
-    python scripts/gpu_exactness.py [--device cuda] [--out DIR]
+    python experiments/gpu_exactness.py [--device cuda] [--out DIR]
 
 CI and this project's machine have no GPU, so the tests check exactness on the CPU only.
 This runs the same comparison on a lent GPU, in float32 with TF32 off: a Llama-3.2-1B-shaped

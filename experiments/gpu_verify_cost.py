@@ -3,9 +3,9 @@
 Two parts, because this project's GPU is lent for minutes and its CPU has the trained model:
 
     # on a GPU machine: a Llama-3.2-1B-shaped model with random weights, bf16
-    python scripts/gpu_verify_cost.py measure --out DIR            # writes DIR/costs.json
+    python experiments/gpu_verify_cost.py measure --out DIR            # writes DIR/costs.json
     # here: tokens/step of the shipped speculator per tree shape, code and chat prompts
-    .venv/bin/python scripts/gpu_verify_cost.py project --costs DIR/costs.json --out docs/gpu
+    .venv/bin/python experiments/gpu_verify_cost.py project --costs DIR/costs.json --out docs/gpu
 
 `measure` times, on one device, with the device synchronised around each timed region:
 - the base forward over a tree of q nodes after a P-token context, for each batch size

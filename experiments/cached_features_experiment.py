@@ -3,7 +3,7 @@ adapter on the base embedding"): the base model runs once over the stage-2 rows 
 held-out eval rows (hidden states and greedy choices, kept in --cache), then each variant
 trains from scratch on them with no base pass per step.
 
-    .venv/bin/python scripts/cached_features_experiment.py --stage2 runs/branch-s2/stage2 \\
+    .venv/bin/python experiments/cached_features_experiment.py --stage2 runs/branch-s2/stage2 \\
         --eval runs/eval-set/rows-24 --variant adapter --width 576 --steps 700 --log /tmp/adapter.jsonl
 
 Variants: `tied` (the base embedding as it is, as the third default), `adapter`

@@ -1,7 +1,7 @@
 """What the engine's slotted KV cache costs, against what a paged one would, and what a
 newcomer's prefill costs alone (issue 26's "slotted or paged, alone or chunked: measure").
 
-    .venv/bin/python scripts/cache_costs.py [--dtype float32]
+    .venv/bin/python experiments/cache_costs.py [--dtype float32]
 
 On the embedded default (SmolLM2-135M: 30 layers, 3 key/value heads of 64), batch 16:
 - slotted (cache.RowCache): a request that leaves costs one copy of the batch's last row

@@ -3,7 +3,7 @@ slow spell of a shared machine falls on both alike: each round sends the same re
 (code and chat prompts taking turns, greedy) through an engine with the shipped default
 speculator (adaptive) and through one without, with at most --max-batch running at once.
 
-    .venv/bin/python scripts/engine_ab.py [--dtype float32] [--max-batch 16] [--requests 48] [--rounds 4]
+    .venv/bin/python experiments/engine_ab.py [--dtype float32] [--max-batch 16] [--requests 48] [--rounds 4]
 
 Prints each round's tokens/s for both and their ratio, then the median ratio.
 """
