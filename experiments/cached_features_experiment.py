@@ -1,6 +1,6 @@
-"""Compare speculator variants fast, on cached base-model features (docs/RESULTS.md, "An emb
-adapter on the base embedding"): the base model runs once over the stage-2 rows and the
-held-out eval rows (hidden states and greedy choices, kept in --cache), then each variant
+"""Compare speculator variants fast, on cached base-model features
+(docs/experiments/an-emb-adapter-on-the-base-embedding-for-the-fourth-default.md): the base
+model runs once over the stage-2 rows and the held-out eval rows (hidden states and greedy choices, kept in --cache), then each variant
 trains from scratch on them with no base pass per step.
 
     .venv/bin/python experiments/cached_features_experiment.py --stage2 runs/branch-s2/stage2 \\

@@ -1,5 +1,5 @@
 """Why a 2-node tree costs 2.8x a 1-node forward at batch 16 and 2048 context on a GPU
-(docs/RESULTS.md, "On a GPU"): time scaled-dot-product attention alone, at the 1B model's
+(docs/experiments/on-a-gpu-the-verify-cost-curve-of-a-1b-model-and-projected-s.md): time scaled-dot-product attention alone, at the 1B model's
 shape, with the masks a tree verification could pass.
 
     python experiments/gpu_mask_probe.py [--device cuda]
