@@ -1,7 +1,8 @@
 """Compare speculator variants fast, on cached base-model features
 (docs/experiments/an-emb-adapter-on-the-base-embedding-for-the-fourth-default.md): the base
-model runs once over the stage-2 rows and the held-out eval rows (hidden states and greedy choices, kept in --cache), then each variant
-trains from scratch on them with no base pass per step.
+model runs once over the stage-2 rows and the held-out eval rows (hidden states and greedy
+choices, kept in --cache), then each variant trains from scratch on them with no base pass
+per step.
 
     .venv/bin/python experiments/cached_features_experiment.py --stage2 runs/branch-s2/stage2 \\
         --eval runs/eval-set/rows-24 --variant adapter --width 576 --steps 700 --log /tmp/adapter.jsonl
