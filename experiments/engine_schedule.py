@@ -23,17 +23,6 @@ from mlpspec.serving_bench import LENGTHS, arrivals, budgets
 from mlpspec.text import encode_prompt
 
 
-def warm_up(engine: Engine, sample: list[int]) -> None:
-    """Every batch-size bucket once, as serve.Worker does before it says it is ready."""
-    b = 1
-    while engine.policy is not None and b <= engine.scheduler.max_batch:
-        for _ in range(b):
-            engine.add_request(sample, SamplingParams(max_tokens=4, ignore_eos=True))
-        while engine.has_unfinished():
-            engine.step()
-        b *= 2
-
-
 def replay(engine: Engine, asks: list[list[int]], times: list[float], lengths: list[int]) -> dict:
     """Add each request at its arrival time and step the engine until all are done."""
     bins = collections.defaultdict(lambda: [0, 0.0])  # kind -> [count, seconds]
@@ -93,7 +82,7 @@ def main():
         for name in ("on", "off") if r % 2 == 0 else ("off", "on"):
             engine = Engine(model, speculator if name == "on" else None, max_batch=args.max_batch,
                             adaptive=name == "on")
-            warm_up(engine, sample)
+            engine.warm_up(sample)
             runs[name] = replay(engine, asks, times, lengths)
             run = runs[name]
             bins = ", ".join(f"{k} {run[k][0]} in {run[k][1]:.2f} s" for k in ("prefill", "plain", "speculative", "idle")

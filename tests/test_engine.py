@@ -256,3 +256,14 @@ def test_a_stop_string_ends_the_request_at_the_token_that_completes_it():
     assert text[other] == full and tokens[other] == full_ids and reasons[other] == "length"
     with pytest.raises(MLPSpecError, match="stop strings need text"):
         Engine(model, None).add_request(prompt, SamplingParams(stop=("x",)))
+
+
+def test_warm_up_calibrates_every_batch_bucket_and_leaves_nothing_behind():
+    model = tiny_llama(seed=1)
+    engine = Engine(model, oracle_for(model, prompts(1), 8), max_batch=8, top_k_tokens_per_head=[2, 2, 1],
+                    n_candidates=3, adaptive=True)
+    assert not any(engine.policy.calibrated(b) for b in (1, 2, 4, 8))
+    engine.warm_up(prompts(1)[0])
+    assert all(engine.policy.calibrated(b) for b in (1, 2, 4, 8))
+    assert not engine.has_unfinished() and engine.cache.rows == 0 and not engine.requests
+    Engine(model, None, max_batch=8).warm_up(prompts(1)[0])  # no policy: nothing to calibrate, no error

@@ -138,6 +138,18 @@ class Engine:
     def waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def warm_up(self, prompt_ids: list[int]) -> None:
+        """Decode batches of every batch-size bucket up to the max batch (1, 2, 4, ...) of
+        this prompt, a few tokens each, so that the adaptive policy's timings, taken when a
+        bucket is first seen, cost no real request anything. Nothing to do without a policy."""
+        b = 1
+        while self.policy is not None and b <= self.scheduler.max_batch:
+            for _ in range(b):
+                self.add_request(prompt_ids, SamplingParams(max_tokens=4, ignore_eos=True))
+            while self.has_unfinished():
+                self.step()
+            b *= 2
+
     # ---- one step
 
     @torch.no_grad()

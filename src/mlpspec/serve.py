@@ -110,17 +110,8 @@ class Worker:
         self.inbox.put(job)
 
     def _warm_up(self) -> None:
-        """Run batches of every batch-size bucket up to max_batch before the first request,
-        so that the adaptive policy's timings (taken when a bucket is first seen) cost no
-        request anything."""
-        engine, sample = self.engine, self.tokenizer("def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n").input_ids
-        b = 1
-        while engine.policy is not None and b <= engine.scheduler.max_batch:
-            for _ in range(b):
-                engine.add_request(sample, SamplingParams(max_tokens=4, ignore_eos=True))
-            while engine.has_unfinished():
-                engine.step()
-            b *= 2
+        """Every batch-size bucket's timings before the first request (Engine.warm_up)."""
+        self.engine.warm_up(self.tokenizer("def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n").input_ids)
         self.ready.set()
 
     def _take(self) -> None:
