@@ -13,10 +13,9 @@ import statistics
 import time
 
 from mlpspec import load_base, load_speculator
-from mlpspec.bench import chat_prompts, code_prompts
 from mlpspec.engine import Engine
 from mlpspec.sequence import SamplingParams
-from mlpspec.text import encode_prompt
+from mlpspec.serving_bench import serving_prompts
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--dtype", default="float32")
@@ -29,9 +28,7 @@ args = parser.parse_args()
 
 model, tokenizer = load_base(dtype=args.dtype)
 speculator = load_speculator(dtype=model.dtype, base=model)
-asks = [encode_prompt(tokenizer, p, chat=False) for p in code_prompts(6)]
-asks += [encode_prompt(tokenizer, m, chat=True) for m in chat_prompts()[:6]]
-asks = [ask for pair in zip(asks[:6], asks[6:]) for ask in pair]
+asks = serving_prompts(tokenizer)
 engines = {"on": Engine(model, speculator, max_batch=args.max_batch, adaptive=True, lookup=args.lookup),
            "off": Engine(model, None, max_batch=args.max_batch)}
 
@@ -46,10 +43,7 @@ def run(engine: Engine, n: int, max_tokens: int) -> float:
     return tokens / (time.perf_counter() - tick)
 
 
-b = 1
-while b <= args.max_batch:  # every batch-size bucket calibrated before anything is timed (as serve does)
-    run(engines["on"], b, 4)
-    b *= 2
+engines["on"].warm_up(asks[0])  # every batch-size bucket calibrated before anything is timed, as serve does
 ratios = []
 for r in range(args.rounds):
     order = ("on", "off") if r % 2 == 0 else ("off", "on")

@@ -16,11 +16,10 @@ import time
 import numpy as np
 
 from mlpspec import load_base, load_speculator
-from mlpspec.bench import chat_prompts, code_prompts
 from mlpspec.engine import Engine
 from mlpspec.sequence import SamplingParams
-from mlpspec.serving_bench import LENGTHS, arrivals, budgets
-from mlpspec.text import encode_prompt
+from mlpspec.serve import WARM_UP_TEXT
+from mlpspec.serving_bench import LENGTHS, arrivals, budgets, serving_prompts
 
 
 def replay(engine: Engine, asks: list[list[int]], times: list[float], lengths: list[int]) -> dict:
@@ -69,13 +68,11 @@ def main():
 
     model, tokenizer = load_base(dtype=args.dtype)
     speculator = load_speculator(dtype=model.dtype, base=model)
-    prompts = [encode_prompt(tokenizer, p, chat=False) for p in code_prompts(6)]
-    prompts += [encode_prompt(tokenizer, m, chat=True) for m in chat_prompts()[:6]]
-    prompts = [ask for pair in zip(prompts[:6], prompts[6:]) for ask in pair]  # as the serving bench
+    prompts = serving_prompts(tokenizer)
     asks = [prompts[i % len(prompts)] for i in range(args.requests)]
     times = arrivals(args.rate, len(asks), args.seed)
     lengths = budgets(args.max_tokens, len(asks), args.lengths, args.seed)
-    sample = tokenizer("def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n").input_ids
+    sample = tokenizer(WARM_UP_TEXT).input_ids
     ratios = []
     for r in range(args.rounds):
         runs = {}

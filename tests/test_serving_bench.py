@@ -81,3 +81,9 @@ def test_bad_settings():
         ServingSettings(repeats=0)
     with pytest.raises(MLPSpecError, match="lengths must be one of mixed, fixed"):
         ServingSettings(lengths="random")
+
+
+def test_settings_give_every_target_the_same_budgets():
+    settings = ServingSettings(requests=50, max_tokens=30, seed=7)
+    assert settings.budgets() == budgets(30, 50, "mixed", 7) == settings.budgets()
+    assert ServingSettings(requests=3, max_tokens=30, lengths="fixed").budgets() == [30, 30, 30]

@@ -210,9 +210,7 @@ def _serving_bench(args) -> None:
     from tqdm import tqdm
 
     from .base import chosen_backend
-    from .bench import chat_prompts, code_prompts
-    from .serving_bench import ServingSettings, run_serving_bench, write_serving_report
-    from .text import encode_prompt
+    from .serving_bench import ServingSettings, run_serving_bench, serving_prompts, write_serving_report
 
     try:
         rates = [float(r) for r in args.rates.split(",")]
@@ -229,9 +227,7 @@ def _serving_bench(args) -> None:
     model, tokenizer = _load(args)
     speculator, origin = _speculator_for(model, args.speculator, args.base is None)
     print(f"[speculator: {origin}]", file=sys.stderr)
-    asks = [encode_prompt(tokenizer, p, chat=False) for p in code_prompts(6)]
-    asks += [encode_prompt(tokenizer, m, chat=True) for m in chat_prompts()[:6]]
-    asks = [ask for pair in zip(asks[:6], asks[6:]) for ask in pair]  # code and chat take turns
+    asks = serving_prompts(tokenizer)
     bar = tqdm(total=len(settings.rates) * len(settings.targets) * settings.repeats, desc="serving bench", unit="run")
     report = run_serving_bench(model, tokenizer, speculator, asks, settings, progress=lambda *_: bar.update(1))
     bar.close()

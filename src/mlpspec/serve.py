@@ -90,6 +90,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+WARM_UP_TEXT = "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n"  # what the engine warms up on
+
+
 class Worker:
     """The thread that drives the engine, and the queue requests reach it through."""
 
@@ -111,7 +114,7 @@ class Worker:
 
     def _warm_up(self) -> None:
         """Every batch-size bucket's timings before the first request (Engine.warm_up)."""
-        self.engine.warm_up(self.tokenizer("def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n").input_ids)
+        self.engine.warm_up(self.tokenizer(WARM_UP_TEXT).input_ids)
         self.ready.set()
 
     def _take(self) -> None:

@@ -47,6 +47,10 @@ class ServingSettings:
     targets: tuple[str, ...] = TARGETS
     lengths: str = "mixed"  # each request's max_tokens: "mixed" (seeded, mean max_tokens) or "fixed"
 
+    def budgets(self) -> list[int]:
+        """Each request's max_tokens, the same for every target and rate (budgets())."""
+        return budgets(self.max_tokens, self.requests, self.lengths, self.seed)
+
     def __post_init__(self):
         if not self.rates or any(r <= 0 for r in self.rates):
             raise MLPSpecError(f"rates must be positive requests per second, got {self.rates}")
@@ -86,6 +90,17 @@ def arrivals(rate: float, n: int, seed: int) -> list[float]:
         times.append(at)
         at += rng.expovariate(rate)
     return times
+
+
+def serving_prompts(tokenizer) -> list[list[int]]:
+    """The bench's prompts as token ids: six unseen code prompts and six chat prompts (in
+    the chat template), taking turns."""
+    from .bench import chat_prompts, code_prompts
+    from .text import encode_prompt
+
+    code = [encode_prompt(tokenizer, p, chat=False) for p in code_prompts(6)]
+    chat = [encode_prompt(tokenizer, m, chat=True) for m in chat_prompts()[:6]]
+    return [ask for pair in zip(code, chat) for ask in pair]
 
 
 def budgets(max_tokens: int, n: int, lengths: str, seed: int) -> list[int]:
@@ -199,8 +214,7 @@ def target_sender(target: str, model, tokenizer, speculator, settings: ServingSe
     if target == "transformers_cb":
         from transformers import GenerationConfig
 
-        config = GenerationConfig(max_new_tokens=max(budgets(settings.max_tokens, settings.requests, settings.lengths,
-                                                             settings.seed)), do_sample=False,
+        config = GenerationConfig(max_new_tokens=max(settings.budgets()), do_sample=False,
                                   eos_token_id=model.generation_config.eos_token_id,
                                   pad_token_id=model.generation_config.pad_token_id or 0)
         # transformers' continuous batching takes only its own attention kernels: sdpa for
@@ -234,7 +248,7 @@ def run_serving_bench(model, tokenizer, speculator, prompts: list[list[int]], se
     for each. Each target first answers one request untimed: transformers' manager pays for
     its start-up there, as mlpspec's server does before it says it is ready."""
     asks = [prompts[i % len(prompts)] for i in range(settings.requests)]
-    lengths = budgets(settings.max_tokens, len(asks), settings.lengths, settings.seed)
+    lengths = settings.budgets()
     runs: dict[str, dict[str, list[dict]]] = {t: {str(rate): [] for rate in settings.rates} for t in settings.targets}
     for round_ in range(settings.repeats):
         for target in settings.targets[:: 1 if round_ % 2 == 0 else -1]:
