@@ -1,12 +1,14 @@
 """Telling a real mismatch from a near tie when two greedy decodes differ.
 
-In float32 speculative decoding reproduces transformers' greedy output token for token.
-In bfloat16 it cannot always: scoring a tree of nodes in one pass sums in a different
-order than scoring one token at a time, and with 8 mantissa bits two candidate logits that
-are within a few units in the last place (ulps) of each other can swap places. transformers
+In float32 speculative decoding reproduces transformers' greedy output token for token. In
+bfloat16 it cannot always: scoring a tree of nodes in one pass sums in a different order
+than scoring one token at a time, and with 8 mantissa bits two candidate logits that are
+within a few units in the last place (ulps) of each other can swap places. transformers
 itself disagrees with itself this way: on SmolLM2-135M-Instruct in bfloat16, its
-all-at-once and one-token-at-a-time logits for the same text differ by up to 4.5 ulps
-(median 1) on each position's top-5 tokens. So a divergence is a near tie when, at the first
+all-at-once and one-token-at-a-time logits for the same text differ by up to 6 ulps
+(median 1) on each position's top-5 tokens, and where its greedy choice differs the two
+tokens' logits are within 3 ulps (experiments/bf16_self_agreement.py, on an Intel Xeon
+with native bfloat16, 2026-12-06). So a divergence is a near tie when, at the first
 position where the two outputs differ, the base model's logits for the two tokens are
 within `NEAR_TIE_ULPS` ulps of the larger one.
 """
