@@ -8,6 +8,7 @@ measure it, and write its model card from the run's own records.
 import argparse
 import json
 import shutil
+import datetime
 import tempfile
 import time
 from dataclasses import MISSING, fields
@@ -21,6 +22,7 @@ from mlpspec.bench import chat_prompts, code_prompts, compare
 from mlpspec.checkpoint import default_speculator_folder
 from mlpspec.data import tokenized_corpus
 from mlpspec.decode import DEFAULT_LOOKUP
+from mlpspec.hardware import describe_machine, hardware_line
 from mlpspec.train import LOG_FILE, TrainConfig, train
 
 parser = argparse.ArgumentParser()
@@ -157,8 +159,8 @@ Training command, as the run's config now stands (resumable; `--resume` continue
 ## Measured
 
 Batch 1, greedy, bfloat16, {args.max_new_tokens} new tokens per prompt, against plain decoding
-through the same loop, measured in one process on this CPU with
-`.venv/bin/python scripts/package_default.py {args.run}`. "Fixed" verifies the whole tree
+through the same loop, measured in one process on {datetime.date.today()} ({hardware_line(describe_machine())})
+with `.venv/bin/python scripts/package_default.py {args.run}`. "Fixed" verifies the whole tree
 every step; "adaptive" lets the policy pick each step's shape (docs/RESULTS.md). The lookup
 branch (docs/generating.md, "The prompt-lookup branch") is the decoder's, not the speculator's: the
 rows without it are what this speculator does alone.

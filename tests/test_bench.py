@@ -73,7 +73,9 @@ def test_run_bench_writes_results_report_and_plots(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["results"]["ours_fixed"]["1"]["tokens"] > 0
     header = (tmp_path / "report.md").read_text().splitlines()[2]
     assert header.startswith(report["date"]) and f"{machine['capability']} kernels" in header
-    assert "threads; float32 (kernels aten)" in header
+    assert "threads; float32 (kernels aten)" in header and "Command:" not in header
+    write_report({**report, "command": "mlpspec bench --batch-sizes 1,2"}, tmp_path)
+    assert (tmp_path / "report.md").read_text().splitlines()[2].endswith("Command: `mlpspec bench --batch-sizes 1,2`.")
     assert "Fastest plain decoding measured" in (tmp_path / "report.md").read_text()
     assert "| ours_adaptive | 2 |" in (tmp_path / "report.md").read_text()
     assert "- batch 2: " in (tmp_path / "report.md").read_text()

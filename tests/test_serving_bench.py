@@ -58,8 +58,11 @@ def test_every_target_serves_the_same_schedule(tmp_path, tiny_llama_folder):
         assert len(result["tokens_per_s_runs"]) == 2, target
     assert len(report["speculation_on_off"]["20.0"]["rounds"]) == 2
     assert model.config._attn_implementation == TREE_ATTENTION  # given back after the anchor's run
-    write_serving_report(report, tmp_path / "out")
+    write_serving_report({**report, "command": "mlpspec bench --serving --rates 20"}, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "serving.json").read_text())["settings"]["requests"] == 4
+    first = (tmp_path / "out" / "serving.md").read_text().splitlines()[0]  # what made the figures
+    assert first.startswith(report["date"]) and f"{report['machine']['capability']} kernels" in first
+    assert "; float32; `mlpspec bench --serving --rates 20`" in first
     assert "transformers_cb" in (tmp_path / "out" / "serving.md").read_text()
     assert (tmp_path / "out" / "serving.png").stat().st_size > 0
 

@@ -453,7 +453,8 @@ def write_report(report: dict, out: Path) -> None:
         "",
         f"{report['date']}, {hardware_line(machine, settings['dtype'])} ({weights}); {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
         f"transformers {machine['transformers']}; {report['settings']['n_prompts']} prompts, "
-        f"{report['settings']['max_new_tokens']} new tokens, greedy.",
+        f"{report['settings']['max_new_tokens']} new tokens, greedy."
+        + (f" Command: `{report['command']}`." if report.get("command") else ""),
         "",
         f"| method | batch | tokens/s | speedup vs {peer} | tokens/step | per-head acceptance |",
         "|---|---|---|---|---|---|",

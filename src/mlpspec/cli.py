@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -201,9 +202,14 @@ def cmd_bench(args) -> None:
     report = run_bench(model, tokenizer, speculator, settings, assistant=assistant, other=other,
                        progress=lambda done, total: (setattr(bar, "total", total), bar.update(1)))
     bar.close()
-    write_report(report, args.out)
+    write_report({**report, "command": _command_line()}, args.out)
     print((Path(args.out) / "report.md").read_text())
     print(f"results.json, report.md and plots in {args.out}")
+
+
+def _command_line() -> str:
+    """This process's command as a user would type it, for a report to name what made it."""
+    return shlex.join(["mlpspec", *sys.argv[1:]])
 
 
 def _serving_bench(args) -> None:
@@ -231,7 +237,7 @@ def _serving_bench(args) -> None:
     bar = tqdm(total=len(settings.rates) * len(settings.targets) * settings.repeats, desc="serving bench", unit="run")
     report = run_serving_bench(model, tokenizer, speculator, asks, settings, progress=lambda *_: bar.update(1))
     bar.close()
-    write_serving_report(report, Path(args.out))
+    write_serving_report({**report, "command": _command_line()}, Path(args.out))
     print((Path(args.out) / "serving.md").read_text())
     print(f"serving.json, serving.md and serving.png in {args.out}")
 

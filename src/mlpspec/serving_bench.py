@@ -30,6 +30,7 @@ from pathlib import Path
 import httpx
 
 from .errors import MLPSpecError
+from .hardware import describe_machine, hardware_line
 
 TARGETS = ("mlpspec", "mlpspec_plain", "transformers_cb")
 LENGTHS = ("mixed", "fixed")
@@ -259,7 +260,8 @@ def run_serving_bench(model, tokenizer, speculator, prompts: list[list[int]], se
                     runs[target][str(rate)].append(summarize(timings, wall))
                     if progress:
                         progress(target, rate)
-    report = {"settings": asdict(settings),
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": describe_machine(model.device),
+              "dtype": str(model.dtype).removeprefix("torch."), "settings": asdict(settings),
               "results": {t: {rate: median_run(rs) for rate, rs in by_rate.items()} for t, by_rate in runs.items()}}
     if {"mlpspec", "mlpspec_plain"} <= set(settings.targets):
         report["speculation_on_off"] = {rate: paired_ratios(runs["mlpspec"][rate], runs["mlpspec_plain"][rate])
@@ -283,7 +285,9 @@ def paired_ratios(on: list[dict], off: list[dict]) -> dict:
 
 
 def write_serving_report(report: dict, out: Path) -> None:
-    """results.json, report.md and serving.png (throughput and p95 time to first token by rate)."""
+    """serving.json, serving.md (its first line the date, the hardware, the dtype and, where
+    the report has one, the command) and serving.png (throughput and p95 time to first
+    token by rate)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,7 +296,9 @@ def write_serving_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
     settings = report["settings"]
-    rows = [f"{settings['requests']} requests a rate, max_tokens {settings['max_tokens']} ({settings['lengths']} lengths), "
+    rows = [f"{report['date']}, {hardware_line(report['machine'], report['dtype'])}"
+            + (f"; `{report['command']}`" if report.get("command") else ""), "",
+            f"{settings['requests']} requests a rate, max_tokens {settings['max_tokens']} ({settings['lengths']} lengths), "
             f"max batch {settings['max_batch']}, {settings['repeats']} round(s)", "",
             "| target | rate (req/s) | tokens/s (median run; every run) | TTFT p50 / p95 (s) | ITL p50 / p95 (s) | tokens/step | errors |",
             "|---|---|---|---|---|---|---|"]
