@@ -147,7 +147,7 @@ returns it (loading the default base model too, since it shares that model's emb
 | data | `--data default`: the Python {__import__('sys').version_info.major}.{__import__('sys').version_info.minor} standard library's source and Debian's python3.11-doc sources (about 12M tokens); stage 2 on the base model's own answers to {stage2_source} |
 | steps | {step}: {min(step, config['stage1_steps'])} in stage 1, {max(0, step - config['stage1_steps'])} in stage 2, {config['batch_size']} x {config['seq_len']} tokens each ({tokens_seen / 1e6:.1f}M tokens seen) |
 | wall time | {wall / 3600:.2f} h of training on {args.trained_on} ({args.wall_note}) |
-{speed_row}| stage 2 against stage 1 alone | at equal total steps (600) stage 1 + stage 2 beat stage 1 alone: held-out eval 1.309 against 1.182 tokens/step, decoding 1.58 against 1.51 tokens/step on code and 1.29 against 1.23 on chat (docs/RESULTS.md) |
+{speed_row}| stage 2 against stage 1 alone | at equal total steps (600) stage 1 + stage 2 decoded 1.51 against stage 1 alone's 1.48 tokens/step on code and 1.30 against 1.24 on chat, the held-out eval level (1.290 both; docs/claims/claims.md) |
 | held-out eval at step {step} | {_eval_line(evals[-1]) if evals else 'none'} |
 
 Training command, as the run's config now stands (resumable; `--resume` continues it):
