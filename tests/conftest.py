@@ -120,11 +120,12 @@ class OracleSpeculator(torch.nn.Module):
 
 @pytest.fixture(autouse=True)
 def calibrations_apart(tmp_path_factory, monkeypatch):
-    """Step costs and dtype timings the CLI keeps between calls go to a folder of the test's
+    """Step costs, dtype and kernel timings the CLI keeps between calls go to a folder of the test's
     own, not to the user cache (the converted base model there is still found)."""
     folder = tmp_path_factory.mktemp("cache")
     monkeypatch.setattr("mlpspec.decode.cache_dir", lambda: folder)
     monkeypatch.setattr("mlpspec.base.dtype_timings_dir", lambda: folder / "dtype")
+    monkeypatch.setattr("mlpspec.base.kernel_timings_dir", lambda: folder / "kernels")
     return folder / "calibration"
 
 

@@ -82,6 +82,50 @@ def test_use_kernels_refuses_what_it_cannot_do():
         use_kernels(half, "onednn")
 
 
+def test_unrouted_classes_of_passes_run_on_pytorchs_kernels(onednn_calls):
+    """unroute: passes of fewer than FEW_ROWS tokens are "few", the others "many"; a class
+    left unrouted never reaches oneDNN, the other still does."""
+    model = tiny_llama(seed=6)
+    assert use_kernels(model) == "onednn"
+    kernels.unroute(model, {"few"})
+    assert kernels_of(model) == "onednn, many rows"
+    assert not isinstance(kernels_for(model, kernels.FEW_ROWS - 1), kernels.PackedLinears)
+    assert isinstance(kernels_for(model, kernels.FEW_ROWS), kernels.PackedLinears)
+    assert isinstance(kernels_for(model), kernels.PackedLinears)  # rows not known: "many"
+    few, many = torch.randint(3, TINY_VOCAB, (1, 3)), torch.randint(3, TINY_VOCAB, (2, 2))
+    with torch.no_grad():
+        assert torch.equal(run_base(model, few).logits, model(input_ids=few).logits) and not onednn_calls
+        run_base(model, many)  # 4 rows in all
+    assert onednn_calls and all(shape[:-1].numel() == 4 for shape in onednn_calls)
+    kernels.unroute(model, {"few", "many"})
+    assert kernels_of(model) == "aten" and not isinstance(kernels_for(model), kernels.PackedLinears)
+    assert use_kernels(model) == "onednn" and kernels_of(model) == "onednn"  # a fresh choice routes everything
+
+
+@pytest.mark.parametrize("own_costs, expected", [({"1": 40.0, "16": 68.0}, "onednn, many rows"),
+                                                 ({"1": 48.0, "16": 60.0}, "onednn, few rows"),
+                                                 ({"1": 30.0, "16": 50.0}, "aten"),
+                                                 ({"1": 49.0, "16": 69.0}, "onednn")])
+def test_load_base_routes_to_onednn_only_where_it_was_timed_faster(tiny_llama_folder, monkeypatch, own_costs, expected):
+    """Routed passes cost 50 / 70 ms for 1 / 16 tokens here: a class leaves the routing only
+    where PyTorch's own kernels beat it by ROUTING_MARGIN (48 and 69 do not, 47 and 66 would),
+    and the choice is kept: a second load times nothing."""
+    timed = []
+
+    def fake_costs(model):
+        routed = kernels_of(model) == "onednn"
+        timed.append(routed)
+        return {"1": 50.0, "16": 70.0} if routed else own_costs
+
+    monkeypatch.setattr(base, "pass_costs", fake_costs)
+    model, _ = base.load_base(tiny_llama_folder)
+    assert kernels_of(model) == expected and timed == [True, False]
+    model, _ = base.load_base(tiny_llama_folder)
+    assert kernels_of(model) == expected and len(timed) == 2
+    assert kernels_of(base.load_base(tiny_llama_folder, kernels="onednn")[0]) == "onednn"  # asked for: no timing
+    assert len(timed) == 2
+
+
 @pytest.mark.skipif(not can_pack(torch.bfloat16), reason="oneDNN packs no bfloat16 on this CPU")
 def test_one_bfloat16_row_runs_on_pytorchs_own_kernels_and_more_on_onednn(onednn_calls):
     from mlpspec.kernels import oneDNN_off

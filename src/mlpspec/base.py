@@ -30,8 +30,8 @@ from .errors import MLPSpecError
 from .cache import RowCache, StaticRowCache, StaticTreeCache, TreeCache
 from . import llama_cpp
 from .fileio import atomic_folder
-from .hardware import PROBE_CONTEXT, PROBE_NODES, DtypeChoice, choose_dtype
-from .kernels import compiled_forward, compiles, kernels_for, kernels_of, use_kernels
+from .hardware import PROBE_CONTEXT, PROBE_NODES, DtypeChoice, choose_dtype, choose_routing
+from .kernels import compiled_forward, compiles, kernels_for, kernels_of, unroute, use_kernels
 from .model import MLPSpeculator, MLPSpeculatorConfig, check_fits
 from .runner import Prefilled, Runner
 from .tree import Tree, pad_tree, prompt_positions, tree_attention_mask
@@ -218,7 +218,8 @@ def load_base(name_or_path: str | Path | None = None, dtype: torch.dtype | str =
     dtype "auto" takes the fastest dtype for this machine and model (hardware.choose_dtype:
     a short timing, kept in the user cache). `kernels` chooses the CPU matmul path of
     run_base's passes (kernels.use_kernels: "auto" packs the linear weights for oneDNN on
-    the CPU, "aten" leaves PyTorch's own)."""
+    the CPU and routes the passes there where that is faster on this machine, route_kernels;
+    "aten" leaves PyTorch's own)."""
     gguf_file = Path(name_or_path) if is_gguf(name_or_path) else None
     if chosen_backend(name_or_path, backend) == "llama.cpp":
         return _load_on_llama_cpp(gguf_file or default_gguf_file())
@@ -233,8 +234,24 @@ def load_base(name_or_path: str | Path | None = None, dtype: torch.dtype | str =
     if model.config._attn_implementation == "sdpa" and model._supports_attention_backend:
         model.set_attn_implementation(TREE_ATTENTION)  # on our own freshly loaded model, through the public API
     model = model.to(device).eval()
-    use_kernels(model, kernels)
+    if use_kernels(model, kernels) == "onednn" and kernels == "auto":
+        route_kernels(model, str(path))
     return model, tokenizer
+
+
+def route_kernels(model: PreTrainedModel, name: str, again: bool = False) -> str:
+    """Kernels "auto" on the CPU: leave oneDNN's packed linears for PyTorch's own kernels in
+    the classes of passes where that is faster on this machine (hardware.choose_routing: the
+    model's passes timed both ways once per machine, model and dtype, kept in the user
+    cache; `again` times them anew). Returns why, in one line."""
+
+    def costs(routed: bool) -> dict[str, float]:
+        unroute(model, () if routed else ("few", "many"))
+        return pass_costs(model)
+
+    own, reason = choose_routing(costs, name, model.dtype, kernel_timings_dir(), again)
+    unroute(model, own)
+    return reason
 
 
 def pick_dtype(name_or_path: str | Path | None, dtype: torch.dtype | str, device: str | torch.device = "cpu",
@@ -256,6 +273,11 @@ def pick_dtype(name_or_path: str | Path | None, dtype: torch.dtype | str, device
 def dtype_timings_dir() -> Path:
     """Where pick_dtype keeps what it timed: the user cache's dtype/ folder."""
     return cache_dir() / "dtype"
+
+
+def kernel_timings_dir() -> Path:
+    """Where route_kernels keeps what it timed: the user cache's kernels/ folder."""
+    return cache_dir() / "kernels"
 
 
 # The first passes of a model in a process pay for setting up (oneDNN's kernels for each

@@ -1,12 +1,14 @@
-"""What machine this is, and which dtype runs a base model fastest on it.
+"""What machine this is, and which dtype and matmul routing run a base model fastest on it.
 
 CPUs differ in what decides speculation. On a 2-core AMD EPYC with native bfloat16
 (AVX512-BF16), a bfloat16 pass of SmolLM2-135M over 16 tree nodes cost 1.3x a one-token
 pass on PyTorch's kernels; with its and oneDNN's kernels held to AVX2 on the same CPU,
 where bfloat16 matmuls are emulated, 6.3x, and float32 was then the faster dtype for trees
 (kernels.py narrowed that gap). So no dtype is right everywhere: `choose_dtype` times both
-on the machine at hand (a second or two, kept per machine and model), and every figure
-mlpspec reports carries `describe_machine`.
+on the machine at hand (a second or two, kept per machine and model), `choose_routing` does
+the same for routing the linears to oneDNN (kernels.py), which paid on that EPYC and cost
+more than it saved on a 2-core Intel Xeon, and every figure mlpspec reports carries
+`describe_machine`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ PROBE_TREE_TOKENS = 2.5
 # float32 reproduces transformers' float32 greedy output token for token; it is kept unless
 # bfloat16 is faster by more than this share.
 EXACT_MARGIN = 0.05
+# A class of passes leaves oneDNN's packed linears for PyTorch's own kernels only where those
+# are this much faster: where the two are close, the routing stays.
+ROUTING_MARGIN = 0.05
 # The environment variables that hold PyTorch's and oneDNN's kernels to an older ISA (an
 # AVX512 machine then runs as an AVX2-only one would) and MKL's.
 ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
@@ -114,6 +119,51 @@ def per_token_ms(costs: dict[str, float], speculate: bool) -> float:
     return min(plain, costs[str(PROBE_NODES)] / PROBE_TREE_TOKENS) if speculate else plain
 
 
+def timing_identity(machine: dict, **what) -> dict:
+    """What a kept timing depends on: the machine as describe_machine gives it (CPU, kernel
+    capability, native bfloat16, ISA variables, threads, torch), the host, the probe's shape
+    and `what` was timed."""
+    identity = {key: machine[key] for key in ("cpu", "capability", "native_bf16", "isa_env", "torch_threads", "torch")}
+    return identity | {"host": platform.node(), "nodes": PROBE_NODES, "context": PROBE_CONTEXT} | what
+
+
+def kept_costs(file: Path, keys: tuple[str, ...]) -> dict[str, dict[str, float]] | None:
+    """The pass costs kept in `file` under each of `keys` ({"1": ms, str(PROBE_NODES): ms}),
+    or None where there is no such file or it does not read back."""
+    if not file.is_file():
+        return None
+    try:
+        costs = json.loads(file.read_text())["costs"]
+        return {key: {str(q): float(costs[key][str(q)]) for q in (1, PROBE_NODES)} for key in keys}
+    except (ValueError, KeyError, TypeError) as error:
+        warnings.warn(f"{file}: not a timing this version reads ({error}); timing again")
+        return None
+
+
+def choose_routing(pass_costs: Callable[[bool], dict[str, float]], model_name: str, dtype: torch.dtype,
+                   keep_in: Path, again: bool = False) -> tuple[frozenset[str], str]:
+    """Which classes of passes (kernels.rows_class: "few" as the one-token pass, "many" as
+    the PROBE_NODES-token one) run faster on PyTorch's own kernels than routed to oneDNN's
+    packed linears on this CPU: `pass_costs(routed)` times both ways, and a class leaves the
+    routing where that beats it by ROUTING_MARGIN. Kept in `keep_in`, one file per machine,
+    threads, torch, model and dtype (`again` times anew). Returns those classes and one line
+    saying why."""
+    machine = describe_machine("cpu")
+    file = keyed_file(keep_in, timing_identity(machine, model=model_name, dtype=str(dtype)))
+    costs = None if again else kept_costs(file, ("routed", "own"))
+    timed = costs is None
+    if timed:
+        costs = {"routed": pass_costs(True), "own": pass_costs(False)}
+        atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps({"machine": machine, "costs": costs})))
+    own = frozenset(name for name, q in (("few", "1"), ("many", str(PROBE_NODES)))
+                    if costs["own"][q] < (1 - ROUTING_MARGIN) * costs["routed"][q])
+    reason = (f"{hardware_line(machine, str(dtype).removeprefix('torch.'))}: a pass over 1 / {PROBE_NODES} tokens took "
+              f"{costs['routed']['1']:.0f} / {costs['routed'][str(PROBE_NODES)]:.0f} ms routed to oneDNN, "
+              f"{costs['own']['1']:.0f} / {costs['own'][str(PROBE_NODES)]:.0f} ms on PyTorch's kernels "
+              f"({'timed now' if timed else f'timed earlier, kept in {file}'})")
+    return own, reason
+
+
 def choose_dtype(pass_costs: Callable[[torch.dtype], dict[str, float]], model_name: str, device: torch.device,
                  keep_in: Path, kernels: str = "auto", speculate: bool = True, again: bool = False) -> DtypeChoice:
     """The fastest dtype for this model here. On a CUDA GPU, bfloat16 where it has it. On the
@@ -129,18 +179,10 @@ def choose_dtype(pass_costs: Callable[[torch.dtype], dict[str, float]], model_na
     if device.type != "cpu":
         raise MLPSpecError(f"dtype auto knows CPUs and CUDA GPUs, not {device}: give --dtype float32 or bfloat16")
     machine = describe_machine(device)
-    identity = {key: machine[key] for key in ("cpu", "capability", "native_bf16", "isa_env", "torch_threads", "torch")}
-    identity.update(host=platform.node(), model=model_name, kernels=kernels, nodes=PROBE_NODES, context=PROBE_CONTEXT)
+    # "routing": kernels auto's passes as choose_routing left them (timings kept before it differ)
+    identity = timing_identity(machine, model=model_name, kernels=kernels, routing="timed")
     file = keyed_file(keep_in, identity)
-    costs = None
-    if file.is_file() and not again:
-        try:
-            costs = json.loads(file.read_text())["costs"]
-            costs = {dtype: {str(q): float(costs[dtype][str(q)]) for q in (1, PROBE_NODES)}
-                     for dtype in ("float32", "bfloat16")}
-        except (ValueError, KeyError, TypeError) as error:
-            warnings.warn(f"{file}: not a dtype timing this version reads ({error}); timing again")
-            costs = None
+    costs = None if again else kept_costs(file, ("float32", "bfloat16"))
     timed = costs is None
     if timed:
         costs = {str(dtype).removeprefix("torch."): pass_costs(dtype) for dtype in (torch.float32, torch.bfloat16)}

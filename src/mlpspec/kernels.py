@@ -139,6 +139,26 @@ class PackedLinears(TorchFunctionMode):
 
 KERNELS = ("auto", "onednn", "aten", "compiled")
 
+# Passes over fewer rows than this are "few", the others "many": the two classes of passes
+# whose routing through PackedLinears base.route_kernels times against PyTorch's own kernels
+# on each machine. On a 2-core Intel Xeon the routing cost more than it saved (a float32
+# one-token pass 53.6 ms routed, 36.9 not; a bfloat16 16-node pass 53.8 against 48.1): the
+# mode's dispatch on ~210 linears a pass, where MKL is fast; on a 2-core AMD EPYC, whose
+# MKL is slow at few rows, it saved (a float32 16-node pass 91 -> 59 ms).
+FEW_ROWS = 4
+
+
+def rows_class(rows: int | None) -> str:
+    """"few" for a pass over fewer than FEW_ROWS tokens (all rows of the batch), else
+    "many" (also where the count is not known)."""
+    return "few" if rows is not None and rows < FEW_ROWS else "many"
+
+
+def unroute(model: torch.nn.Module, classes) -> None:
+    """Run `model`'s passes of these classes ("few", "many") without its packed linears,
+    on PyTorch's own kernels."""
+    _UNROUTED[model] = frozenset(classes)
+
 # Graphs a compiled forward may build (one per batch size and tree width) before torch
 # gives up compiling and runs eagerly; its default, 8, is one batch size's widths.
 RECOMPILE_LIMIT = 64
@@ -201,6 +221,8 @@ def compiled_forward(model: torch.nn.Module, **kwargs):
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # model -> its Compiled, for the models whose tree passes go to compiled_forward
 _COMPILING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> the classes of passes (rows_class) that run without its PackedLinears (unroute)
+_UNROUTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def use_kernels(model: torch.nn.Module, kernels: str = "auto") -> str:
@@ -216,6 +238,7 @@ def use_kernels(model: torch.nn.Module, kernels: str = "auto") -> str:
         raise MLPSpecError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     _PACKED.pop(model, None)
     _COMPILING.pop(model, None)
+    _UNROUTED.pop(model, None)
     weight = next(model.parameters())
     packable = weight.device.type == "cpu" and packing_dtype(weight.dtype) is not None
     if kernels == "compiled":
@@ -233,10 +256,13 @@ def use_kernels(model: torch.nn.Module, kernels: str = "auto") -> str:
 
 
 def kernels_of(model: torch.nn.Module) -> str:
-    """The matmul path use_kernels took for `model`: "compiled", "onednn" or "aten"."""
+    """The matmul path use_kernels took for `model`: "compiled", "onednn" or "aten", or
+    "onednn, few rows" / "onednn, many rows" where only that class of passes is routed
+    (unroute)."""
     if model in _COMPILING:
         return "compiled"
-    return "onednn" if _PACKED.get(model) else "aten"
+    routed = {"few", "many"} - _UNROUTED.get(model, frozenset()) if _PACKED.get(model) else set()
+    return "onednn" if len(routed) == 2 else f"onednn, {routed.pop()} rows" if routed else "aten"
 
 
 def kernels_for(model: torch.nn.Module, rows: int | None = None):
@@ -247,7 +273,9 @@ def kernels_for(model: torch.nn.Module, rows: int | None = None):
     owner = packed or _COMPILING.get(model)  # both know below how many rows PyTorch's own kernels run
     if owner and rows is not None and rows < owner.own_below:
         return oneDNN_off()
-    return packed or contextlib.nullcontext()
+    if not packed or rows_class(rows) in _UNROUTED.get(model, ()):
+        return contextlib.nullcontext()
+    return packed
 
 
 def graph_built(model: torch.nn.Module, batch: int, width: int, slots: int) -> bool:
