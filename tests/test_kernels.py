@@ -126,6 +126,17 @@ def test_load_base_routes_to_onednn_only_where_it_was_timed_faster(tiny_llama_fo
     assert len(timed) == 2
 
 
+def test_a_model_too_short_for_the_probe_keeps_the_routing():
+    """GPT-2's learned positions end at n_positions: a model shorter than the probe is not
+    timed (its passes would fail), and every pass stays routed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=TINY_VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64)).eval()
+    assert use_kernels(model) == "onednn"
+    assert base.route_kernels(model, "short").startswith("every pass routed: the probe needs")
+    assert kernels_of(model) == "onednn"
+
+
 @pytest.mark.skipif(not can_pack(torch.bfloat16), reason="oneDNN packs no bfloat16 on this CPU")
 def test_one_bfloat16_row_runs_on_pytorchs_own_kernels_and_more_on_onednn(onednn_calls):
     from mlpspec.kernels import oneDNN_off

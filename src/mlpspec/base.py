@@ -245,6 +245,10 @@ def route_kernels(model: PreTrainedModel, name: str, again: bool = False) -> str
     model's passes timed both ways once per machine, model and dtype, kept in the user
     cache; `again` times them anew). Returns why, in one line."""
 
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if positions is not None and positions < PROBE_CONTEXT + PROBE_NODES:
+        return f"every pass routed: the probe needs {PROBE_CONTEXT + PROBE_NODES} positions, the model has {positions}"
+
     def costs(routed: bool) -> dict[str, float]:
         unroute(model, () if routed else ("few", "many"))
         return pass_costs(model)
