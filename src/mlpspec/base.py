@@ -244,7 +244,6 @@ def route_kernels(model: PreTrainedModel, name: str, again: bool = False) -> str
     the classes of passes where that is faster on this machine (hardware.choose_routing: the
     model's passes timed both ways once per machine, model and dtype, kept in the user
     cache; `again` times them anew). Returns why, in one line."""
-
     positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if positions is not None and positions < PROBE_CONTEXT + PROBE_NODES:
         return f"every pass routed: the probe needs {PROBE_CONTEXT + PROBE_NODES} positions, the model has {positions}"

@@ -261,8 +261,12 @@ def kernels_of(model: torch.nn.Module) -> str:
     (unroute)."""
     if model in _COMPILING:
         return "compiled"
-    routed = {"few", "many"} - _UNROUTED.get(model, frozenset()) if _PACKED.get(model) else set()
-    return "onednn" if len(routed) == 2 else f"onednn, {routed.pop()} rows" if routed else "aten"
+    if not _PACKED.get(model):
+        return "aten"
+    routed = {"few", "many"} - _UNROUTED.get(model, frozenset())
+    if len(routed) == 2:
+        return "onednn"
+    return f"onednn, {routed.pop()} rows" if routed else "aten"
 
 
 def kernels_for(model: torch.nn.Module, rows: int | None = None):
