@@ -10,8 +10,6 @@ import argparse
 import json
 import time
 
-import torch
-
 from mlpspec import load_base, load_speculator
 from mlpspec.decode import DEFAULT_LOOKUP, remembered_policy
 from mlpspec.text import encode_prompts

@@ -23,10 +23,11 @@ from mlpspec.generate import speculative_generate
 from mlpspec.hardware import describe_machine
 
 
-def timed(fn) -> tuple[float, int]:
+def timed(fn) -> tuple[float, object]:
+    """The seconds fn() took, and what it returned."""
     tick = time.perf_counter()
-    steps = fn()
-    return time.perf_counter() - tick, steps
+    result = fn()
+    return time.perf_counter() - tick, result
 
 
 def ms_per_step(run, new_tokens: int, repeats: int) -> float:
@@ -78,7 +79,7 @@ def main() -> None:
     state = torch.randn(1, 1, width, dtype=model.dtype)  # b 1 (1+l)d: the final state and any feature layers'
     token = torch.tensor([[1]])  # b 1
     speculator.propose(state, token)
-    costs = [timed(lambda: (speculator.propose(state, token), 0))[0] for _ in range(20)]
+    costs = [timed(lambda: speculator.propose(state, token))[0] for _ in range(20)]
     print(json.dumps({"propose_ms": round(1000 * statistics.median(costs), 1)}), flush=True)
 
 if __name__ == "__main__":

@@ -394,7 +394,8 @@ def _add_speed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="auto", choices=["auto", "onednn", "aten", "compiled"],
                         help="CPU matmuls: auto (default) packs the base model's linear weights for oneDNN where "
                              "it can (a second copy of them) and sends passes there where that is faster here "
-                             "(timed once per machine and model, kept in the user cache); onednn always does; aten leaves PyTorch's own choice; compiled runs decoding "
+                             "(timed once per machine and model, kept in the user cache); onednn always does; aten "
+                             "leaves PyTorch's own choice; compiled runs decoding "
                              "passes on torch.compile graphs, one per batch size and tree width, built on first use "
                              "(about 40 s each for SmolLM2-135M on 2 cores)")
     parser.add_argument("--backend", default="auto", choices=["auto", "transformers", "llama.cpp"],

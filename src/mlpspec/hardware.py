@@ -149,12 +149,13 @@ def choose_routing(pass_costs: Callable[[bool], dict[str, float]], model_name: s
     threads, torch, model and dtype (`again` times anew). Returns those classes and one line
     saying why."""
     machine = describe_machine("cpu")
-    file = keyed_file(keep_in, timing_identity(machine, model=model_name, dtype=str(dtype)))
+    identity = timing_identity(machine, model=model_name, dtype=str(dtype))
+    file = keyed_file(keep_in, identity)
     costs = None if again else kept_costs(file, ("routed", "own"))
     timed = costs is None
     if timed:
         costs = {"routed": pass_costs(True), "own": pass_costs(False)}
-        atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps({"machine": machine, "costs": costs})))
+        atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps({"machine": identity, "costs": costs})))
     own = frozenset(name for name, q in (("few", "1"), ("many", str(PROBE_NODES)))
                     if costs["own"][q] < (1 - ROUTING_MARGIN) * costs["routed"][q])
     reason = (f"{hardware_line(machine, str(dtype).removeprefix('torch.'))}: a pass over 1 / {PROBE_NODES} tokens took "
